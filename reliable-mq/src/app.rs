@@ -1,0 +1,335 @@
+//! The application: consumers plus shared configuration, publisher and dedup store.
+//! [`run`] is the one-liner; [`App`] is the builder behind it.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use tokio::task::JoinSet;
+use tracing::{info, warn};
+
+use crate::consumer::driver::ConsumerRuntime;
+use crate::consumer::{ConsumerStats, StatsSnapshot};
+use crate::dedup::{DedupStore, MemoryStore, RedisStore};
+use crate::publisher::Publisher;
+use crate::shutdown::{self, ShutdownHandle};
+use crate::spec::{self, ConsumerConfig};
+use crate::topology::{self, Topology};
+use crate::{Config, Error};
+
+/// Run every `#[consumer]` of the binary with configuration from the environment, until
+/// SIGINT or SIGTERM; then stop taking messages, let in-flight handlers finish (up to the
+/// grace period) and return `Ok(())`.
+///
+/// ```no_run
+/// #[tokio::main]
+/// async fn main() -> Result<(), reliable_mq::Error> {
+///     reliable_mq::run().await
+/// }
+/// ```
+pub async fn run() -> Result<(), Error> {
+    App::from_env()?.run().await
+}
+
+/// Builder for a set of consumers sharing one configuration.
+///
+/// ```no_run
+/// # use reliable_mq::{App, Config, ConsumerConfig, HandlerError, handler_fn};
+/// # async fn demo() -> Result<(), reliable_mq::Error> {
+/// let app = App::new(Config::from_env()?)
+///     .consumer(ConsumerConfig::new("emails", "emails.dlx", handler_fn(|to: String| async move {
+///         println!("mail {to}");
+///         Ok::<_, HandlerError>(())
+///     })));
+/// let running = app.start().await?; // declared, connected, consuming
+/// // ...
+/// running.shutdown().await?;
+/// # Ok(()) }
+/// ```
+pub struct App {
+    config: Config,
+    consumers: Vec<ConsumerConfig>,
+    dedup: Option<Arc<dyn DedupStore>>,
+    shutdown: ShutdownHandle,
+}
+
+impl std::fmt::Debug for App {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("App")
+            .field("config", &self.config)
+            .field("consumers", &self.consumers)
+            .finish_non_exhaustive()
+    }
+}
+
+impl App {
+    /// An app with configuration from the environment and every `#[consumer]` in the binary.
+    pub fn from_env() -> Result<Self, Error> {
+        Ok(Self::new(Config::from_env()?).registered())
+    }
+
+    /// An app with `config` and no consumers yet.
+    pub fn new(config: Config) -> Self {
+        Self {
+            config,
+            consumers: Vec::new(),
+            dedup: None,
+            shutdown: ShutdownHandle::new(),
+        }
+    }
+
+    /// Add every `#[consumer]` function linked into the binary.
+    pub fn registered(mut self) -> Self {
+        self.consumers
+            .extend(spec::registered().map(ConsumerConfig::from));
+        self
+    }
+
+    /// Add one consumer: `my_fn::SPEC` from `#[consumer]`, or a [`ConsumerConfig`].
+    pub fn consumer(mut self, consumer: impl Into<ConsumerConfig>) -> Self {
+        self.consumers.push(consumer.into());
+        self
+    }
+
+    /// Use `store` for dedup instead of the one chosen from `REDIS_URL`.
+    pub fn with_dedup_store(mut self, store: impl DedupStore) -> Self {
+        self.dedup = Some(Arc::new(store));
+        self
+    }
+
+    /// A handle that stops the app when triggered (as SIGTERM would).
+    pub fn shutdown_handle(&self) -> ShutdownHandle {
+        self.shutdown.clone()
+    }
+
+    /// The consumers the app will run.
+    pub fn consumers(&self) -> &[ConsumerConfig] {
+        &self.consumers
+    }
+
+    /// Run until SIGINT/SIGTERM or the shutdown handle, then stop gracefully.
+    pub async fn run(self) -> Result<(), Error> {
+        let mut stop_requested = self.shutdown.signal();
+        let mut running = self.start().await?;
+        let outcome = tokio::select! {
+            r = shutdown::os_signal() => {
+                r.map_err(Error::Signal)?;
+                info!("shutdown signal received; finishing in-flight messages");
+                Ok(())
+            }
+            _ = stop_requested.cancelled() => Ok(()),
+            r = running.first_failure() => r,
+        };
+        let stopped = running.shutdown().await;
+        outcome.and(stopped)
+    }
+
+    /// Check, declare and start consuming; returns once every consumer is attached.
+    pub async fn start(self) -> Result<RunningApp, Error> {
+        if self.consumers.is_empty() {
+            return Err(Error::NoConsumers);
+        }
+        for c in &self.consumers {
+            topology::validate(c)?;
+        }
+        topology::check_conflicts(&self.consumers)?;
+        let config = Arc::new(self.config);
+        let dedup = match self.dedup {
+            Some(store) => Some(store),
+            None if self.consumers.iter().any(|c| c.idempotent) => Some(dedup_from_config(&config, &self.consumers).await?),
+            None => None,
+        };
+        let publisher = Publisher::from_config(&config).await?;
+
+        let mut tasks = JoinSet::new();
+        let mut stats = BTreeMap::new();
+        let mut runtimes = Vec::new();
+        for consumer in self.consumers {
+            let topology = Topology::of(&consumer);
+            let consumer_stats = Arc::clone(
+                stats
+                    .entry(consumer.queue.clone())
+                    .or_insert_with(|| Arc::new(ConsumerStats::default())),
+            );
+            runtimes.push(Arc::new(ConsumerRuntime {
+                config: Arc::clone(&config),
+                dedup: if consumer.idempotent { dedup.clone() } else { None },
+                consumer,
+                topology,
+                publisher: publisher.clone(),
+                stats: consumer_stats,
+                shutdown: self.shutdown.clone(),
+            }));
+        }
+        // Declare everything up front so a mismatch stops start-up before any consuming.
+        let conn = crate::connection::open(&config, "topology").await?;
+        for r in &runtimes {
+            if let Err(e) = r.topology.declare(&conn).await {
+                let _ = conn.close(200, "topology check failed".into()).await;
+                return Err(e);
+            }
+        }
+        let _ = conn.close(200, "topology declared".into()).await;
+        for r in runtimes {
+            tasks.spawn(r.run());
+        }
+        let running = RunningApp {
+            tasks,
+            stats,
+            shutdown: self.shutdown,
+            publisher,
+            dedup,
+        };
+        running.wait_attached().await;
+        Ok(running)
+    }
+}
+
+async fn dedup_from_config(
+    config: &Config,
+    consumers: &[ConsumerConfig],
+) -> Result<Arc<dyn DedupStore>, Error> {
+    match &config.redis_url {
+        Some(url) => {
+            let pool_size = consumers
+                .iter()
+                .filter(|c| c.idempotent)
+                .map(|c| usize::from(c.concurrency))
+                .sum::<usize>()
+                .clamp(4, 256);
+            let store = RedisStore::new(url, pool_size)?;
+            if let Err(e) = store.ping().await {
+                warn!(error = %e, "dedup store (Redis) does not answer yet; idempotent consumers stay paused until it does");
+            }
+            Ok(Arc::new(store))
+        }
+        None => {
+            warn!(
+                "REDIS_URL is not set: idempotent consumers dedup IN THIS PROCESS ONLY. \
+                 That is fine for a single instance and wrong for several: set REDIS_URL"
+            );
+            Ok(Arc::new(MemoryStore::new()))
+        }
+    }
+}
+
+/// A started app: consumers attached and running in the background.
+pub struct RunningApp {
+    tasks: JoinSet<Result<(), Error>>,
+    stats: BTreeMap<String, Arc<ConsumerStats>>,
+    shutdown: ShutdownHandle,
+    publisher: Publisher,
+    dedup: Option<Arc<dyn DedupStore>>,
+}
+
+impl std::fmt::Debug for RunningApp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunningApp")
+            .field("queues", &self.stats.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Readiness of a running app, for health endpoints.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Health {
+    /// Every consumer subscribed right now.
+    pub consumers_attached: bool,
+    /// The publisher's connection is up.
+    pub publisher_connected: bool,
+    /// The dedup store answers (`true` when no consumer needs one).
+    pub dedup_up: bool,
+}
+
+impl Health {
+    /// Ready to take traffic: everything up.
+    pub fn is_ready(&self) -> bool {
+        self.consumers_attached && self.publisher_connected && self.dedup_up
+    }
+}
+
+impl RunningApp {
+    /// Counters of the consumer(s) of `queue`.
+    pub fn stats(&self, queue: &str) -> Option<StatsSnapshot> {
+        self.stats.get(queue).map(|s| s.snapshot())
+    }
+
+    /// Counters of every queue.
+    pub fn all_stats(&self) -> BTreeMap<String, StatsSnapshot> {
+        self.stats
+            .iter()
+            .map(|(q, s)| (q.clone(), s.snapshot()))
+            .collect()
+    }
+
+    /// The app's confirmed publisher (its own connection, separate from consumers').
+    pub fn publisher(&self) -> &Publisher {
+        &self.publisher
+    }
+
+    /// A handle that stops the app when triggered.
+    pub fn shutdown_handle(&self) -> ShutdownHandle {
+        self.shutdown.clone()
+    }
+
+    /// Readiness: consumers attached, publisher connected, dedup store answering.
+    pub async fn health(&self) -> Health {
+        let dedup_up = match &self.dedup {
+            Some(store) => store.ping().await.is_ok(),
+            None => true,
+        };
+        Health {
+            consumers_attached: self
+                .stats
+                .values()
+                .all(|s| s.attached.load(std::sync::atomic::Ordering::Relaxed)),
+            publisher_connected: self.publisher.is_connected().await,
+            dedup_up,
+        }
+    }
+
+    async fn wait_attached(&self) {
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        while tokio::time::Instant::now() < deadline {
+            if self
+                .stats
+                .values()
+                .all(|s| s.attached.load(std::sync::atomic::Ordering::Relaxed))
+            {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Resolves with the first consumer that stops with an error.
+    async fn first_failure(&mut self) -> Result<(), Error> {
+        loop {
+            match self.tasks.join_next().await {
+                Some(Ok(Ok(()))) => continue,
+                Some(Ok(Err(e))) => return Err(e),
+                Some(Err(join)) => {
+                    return Err(Error::Config(format!("a consumer task failed: {join}")));
+                }
+                None => return std::future::pending().await,
+            }
+        }
+    }
+
+    /// Stop: no new deliveries, in-flight handlers finish within the grace period and are
+    /// acked, unfinished ones stay unacked (the broker redelivers them). Returns the first
+    /// consumer error, if any.
+    pub async fn shutdown(mut self) -> Result<(), Error> {
+        self.shutdown.trigger();
+        let mut first_error = Ok(());
+        while let Some(joined) = self.tasks.join_next().await {
+            if let Ok(Err(e)) = joined
+                && first_error.is_ok()
+            {
+                first_error = Err(e);
+            }
+        }
+        self.publisher.close().await;
+        info!("all consumers stopped");
+        first_error
+    }
+}

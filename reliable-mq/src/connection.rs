@@ -1,0 +1,74 @@
+//! Opening connections: heartbeat and connection name applied, errors that name the URL
+//! without its password, and the capped backoff every reconnect loop shares.
+//!
+//! We do not use lapin's auto-recovery: each consumer and the publisher own their
+//! connection lifecycle (connect, declare, consume; on any error drop everything and start
+//! over), so a delivery tag can never outlive the channel it belongs to.
+
+use std::time::Duration;
+
+use lapin::uri::AMQPUri;
+use lapin::{Connection, ConnectionProperties};
+
+use crate::{Config, Error};
+
+/// Open a connection for `role` (`consumer orders`, `publisher`), with the configured
+/// heartbeat and a connection name the broker's tools show.
+pub(crate) async fn open(config: &Config, role: &str) -> Result<Connection, Error> {
+    let url = config.redacted_amqp_url();
+    let mut uri: AMQPUri = config.amqp_url.parse().map_err(|e: String| {
+        Error::Config(format!(
+            "AMQP_URL {url} is not a valid AMQP URL ({e}); expected amqp://user:password@host:5672/vhost"
+        ))
+    })?;
+    let heartbeat = u16::try_from(config.heartbeat.as_secs()).unwrap_or(u16::MAX);
+    uri.query.heartbeat = Some(heartbeat);
+    let props = ConnectionProperties::default()
+        .with_connection_name(format!("{} ({role})", config.connection_name).into());
+    Connection::connect_uri(uri, props)
+        .await
+        .map_err(|source| Error::Connect { url, source })
+}
+
+/// Capped exponential backoff: 100ms, 200ms, 400ms, ... up to `max`.
+#[derive(Debug, Clone)]
+pub(crate) struct Backoff {
+    next: Duration,
+    max: Duration,
+}
+
+impl Backoff {
+    pub(crate) const FIRST: Duration = Duration::from_millis(100);
+
+    pub(crate) fn new(max: Duration) -> Self {
+        Self {
+            next: Self::FIRST,
+            max,
+        }
+    }
+
+    /// The delay to wait now; the next one doubles, up to the cap.
+    pub(crate) fn next_delay(&mut self) -> Duration {
+        let d = self.next;
+        self.next = (self.next * 2).min(self.max);
+        d
+    }
+
+    pub(crate) fn reset(&mut self) {
+        self.next = Self::FIRST;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_and_caps() {
+        let mut b = Backoff::new(Duration::from_millis(500));
+        let seen: Vec<_> = (0..5).map(|_| b.next_delay().as_millis()).collect();
+        assert_eq!(seen, vec![100, 200, 400, 500, 500]);
+        b.reset();
+        assert_eq!(b.next_delay().as_millis(), 100);
+    }
+}

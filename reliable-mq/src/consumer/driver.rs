@@ -1,0 +1,283 @@
+//! The supervised life of one consumer: open a session (connection, topology, channel,
+//! QoS, subscription), run deliveries through claim -> handler -> settle with up to
+//! `concurrency` in flight, and when anything breaks drop the whole session and start
+//! over with capped backoff. Each session owns its connection, so a delivery can only ever
+//! be acked on the channel it came from; after a reconnect the broker redelivers what was
+//! not acked and dedup absorbs it.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use futures_util::StreamExt;
+use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::types::FieldTable;
+use tokio::sync::{Semaphore, mpsc};
+use tokio::task::JoinSet;
+use tracing::{Instrument, debug, error, info, info_span, warn};
+
+use crate::connection::{self, Backoff};
+use crate::consumer::ConsumerStats;
+use crate::consumer::claim::{ClaimDecision, claim};
+use crate::consumer::invoke::invoke;
+use crate::consumer::settle::{SettleOutcome, Settler};
+use crate::dedup::DedupStore;
+use crate::publisher::Publisher;
+use crate::shutdown::{ShutdownHandle, ShutdownSignal};
+use crate::spec::ConsumerConfig;
+use crate::topology::Topology;
+use crate::{Config, Delivery, Error};
+
+/// What one consumer needs to run.
+pub(crate) struct ConsumerRuntime {
+    pub(crate) config: Arc<Config>,
+    pub(crate) consumer: ConsumerConfig,
+    pub(crate) topology: Topology,
+    pub(crate) publisher: Publisher,
+    pub(crate) dedup: Option<Arc<dyn DedupStore>>,
+    pub(crate) stats: Arc<ConsumerStats>,
+    pub(crate) shutdown: ShutdownHandle,
+}
+
+/// Why a session ended.
+enum SessionEnd {
+    /// Shutdown was asked for and in-flight work settled.
+    Shutdown,
+    /// The broker side broke (connection, channel, cancel); reconnect.
+    Broken(String),
+    /// The dedup store stopped answering; wait for it, then reconnect.
+    DedupDown(String),
+}
+
+impl ConsumerRuntime {
+    /// Run sessions until shutdown. Returns an error only for what reconnecting cannot fix
+    /// (a topology mismatch appearing after a reconnect).
+    pub(crate) async fn run(self: Arc<Self>) -> Result<(), Error> {
+        let mut backoff = Backoff::new(self.config.max_reconnect_delay);
+        let mut signal = self.shutdown.signal();
+        loop {
+            if signal.is_triggered() {
+                return Ok(());
+            }
+            let end = match self.session().await {
+                Ok(end) => end,
+                Err(e @ Error::TopologyMismatch { .. }) => return Err(e),
+                Err(e) => SessionEnd::Broken(e.to_string()),
+            };
+            self.stats.attached.store(false, Ordering::Relaxed);
+            match end {
+                SessionEnd::Shutdown => return Ok(()),
+                SessionEnd::Broken(reason) => {
+                    let delay = backoff.next_delay();
+                    warn!(queue = %self.consumer.queue, %reason, ?delay, "consumer session ended; reconnecting");
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = signal.cancelled() => return Ok(()),
+                    }
+                }
+                SessionEnd::DedupDown(reason) => {
+                    warn!(queue = %self.consumer.queue, %reason, "dedup store down: consumer paused, nothing acked or dead-lettered until it answers");
+                    if !self.wait_for_dedup(&mut signal).await {
+                        return Ok(());
+                    }
+                    info!(queue = %self.consumer.queue, "dedup store answers again; resuming");
+                    backoff.reset();
+                }
+            }
+        }
+    }
+
+    /// Ping the dedup store with backoff until it answers; `false` on shutdown.
+    async fn wait_for_dedup(&self, signal: &mut ShutdownSignal) -> bool {
+        let Some(store) = &self.dedup else {
+            return true;
+        };
+        let mut backoff = Backoff::new(self.config.max_reconnect_delay.min(std::time::Duration::from_secs(5)));
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(backoff.next_delay()) => {}
+                _ = signal.cancelled() => return false,
+            }
+            if store.ping().await.is_ok() {
+                return true;
+            }
+        }
+    }
+
+    async fn session(self: &Arc<Self>) -> Result<SessionEnd, Error> {
+        let queue = &self.consumer.queue;
+        let conn = connection::open(&self.config, &format!("consumer {queue}")).await?;
+        self.topology.declare(&conn).await?;
+        let channel = conn
+            .create_channel()
+            .await
+            .map_err(|e| Error::amqp("opening the consumer channel", e))?;
+        channel
+            .basic_qos(self.consumer.prefetch, BasicQosOptions::default())
+            .await
+            .map_err(|e| Error::amqp("setting prefetch", e))?;
+        let tag = format!("{}-{}", self.consumer.name, uuid::Uuid::new_v4().simple());
+        let mut deliveries = channel
+            .basic_consume(
+                queue.as_str().into(),
+                tag.as_str().into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| Error::amqp(format!("subscribing to queue '{queue}'"), e))?;
+        ConsumerStats::bump(&self.stats.sessions);
+        self.stats.attached.store(true, Ordering::Relaxed);
+        info!(%queue, prefetch = self.consumer.prefetch, concurrency = self.consumer.concurrency, "consumer attached");
+
+        let slots = Arc::new(Semaphore::new(usize::from(self.consumer.concurrency)));
+        let mut in_flight = JoinSet::new();
+        let (dedup_down_tx, mut dedup_down) = mpsc::channel::<String>(1);
+        let mut signal = self.shutdown.signal();
+
+        let end = loop {
+            // Take a slot first, so at most `concurrency` handlers run; the rest of the
+            // prefetch window waits in the client buffer, unacked.
+            let permit = tokio::select! {
+                biased;
+                _ = signal.cancelled() => break SessionEnd::Shutdown,
+                Some(reason) = dedup_down.recv() => break SessionEnd::DedupDown(reason),
+                permit = Arc::clone(&slots).acquire_owned() => match permit {
+                    Ok(p) => p,
+                    Err(_) => break SessionEnd::Broken("slot semaphore closed".into()),
+                },
+            };
+            let next = tokio::select! {
+                biased;
+                _ = signal.cancelled() => break SessionEnd::Shutdown,
+                Some(reason) = dedup_down.recv() => break SessionEnd::DedupDown(reason),
+                next = deliveries.next() => next,
+            };
+            let raw = match next {
+                Some(Ok(d)) => d,
+                Some(Err(e)) => break SessionEnd::Broken(e.to_string()),
+                None => break SessionEnd::Broken("the broker cancelled the subscription (queue deleted?)".into()),
+            };
+            // Reap finished tasks so the set does not grow with the session.
+            while in_flight.try_join_next().is_some() {}
+            let this = Arc::clone(self);
+            let dedup_down_tx = dedup_down_tx.clone();
+            in_flight.spawn(async move {
+                this.process(raw, dedup_down_tx).await;
+                drop(permit);
+            });
+        };
+
+        self.stats.attached.store(false, Ordering::Relaxed);
+        // Stop new deliveries, let in-flight handlers settle on this (still open) channel.
+        let _ = channel
+            .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
+            .await;
+        let grace = self.config.shutdown_grace;
+        let drained = tokio::time::timeout(grace, async {
+            while in_flight.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            warn!(%queue, ?grace, left = in_flight.len(), "handlers still running after the grace period; abandoning them unacked (the broker redelivers)");
+            in_flight.abort_all();
+        }
+        // Closing returns every unacked delivery (prefetched, abandoned) to the queue.
+        let _ = channel.close(200, "consumer stopping".into()).await;
+        let _ = conn.close(200, "consumer stopping".into()).await;
+        Ok(end)
+    }
+
+    /// One delivery through claim -> handler -> settle.
+    async fn process(&self, raw: lapin::message::Delivery, dedup_down: mpsc::Sender<String>) {
+        ConsumerStats::bump(&self.stats.received);
+        let lapin::message::Delivery {
+            delivery_tag,
+            exchange,
+            routing_key,
+            redelivered,
+            properties,
+            data,
+            acker,
+        } = raw;
+        let delivery = Arc::new(Delivery {
+            body: data,
+            properties,
+            exchange: exchange.to_string(),
+            routing_key: routing_key.to_string(),
+            queue: self.consumer.queue.clone(),
+            redelivered,
+            delivery_tag,
+            publisher: Some(self.publisher.clone()),
+        });
+        let span = info_span!(
+            "delivery",
+            queue = %self.consumer.queue,
+            message_id = delivery.message_id().unwrap_or(""),
+            delivery_tag,
+            redelivered,
+            attempt = delivery.attempt(),
+        );
+        async {
+            let settler = Settler {
+                topology: &self.topology,
+                publisher: &self.publisher,
+                stats: &self.stats,
+            };
+            let outcome = match claim(
+                self.dedup.as_ref(),
+                &self.config.dedup_prefix,
+                self.consumer.timeout,
+                &delivery,
+            )
+            .await
+            {
+                ClaimDecision::Run(guard) => {
+                    let handler = self.consumer.handler.as_ref();
+                    let call = invoke(handler, Arc::clone(&delivery), self.consumer.timeout);
+                    let result = match &guard {
+                        Some(g) => g.renew_while(call).await,
+                        None => call.await,
+                    };
+                    match result {
+                        Ok(()) => {
+                            if let Some(g) = guard {
+                                g.complete(self.consumer.dedup_ttl).await;
+                            }
+                            ConsumerStats::bump(&self.stats.handled);
+                            debug!("handled");
+                            SettleOutcome::Ack
+                        }
+                        Err(e) => {
+                            if let Some(g) = guard {
+                                g.release().await;
+                            }
+                            warn!(error = %e, "handler failed");
+                            SettleOutcome::from_error(e)
+                        }
+                    }
+                }
+                ClaimDecision::Duplicate => {
+                    ConsumerStats::bump(&self.stats.duplicates);
+                    debug!("duplicate of a handled message; acking without a handler call");
+                    SettleOutcome::Ack
+                }
+                ClaimDecision::HeldElsewhere => {
+                    debug!("another delivery holds the claim; requeueing with a delay");
+                    SettleOutcome::RequeueHeld
+                }
+                ClaimDecision::MissingMessageId => SettleOutcome::DeadLetter {
+                    kind: crate::FailureKind::MissingMessageId,
+                    message: "idempotent consumer received a message without message_id; publish with a message_id (reliable_mq::Publisher sets one)".into(),
+                },
+                ClaimDecision::StoreDown(e) => {
+                    error!(error = %e, "dedup store down at claim time");
+                    let _ = dedup_down.try_send(e.to_string());
+                    SettleOutcome::PutBack
+                }
+            };
+            settler.settle(&acker, &delivery, outcome).await;
+        }
+        .instrument(span)
+        .await;
+    }
+}

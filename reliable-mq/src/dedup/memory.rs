@@ -1,0 +1,188 @@
+//! In-process dedup store: correct for one instance, wrong for several (each has its own
+//! memory). Used when `REDIS_URL` is unset, with a loud warning.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::{Claim, DedupError, DedupFuture, DedupStore};
+
+#[derive(Debug)]
+enum Entry {
+    Claimed { token: String, until: Instant },
+    Done { until: Instant },
+}
+
+/// A [`DedupStore`] in this process's memory. Expired entries are dropped as they are met
+/// and swept every 1024 claims.
+#[derive(Debug, Default)]
+pub struct MemoryStore {
+    entries: Mutex<HashMap<String, Entry>>,
+    claims: std::sync::atomic::AtomicU64,
+}
+
+impl MemoryStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&mut HashMap<String, Entry>, Instant) -> T) -> Result<T, DedupError> {
+        let mut map = self
+            .entries
+            .lock()
+            .map_err(|_| DedupError("in-memory dedup store lock poisoned".into()))?;
+        Ok(f(&mut map, Instant::now()))
+    }
+
+    /// Number of live entries (claims and done marks).
+    pub fn len(&self) -> usize {
+        self.with(|m, now| m.values().filter(|e| !expired(e, now)).count())
+            .unwrap_or(0)
+    }
+
+    /// Whether no live entries remain.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+fn expired(entry: &Entry, now: Instant) -> bool {
+    match entry {
+        Entry::Claimed { until, .. } | Entry::Done { until } => *until <= now,
+    }
+}
+
+impl DedupStore for MemoryStore {
+    fn claim<'a>(&'a self, key: &'a str, token: &'a str, lease: Duration) -> DedupFuture<'a, Claim> {
+        let sweep = self.claims.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 1024 == 1023;
+        Box::pin(std::future::ready(self.with(|map, now| {
+            if sweep {
+                map.retain(|_, e| !expired(e, now));
+            }
+            match map.get(key) {
+                Some(e) if !expired(e, now) => match e {
+                    Entry::Done { .. } => Claim::Done,
+                    Entry::Claimed { .. } => Claim::Held,
+                },
+                _ => {
+                    map.insert(
+                        key.to_owned(),
+                        Entry::Claimed {
+                            token: token.to_owned(),
+                            until: now + lease,
+                        },
+                    );
+                    Claim::Acquired
+                }
+            }
+        })))
+    }
+
+    fn renew<'a>(&'a self, key: &'a str, token: &'a str, lease: Duration) -> DedupFuture<'a, bool> {
+        Box::pin(std::future::ready(self.with(|map, now| {
+            match map.get_mut(key) {
+                Some(Entry::Claimed { token: t, until }) if t == token && *until > now => {
+                    *until = now + lease;
+                    true
+                }
+                _ => false,
+            }
+        })))
+    }
+
+    fn complete<'a>(&'a self, key: &'a str, token: &'a str, ttl: Duration) -> DedupFuture<'a, bool> {
+        Box::pin(std::future::ready(self.with(|map, now| {
+            match map.get(key) {
+                Some(Entry::Claimed { token: t, until }) if t == token && *until > now => {
+                    map.insert(key.to_owned(), Entry::Done { until: now + ttl });
+                    true
+                }
+                _ => false,
+            }
+        })))
+    }
+
+    fn release<'a>(&'a self, key: &'a str, token: &'a str) -> DedupFuture<'a, bool> {
+        Box::pin(std::future::ready(self.with(|map, now| {
+            match map.get(key) {
+                Some(Entry::Claimed { token: t, until }) if t == token && *until > now => {
+                    map.remove(key);
+                    true
+                }
+                _ => false,
+            }
+        })))
+    }
+
+    fn ping(&self) -> DedupFuture<'_, ()> {
+        Box::pin(std::future::ready(self.with(|_, _| ())))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LEASE: Duration = Duration::from_secs(10);
+    const TTL: Duration = Duration::from_secs(100);
+
+    #[tokio::test]
+    async fn claim_complete_then_duplicate_is_done() {
+        let s = MemoryStore::new();
+        assert_eq!(s.claim("k", "t1", LEASE).await.ok(), Some(Claim::Acquired));
+        assert_eq!(s.claim("k", "t2", LEASE).await.ok(), Some(Claim::Held));
+        assert_eq!(s.complete("k", "t1", TTL).await.ok(), Some(true));
+        assert_eq!(s.claim("k", "t3", LEASE).await.ok(), Some(Claim::Done));
+    }
+
+    #[tokio::test]
+    async fn failed_handler_releases_so_the_retry_runs() {
+        // The seed's bug: a key written before the handler made the retry look like a duplicate.
+        let s = MemoryStore::new();
+        assert_eq!(s.claim("k", "t1", LEASE).await.ok(), Some(Claim::Acquired));
+        assert_eq!(s.release("k", "t1").await.ok(), Some(true));
+        assert_eq!(s.claim("k", "t2", LEASE).await.ok(), Some(Claim::Acquired));
+    }
+
+    #[tokio::test]
+    async fn only_the_token_holder_may_complete_or_release() {
+        let s = MemoryStore::new();
+        assert_eq!(s.claim("k", "t1", LEASE).await.ok(), Some(Claim::Acquired));
+        assert_eq!(s.complete("k", "other", TTL).await.ok(), Some(false));
+        assert_eq!(s.release("k", "other").await.ok(), Some(false));
+        assert_eq!(s.claim("k", "t2", LEASE).await.ok(), Some(Claim::Held));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_unfinished_claim_expires_with_its_lease() {
+        let s = MemoryStore::new();
+        assert_eq!(s.claim("k", "crashed", LEASE).await.ok(), Some(Claim::Acquired));
+        tokio::time::advance(LEASE + Duration::from_millis(1)).await;
+        // The crashed holder can no longer complete; a redelivery claims afresh.
+        assert_eq!(s.claim("k", "t2", LEASE).await.ok(), Some(Claim::Acquired));
+        assert_eq!(s.complete("k", "crashed", TTL).await.ok(), Some(false));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn renew_extends_the_lease() {
+        let s = MemoryStore::new();
+        assert_eq!(s.claim("k", "t1", LEASE).await.ok(), Some(Claim::Acquired));
+        tokio::time::advance(LEASE / 2).await;
+        assert_eq!(s.renew("k", "t1", LEASE).await.ok(), Some(true));
+        tokio::time::advance(LEASE * 3 / 4).await;
+        assert_eq!(s.claim("k", "t2", LEASE).await.ok(), Some(Claim::Held));
+        assert_eq!(s.renew("k", "t2", LEASE).await.ok(), Some(false));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn done_marks_expire_after_ttl() {
+        let s = MemoryStore::new();
+        assert_eq!(s.claim("k", "t1", LEASE).await.ok(), Some(Claim::Acquired));
+        assert_eq!(s.complete("k", "t1", TTL).await.ok(), Some(true));
+        tokio::time::advance(TTL + Duration::from_millis(1)).await;
+        assert_eq!(s.claim("k", "t2", LEASE).await.ok(), Some(Claim::Acquired));
+    }
+}

@@ -1,0 +1,139 @@
+//! Redis dedup store through a `deadpool-redis` pool. Each operation is one Lua script, so
+//! check-and-change is atomic; a pool (not one connection) lets concurrent deliveries claim
+//! in parallel.
+
+use std::time::Duration;
+
+use deadpool_redis::redis::Script;
+use deadpool_redis::{Config as PoolConfig, Pool, Runtime};
+
+use super::{Claim, DedupError, DedupFuture, DedupStore, millis};
+
+/// `0` acquired, `1` done, `2` held by another token.
+const CLAIM: &str = r#"
+local v = redis.call('GET', KEYS[1])
+if not v then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 0
+end
+if v == 'done' then return 1 end
+return 2
+"#;
+
+const RENEW: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"#;
+
+const COMPLETE: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('SET', KEYS[1], 'done', 'PX', ARGV[2])
+  return 1
+end
+return 0
+"#;
+
+const RELEASE: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"#;
+
+/// A [`DedupStore`] on Redis, shared by every instance of a service.
+pub struct RedisStore {
+    pool: Pool,
+    claim: Script,
+    renew: Script,
+    complete: Script,
+    release: Script,
+}
+
+impl std::fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisStore").finish_non_exhaustive()
+    }
+}
+
+impl RedisStore {
+    /// A store on `url` with a pool of up to `pool_size` connections. Connects lazily:
+    /// call [`DedupStore::ping`] to check it answers.
+    pub fn new(url: &str, pool_size: usize) -> Result<Self, DedupError> {
+        let mut cfg = PoolConfig::from_url(url);
+        cfg.pool = Some(deadpool_redis::PoolConfig {
+            max_size: pool_size.max(1),
+            timeouts: deadpool_redis::Timeouts {
+                wait: Some(Duration::from_secs(5)),
+                create: Some(Duration::from_secs(2)),
+                recycle: Some(Duration::from_secs(2)),
+            },
+            ..Default::default()
+        });
+        let pool = cfg
+            .create_pool(Some(Runtime::Tokio1))
+            .map_err(|e| DedupError(format!("REDIS_URL is not usable: {e}")))?;
+        Ok(Self {
+            pool,
+            claim: Script::new(CLAIM),
+            renew: Script::new(RENEW),
+            complete: Script::new(COMPLETE),
+            release: Script::new(RELEASE),
+        })
+    }
+
+    async fn run(&self, script: &Script, key: &str, args: &[&str]) -> Result<i64, DedupError> {
+        let mut conn = self.pool.get().await.map_err(|e| DedupError(e.to_string()))?;
+        let mut invocation = script.key(key);
+        for a in args {
+            invocation.arg(*a);
+        }
+        invocation
+            .invoke_async(&mut conn)
+            .await
+            .map_err(|e| DedupError(e.to_string()))
+    }
+}
+
+impl DedupStore for RedisStore {
+    fn claim<'a>(&'a self, key: &'a str, token: &'a str, lease: Duration) -> DedupFuture<'a, Claim> {
+        Box::pin(async move {
+            let lease = millis(lease).to_string();
+            match self.run(&self.claim, key, &[token, &lease]).await? {
+                0 => Ok(Claim::Acquired),
+                1 => Ok(Claim::Done),
+                _ => Ok(Claim::Held),
+            }
+        })
+    }
+
+    fn renew<'a>(&'a self, key: &'a str, token: &'a str, lease: Duration) -> DedupFuture<'a, bool> {
+        Box::pin(async move {
+            let lease = millis(lease).to_string();
+            Ok(self.run(&self.renew, key, &[token, &lease]).await? == 1)
+        })
+    }
+
+    fn complete<'a>(&'a self, key: &'a str, token: &'a str, ttl: Duration) -> DedupFuture<'a, bool> {
+        Box::pin(async move {
+            let ttl = millis(ttl).to_string();
+            Ok(self.run(&self.complete, key, &[token, &ttl]).await? == 1)
+        })
+    }
+
+    fn release<'a>(&'a self, key: &'a str, token: &'a str) -> DedupFuture<'a, bool> {
+        Box::pin(async move { Ok(self.run(&self.release, key, &[token]).await? == 1) })
+    }
+
+    fn ping(&self) -> DedupFuture<'_, ()> {
+        Box::pin(async move {
+            let mut conn = self.pool.get().await.map_err(|e| DedupError(e.to_string()))?;
+            deadpool_redis::redis::cmd("PING")
+                .query_async::<String>(&mut conn)
+                .await
+                .map(|_| ())
+                .map_err(|e| DedupError(e.to_string()))
+        })
+    }
+}

@@ -1,0 +1,162 @@
+//! Failure kinds and the headers a dead-lettered or retried message carries
+//! (DESIGN.md section 1). Header values are kept short so a copy always fits in a frame.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+
+/// Why a message failed, as written in `x-error-kind`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum FailureKind {
+    /// The handler returned a retryable error (`?` or [`crate::HandlerError::retry`]).
+    Retry,
+    /// The handler ran past its `timeout`.
+    Timeout,
+    /// The handler panicked.
+    Panic,
+    /// The body did not decode into the handler's type.
+    Decode,
+    /// The handler called [`crate::HandlerError::reject`].
+    Rejected,
+    /// Every allowed retry failed.
+    RetriesExhausted,
+    /// An `idempotent` consumer got a message without `message_id`.
+    MissingMessageId,
+}
+
+impl FailureKind {
+    /// The `x-error-kind` value.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Retry => "error",
+            Self::Timeout => "timeout",
+            Self::Panic => "panic",
+            Self::Decode => "decode",
+            Self::Rejected => "rejected",
+            Self::RetriesExhausted => "retries-exhausted",
+            Self::MissingMessageId => "missing-message-id",
+        }
+    }
+
+    /// Whether a later attempt might succeed.
+    pub const fn is_retryable(self) -> bool {
+        matches!(self, Self::Retry | Self::Timeout | Self::Panic)
+    }
+}
+
+impl std::fmt::Display for FailureKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Header names. `x-attempts` on a retry copy counts the failed attempts so far; on a
+/// dead letter, all attempts made.
+pub mod header {
+    /// Failure kind ([`super::FailureKind::as_str`]).
+    pub const ERROR_KIND: &str = "x-error-kind";
+    /// On `retries-exhausted`: the kind of the last failure.
+    pub const LAST_ERROR_KIND: &str = "x-last-error-kind";
+    /// The error message, trimmed to [`super::MAX_MESSAGE_BYTES`].
+    pub const EXCEPTION_MESSAGE: &str = "x-exception-message";
+    /// Number of failed attempts.
+    pub const ATTEMPTS: &str = "x-attempts";
+    /// Exchange the message was first published to.
+    pub const ORIGINAL_EXCHANGE: &str = "x-original-exchange";
+    /// Routing key it was first published with.
+    pub const ORIGINAL_ROUTING_KEY: &str = "x-original-routing-key";
+    /// Queue it was consumed from.
+    pub const ORIGINAL_QUEUE: &str = "x-original-queue";
+    /// Unix milliseconds of the first failure.
+    pub const FIRST_FAILURE: &str = "x-first-failure";
+    /// Unix milliseconds of the last failure.
+    pub const LAST_FAILURE: &str = "x-last-failure";
+    /// Marks a copy that was put back only because another instance held its claim.
+    pub const DEDUP_REQUEUE: &str = "x-dedup-requeue";
+}
+
+/// Error messages in headers are cut to this many bytes (a frame is 128 KiB by default,
+/// and headers share it with every other property).
+pub const MAX_MESSAGE_BYTES: usize = 2048;
+
+/// Cut `s` to at most `max` bytes on a character boundary, marking the cut.
+pub fn trim_message(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_owned();
+    }
+    let mut end = max.saturating_sub(3);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...", &s[..end])
+}
+
+/// Unix time in milliseconds.
+pub fn now_millis() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// Read a string header.
+pub fn header_str<'a>(headers: Option<&'a FieldTable>, key: &str) -> Option<&'a str> {
+    match headers?.inner().get(key)? {
+        AMQPValue::LongString(s) => std::str::from_utf8(s.as_bytes()).ok(),
+        AMQPValue::ShortString(s) => Some(s.as_str()),
+        _ => None,
+    }
+}
+
+/// Read an integer header of any AMQP integer width.
+pub fn header_int(headers: Option<&FieldTable>, key: &str) -> Option<i64> {
+    match headers?.inner().get(key)? {
+        AMQPValue::ShortShortInt(v) => Some(i64::from(*v)),
+        AMQPValue::ShortShortUInt(v) => Some(i64::from(*v)),
+        AMQPValue::ShortInt(v) => Some(i64::from(*v)),
+        AMQPValue::ShortUInt(v) => Some(i64::from(*v)),
+        AMQPValue::LongInt(v) => Some(i64::from(*v)),
+        AMQPValue::LongUInt(v) => Some(i64::from(*v)),
+        AMQPValue::LongLongInt(v) => Some(*v),
+        AMQPValue::Timestamp(v) => i64::try_from(*v).ok(),
+        _ => None,
+    }
+}
+
+/// Insert a string header.
+pub fn set_str(headers: &mut FieldTable, key: &str, value: &str) {
+    headers.insert(
+        ShortString::from(key),
+        AMQPValue::LongString(LongString::from(value)),
+    );
+}
+
+/// Insert an integer header.
+pub fn set_int(headers: &mut FieldTable, key: &str, value: i64) {
+    headers.insert(ShortString::from(key), AMQPValue::LongLongInt(value));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn trims_on_char_boundary() {
+        let s = "é".repeat(100);
+        let t = trim_message(&s, 11);
+        assert!(t.len() <= 11, "{t}");
+        assert!(t.ends_with("..."));
+        assert_eq!(trim_message("short", 10), "short");
+    }
+
+    #[test]
+    fn reads_back_what_it_writes() {
+        let mut h = FieldTable::default();
+        set_str(&mut h, "a", "b");
+        set_int(&mut h, "n", 7);
+        assert_eq!(header_str(Some(&h), "a"), Some("b"));
+        assert_eq!(header_int(Some(&h), "n"), Some(7));
+        assert_eq!(header_int(Some(&h), "a"), None);
+    }
+}

@@ -1,0 +1,177 @@
+//! The user's function behind a trait: decode the body, call, turn the result into a
+//! [`HandlerError`] the settle step understands.
+
+use std::future::Future;
+use std::marker::PhantomData;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use serde::de::DeserializeOwned;
+
+use crate::{Delivery, HandlerError};
+
+/// The future a [`Handler`] returns.
+pub type HandlerFuture = Pin<Box<dyn Future<Output = Result<(), HandlerError>> + Send>>;
+
+/// Handles one delivery: decode, run the user's code, report the outcome.
+///
+/// `#[consumer]` implements it for you; [`handler_fn`] wraps a closure for consumers
+/// built by hand.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` is not a reliable-mq handler",
+    note = "annotate an `async fn(T) -> Result<(), E>` with `#[consumer(...)]`, or wrap a closure with `reliable_mq::handler_fn`"
+)]
+pub trait Handler: Send + Sync + 'static {
+    /// Decode `delivery` and run the handler on it.
+    fn call(&self, delivery: Arc<Delivery>) -> HandlerFuture;
+}
+
+/// A message body type: anything serde can decode from JSON.
+#[diagnostic::on_unimplemented(
+    message = "the payload type `{Self}` cannot be decoded from a message",
+    label = "this type must implement `serde::Deserialize` (and be `Send + 'static`)",
+    note = "add `#[derive(serde::Deserialize)]` to `{Self}`"
+)]
+pub trait Payload: DeserializeOwned + Send + 'static {}
+impl<T: DeserializeOwned + Send + 'static> Payload for T {}
+
+/// What a handler function may return: `Result<(), E>` with `E` convertible to
+/// [`HandlerError`] (any `std::error::Error`, a `String`, or `HandlerError` itself).
+#[diagnostic::on_unimplemented(
+    message = "a consumer must return `Result<(), E>`, not `{Self}`",
+    note = "`E` can be `HandlerError` or any `std::error::Error + Send + Sync + 'static`"
+)]
+pub trait IntoHandlerResult {
+    /// Convert to the runtime's result type.
+    fn into_handler_result(self) -> Result<(), HandlerError>;
+}
+
+impl<E: Into<HandlerError>> IntoHandlerResult for Result<(), E> {
+    fn into_handler_result(self) -> Result<(), HandlerError> {
+        self.map_err(Into::into)
+    }
+}
+
+/// Decode the body of `delivery` as JSON into `T`.
+///
+/// A content type other than JSON (when one is set) or a body that does not decode is a
+/// [`HandlerError`] of kind `decode`: the message goes to the DLQ, never back to the queue.
+pub fn decode<T: Payload>(delivery: &Delivery) -> Result<T, HandlerError> {
+    if let Some(content_type) = delivery.content_type()
+        && !is_json(content_type)
+    {
+        return Err(HandlerError::decode(format!(
+            "content type `{content_type}` is not JSON; publish with `application/json`"
+        )));
+    }
+    serde_json::from_slice(delivery.body()).map_err(|e| {
+        HandlerError::decode(format!(
+            "body is not a valid `{}`: {e}",
+            std::any::type_name::<T>()
+        ))
+    })
+}
+
+fn is_json(content_type: &str) -> bool {
+    let essence = content_type.split(';').next().unwrap_or("").trim();
+    essence.eq_ignore_ascii_case("application/json")
+        || essence.to_ascii_lowercase().ends_with("+json")
+}
+
+/// A [`Handler`] made from a closure `Fn(T) -> impl Future<Output = Result<(), E>>`.
+pub struct FnHandler<T, F> {
+    f: F,
+    _payload: PhantomData<fn() -> T>,
+}
+
+/// Wrap a closure as a [`Handler`], for consumers registered by hand.
+///
+/// ```
+/// # use reliable_mq::{handler_fn, HandlerError};
+/// let handler = handler_fn(|order: serde_json::Value| async move {
+///     if order["qty"] == 0 { return Err(HandlerError::reject("empty order")); }
+///     Ok(())
+/// });
+/// # let _ = handler;
+/// ```
+pub fn handler_fn<T, F, Fut, R>(f: F) -> FnHandler<T, F>
+where
+    T: Payload,
+    F: Fn(T) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = R> + Send + 'static,
+    R: IntoHandlerResult,
+{
+    FnHandler {
+        f,
+        _payload: PhantomData,
+    }
+}
+
+impl<T, F, Fut, R> Handler for FnHandler<T, F>
+where
+    T: Payload,
+    F: Fn(T) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = R> + Send + 'static,
+    R: IntoHandlerResult,
+{
+    fn call(&self, delivery: Arc<Delivery>) -> HandlerFuture {
+        match decode::<T>(&delivery) {
+            Ok(payload) => {
+                let fut = (self.f)(payload);
+                Box::pin(async move { fut.await.into_handler_result() })
+            }
+            Err(e) => Box::pin(std::future::ready(Err(e))),
+        }
+    }
+}
+
+/// A [`Handler`] made from a closure that also sees the [`Delivery`].
+pub struct FnDeliveryHandler<T, F> {
+    f: F,
+    _payload: PhantomData<fn() -> T>,
+}
+
+/// Like [`handler_fn`], for closures `Fn(T, Arc<Delivery>) -> impl Future`.
+pub fn delivery_handler_fn<T, F, Fut, R>(f: F) -> FnDeliveryHandler<T, F>
+where
+    T: Payload,
+    F: Fn(T, Arc<Delivery>) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = R> + Send + 'static,
+    R: IntoHandlerResult,
+{
+    FnDeliveryHandler {
+        f,
+        _payload: PhantomData,
+    }
+}
+
+impl<T, F, Fut, R> Handler for FnDeliveryHandler<T, F>
+where
+    T: Payload,
+    F: Fn(T, Arc<Delivery>) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = R> + Send + 'static,
+    R: IntoHandlerResult,
+{
+    fn call(&self, delivery: Arc<Delivery>) -> HandlerFuture {
+        match decode::<T>(&delivery) {
+            Ok(payload) => {
+                let fut = (self.f)(payload, delivery);
+                Box::pin(async move { fut.await.into_handler_result() })
+            }
+            Err(e) => Box::pin(std::future::ready(Err(e))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_content_types() {
+        assert!(is_json("application/json"));
+        assert!(is_json("application/json; charset=utf-8"));
+        assert!(is_json("application/vnd.shop.order+json"));
+        assert!(!is_json("text/plain"));
+    }
+}

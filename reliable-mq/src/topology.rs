@@ -1,0 +1,373 @@
+//! Declaring what a consumer needs, all durable: its exchange and binding, the work queue
+//! (dead-lettering to the DLX), the DLX and DLQ, and the retry tiers. Plus the start-up
+//! checks: one consumer's settings ([`validate`]) and consumers against each other
+//! ([`check_conflicts`]).
+//!
+//! A broker object that already exists with other arguments makes the broker answer
+//! PRECONDITION_FAILED; that stops start-up with [`Error::TopologyMismatch`] naming the
+//! object and the argument. Nothing is ever deleted to "fix" it.
+
+use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{Channel, Connection, ErrorKind};
+
+use crate::retry::{RetryLadder, tier_queue_name};
+use crate::spec::{ConsumerConfig, ExchangeKind, QueueKind};
+use crate::Error;
+
+/// Everything one consumer declares, with derived names resolved.
+#[derive(Debug, Clone)]
+pub struct Topology {
+    /// Work queue.
+    pub queue: String,
+    /// Exchange and binding key, if bound to one.
+    pub exchange: Option<(String, ExchangeKind, String)>,
+    /// Dead-letter exchange (direct; the DLQ is bound with the work queue's name).
+    pub dlx: String,
+    /// Dead-letter queue.
+    pub dlq: String,
+    /// Queue type of the work queue (and of its DLQ and tiers).
+    pub queue_type: QueueKind,
+    /// `x-delivery-limit`, quorum only.
+    pub delivery_limit: Option<u32>,
+    /// Retry ladder (its tiers are declared).
+    pub ladder: RetryLadder,
+    /// The tier a message goes to when another instance holds its dedup claim.
+    pub requeue_tier: Option<(String, std::time::Duration)>,
+}
+
+impl Topology {
+    /// Resolve the names of `config`.
+    pub fn of(config: &ConsumerConfig) -> Self {
+        let ladder = RetryLadder::new(
+            &config.queue,
+            config.max_retries,
+            config.retry_delay,
+            config.retry_backoff,
+        );
+        let requeue_tier = config.idempotent.then(|| {
+            (
+                tier_queue_name(&config.queue, config.retry_delay),
+                config.retry_delay,
+            )
+        });
+        Self {
+            queue: config.queue.clone(),
+            exchange: config.exchange.as_ref().map(|e| {
+                (
+                    e.clone(),
+                    config.exchange_type,
+                    config.binding_key().to_owned(),
+                )
+            }),
+            dlx: config.dlx.clone(),
+            dlq: config.dlq_name(),
+            queue_type: config.queue_type,
+            delivery_limit: config.effective_delivery_limit(),
+            ladder,
+            requeue_tier,
+        }
+    }
+
+    /// Every wait queue to declare: the ladder's tiers plus the dedup requeue tier.
+    pub fn wait_queues(&self) -> Vec<(String, std::time::Duration)> {
+        let mut tiers = self.ladder.tiers();
+        if let Some(t) = &self.requeue_tier
+            && !tiers.iter().any(|(name, _)| name == &t.0)
+        {
+            tiers.push(t.clone());
+        }
+        tiers
+    }
+
+    /// Declare everything on a fresh channel of `connection`. A failed declaration closes
+    /// its channel, so each step runs on a channel of its own once one has failed.
+    pub async fn declare(&self, connection: &Connection) -> Result<(), Error> {
+        let channel = connection
+            .create_channel()
+            .await
+            .map_err(|e| Error::amqp("opening a channel to declare topology", e))?;
+        let result = self.declare_on(&channel).await;
+        let _ = channel.close(200, "topology declared".into()).await;
+        result
+    }
+
+    async fn declare_on(&self, ch: &Channel) -> Result<(), Error> {
+        if let Some((exchange, kind, _)) = &self.exchange {
+            declare_exchange(ch, exchange, *kind).await?;
+        }
+        declare_exchange(ch, &self.dlx, ExchangeKind::Direct).await?;
+
+        let mut dlq_args = FieldTable::default();
+        put_str(&mut dlq_args, "x-queue-type", self.queue_type.as_str());
+        declare_queue(ch, &self.dlq, dlq_args).await?;
+        bind(ch, &self.dlq, &self.dlx, &self.queue).await?;
+
+        let mut args = FieldTable::default();
+        put_str(&mut args, "x-queue-type", self.queue_type.as_str());
+        put_str(&mut args, "x-dead-letter-exchange", &self.dlx);
+        // Broker-side dead-lettering (delivery limit, a manual reject) lands in our DLQ too.
+        put_str(&mut args, "x-dead-letter-routing-key", &self.queue);
+        if let Some(limit) = self.delivery_limit {
+            args.insert(
+                "x-delivery-limit".into(),
+                AMQPValue::LongLongInt(i64::from(limit)),
+            );
+        }
+        declare_queue(ch, &self.queue, args).await?;
+        if let Some((exchange, _, key)) = &self.exchange {
+            bind(ch, &self.queue, exchange, key).await?;
+        }
+
+        for (tier, delay) in self.wait_queues() {
+            let mut args = FieldTable::default();
+            put_str(&mut args, "x-queue-type", self.queue_type.as_str());
+            args.insert(
+                "x-message-ttl".into(),
+                AMQPValue::LongLongInt(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX)),
+            );
+            put_str(&mut args, "x-dead-letter-exchange", "");
+            put_str(&mut args, "x-dead-letter-routing-key", &self.queue);
+            declare_queue(ch, &tier, args).await?;
+        }
+        Ok(())
+    }
+}
+
+fn put_str(args: &mut FieldTable, key: &str, value: &str) {
+    args.insert(
+        ShortString::from(key),
+        AMQPValue::LongString(LongString::from(value)),
+    );
+}
+
+async fn declare_exchange(ch: &Channel, name: &str, kind: ExchangeKind) -> Result<(), Error> {
+    let lapin_kind = match kind {
+        ExchangeKind::Direct => lapin::ExchangeKind::Direct,
+        ExchangeKind::Topic => lapin::ExchangeKind::Topic,
+        ExchangeKind::Fanout => lapin::ExchangeKind::Fanout,
+        ExchangeKind::Headers => lapin::ExchangeKind::Headers,
+    };
+    let options = ExchangeDeclareOptions {
+        durable: true,
+        ..ExchangeDeclareOptions::default()
+    };
+    ch.exchange_declare(name.into(), lapin_kind, options, FieldTable::default())
+        .await
+        .map_err(|e| declare_error(format!("exchange '{name}'"), e))
+}
+
+async fn declare_queue(ch: &Channel, name: &str, args: FieldTable) -> Result<(), Error> {
+    ch.queue_declare(name.into(), QueueDeclareOptions::durable(), args)
+        .await
+        .map(|_| ())
+        .map_err(|e| declare_error(format!("queue '{name}'"), e))
+}
+
+async fn bind(ch: &Channel, queue: &str, exchange: &str, key: &str) -> Result<(), Error> {
+    ch.queue_bind(
+        queue.into(),
+        exchange.into(),
+        key.into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .map_err(|e| declare_error(format!("binding of queue '{queue}' to '{exchange}'"), e))
+}
+
+/// PRECONDITION_FAILED becomes a [`Error::TopologyMismatch`] with the broker's text (which
+/// names the differing argument); anything else a plain declaration error.
+fn declare_error(object: String, e: lapin::Error) -> Error {
+    if let ErrorKind::ProtocolError(amqp) = e.kind()
+        && *amqp.kind() == AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED)
+    {
+        return Error::TopologyMismatch {
+            object,
+            reason: amqp.get_message().to_string(),
+        };
+    }
+    Error::Declare { object, source: e }
+}
+
+/// Check one consumer's settings: the compile-time rules again, for consumers built by hand.
+pub fn validate(c: &ConsumerConfig) -> Result<(), Error> {
+    let mut problems = Vec::new();
+    let mut name = |what: &str, value: &str| {
+        if value.is_empty() {
+            problems.push(format!("{what} name is empty"));
+        } else if value.len() > 255 {
+            problems.push(format!("{what} name '{value}' is over 255 bytes"));
+        } else if value.starts_with("amq.") {
+            problems.push(format!(
+                "{what} name '{value}' starts with 'amq.', which the broker reserves"
+            ));
+        }
+    };
+    name("queue", &c.queue);
+    name("dlx", &c.dlx);
+    if let Some(e) = &c.exchange {
+        name("exchange", e);
+    }
+    if let Some(q) = &c.dlq {
+        name("dlq", q);
+    }
+    let longest_tier = Topology::of(c)
+        .wait_queues()
+        .into_iter()
+        .map(|(n, _)| n)
+        .max_by_key(String::len);
+    if let Some(tier) = longest_tier
+        && tier.len() > 255
+    {
+        problems.push(format!(
+            "retry queue name '{tier}' is over 255 bytes; shorten the queue name"
+        ));
+    }
+    if c.exchange.as_deref() == Some(c.dlx.as_str()) {
+        problems.push("dlx must differ from exchange".into());
+    }
+    if c.dlq_name() == c.queue {
+        problems.push("dlq must differ from queue".into());
+    }
+    if c.routing_key.is_some() && c.exchange.is_none() {
+        problems.push("routing_key needs an exchange".into());
+    }
+    if c.routing_key.is_some() && c.exchange_type == ExchangeKind::Fanout {
+        problems.push("a fanout exchange ignores routing_key; remove it".into());
+    }
+    if c.prefetch == 0 {
+        problems.push("prefetch must be at least 1".into());
+    }
+    if c.concurrency == 0 || c.concurrency > c.prefetch {
+        problems.push(format!(
+            "concurrency must be between 1 and prefetch ({})",
+            c.prefetch
+        ));
+    }
+    if c.delivery_limit.is_some() && c.queue_type == QueueKind::Classic {
+        problems.push("delivery_limit applies to quorum queues only".into());
+    }
+    if c.timeout.is_zero() {
+        problems.push("timeout must be positive".into());
+    }
+    if c.max_retries > 0 && c.retry_delay.is_zero() {
+        problems.push("retry_delay must be positive".into());
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::InvalidConsumer {
+            consumer: c.name.clone(),
+            problems: problems.join("; "),
+        })
+    }
+}
+
+/// Check consumers against each other: a queue consumed twice must be declared the same
+/// way; an exchange must have one type; no queue may be another's DLQ or retry tier.
+pub fn check_conflicts(consumers: &[ConsumerConfig]) -> Result<(), Error> {
+    for (i, a) in consumers.iter().enumerate() {
+        for b in &consumers[i + 1..] {
+            let conflict = |detail: String| Error::ConflictingConsumers {
+                first: a.name.clone(),
+                second: b.name.clone(),
+                detail,
+            };
+            if a.queue == b.queue {
+                let (ta, tb) = (Topology::of(a), Topology::of(b));
+                let same = ta.exchange == tb.exchange
+                    && ta.dlx == tb.dlx
+                    && ta.dlq == tb.dlq
+                    && ta.queue_type == tb.queue_type
+                    && ta.delivery_limit == tb.delivery_limit
+                    && ta.ladder == tb.ladder
+                    && a.idempotent == b.idempotent;
+                if !same {
+                    return Err(conflict(format!(
+                        "both consume queue '{}' with different settings; give them the same attribute or separate queues",
+                        a.queue
+                    )));
+                }
+            }
+            if let (Some(ea), Some(eb)) = (&a.exchange, &b.exchange)
+                && ea == eb
+                && a.exchange_type != b.exchange_type
+            {
+                return Err(conflict(format!(
+                    "exchange '{ea}' is declared as {} and as {}; use one exchange_type",
+                    a.exchange_type.as_str(),
+                    b.exchange_type.as_str()
+                )));
+            }
+            let derived_a: Vec<String> = derived_queues(a);
+            let derived_b: Vec<String> = derived_queues(b);
+            if derived_b.contains(&a.queue) || derived_a.contains(&b.queue) {
+                return Err(conflict(
+                    "one consumer's queue is the other's dead-letter or retry queue; rename one".into(),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn derived_queues(c: &ConsumerConfig) -> Vec<String> {
+    let t = Topology::of(c);
+    let mut names: Vec<String> = t.wait_queues().into_iter().map(|(n, _)| n).collect();
+    names.push(t.dlq);
+    names
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::handler_fn;
+
+    fn consumer(queue: &str) -> ConsumerConfig {
+        ConsumerConfig::new(
+            queue,
+            format!("{queue}.dlx"),
+            handler_fn(|_: serde_json::Value| async { Ok::<_, crate::HandlerError>(()) }),
+        )
+    }
+
+    #[test]
+    fn derived_names() {
+        let t = Topology::of(&consumer("orders").idempotent(std::time::Duration::from_secs(60)));
+        assert_eq!(t.dlq, "orders.dlq");
+        let names: Vec<_> = t.wait_queues().into_iter().map(|(n, _)| n).collect();
+        assert_eq!(names, ["orders.retry.1s", "orders.retry.2s", "orders.retry.4s"]);
+    }
+
+    #[test]
+    fn validate_reports_every_problem() {
+        let mut c = consumer("amq.bad").with_prefetch(4).with_concurrency(8);
+        c.routing_key = Some("x".into());
+        let Err(Error::InvalidConsumer { problems, .. }) = validate(&c) else {
+            panic!("expected invalid");
+        };
+        assert!(problems.contains("amq."), "{problems}");
+        assert!(problems.contains("concurrency"), "{problems}");
+        assert!(problems.contains("routing_key needs an exchange"), "{problems}");
+    }
+
+    #[test]
+    fn same_queue_different_settings_conflicts() {
+        let a = consumer("q");
+        let b = consumer("q").quorum(None);
+        assert!(matches!(
+            check_conflicts(&[a.clone(), b]),
+            Err(Error::ConflictingConsumers { .. })
+        ));
+        assert!(check_conflicts(&[a.clone(), a]).is_ok());
+    }
+
+    #[test]
+    fn queue_that_is_another_dlq_conflicts() {
+        let a = consumer("q");
+        let b = consumer("q.dlq");
+        assert!(check_conflicts(&[a, b]).is_err());
+    }
+}
