@@ -69,13 +69,14 @@ impl Settler<'_> {
                         ConsumerStats::bump(&self.stats.retried);
                     }
                     None => {
-                        let headers = failure_headers(
-                            delivery,
-                            FailureKind::RetriesExhausted,
-                            &message,
-                            attempt,
-                            Some(kind),
-                        );
+                        // With no retries configured the failure itself is the reason;
+                        // otherwise say the ladder ran out, and what failed last.
+                        let (kind, last) = if self.topology.ladder.max_retries() == 0 {
+                            (kind, None)
+                        } else {
+                            (FailureKind::RetriesExhausted, Some(kind))
+                        };
+                        let headers = failure_headers(delivery, kind, &message, attempt, last);
                         self.dead_letter(acker, delivery, headers).await;
                     }
                 }
