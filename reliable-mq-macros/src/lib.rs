@@ -1,0 +1,98 @@
+//! The `#[consumer]` attribute of [reliable-mq](https://docs.rs/reliable-mq).
+//!
+//! Use it through the `reliable-mq` crate (`use reliable_mq::consumer;`): the generated
+//! code refers to `::reliable_mq`, not to this crate.
+//!
+//! The macro parses the attribute (`attr`), checks the topology rules (`check`) and the
+//! function's signature (`sig`), collecting every error (`ctxt`), then emits the spec and
+//! the adapter (`expand`). All behaviour lives in the runtime.
+
+mod attr;
+mod check;
+mod ctxt;
+mod expand;
+mod sig;
+mod suggest;
+
+use proc_macro::TokenStream;
+
+/// Turns an `async fn` into a reliable RabbitMQ consumer.
+///
+/// ```ignore
+/// use reliable_mq::{consumer, HandlerError};
+///
+/// #[derive(serde::Deserialize)]
+/// struct Order { id: u64, qty: u32 }
+///
+/// #[consumer(queue = "orders", exchange = "shop", routing_key = "order.created",
+///            dlx = "orders.dlx", idempotent, prefetch = 64, concurrency = 16)]
+/// async fn reserve_stock(order: Order) -> Result<(), HandlerError> {
+///     if order.qty == 0 {
+///         return Err(HandlerError::reject("empty order")); // straight to the DLQ
+///     }
+///     Ok(()) // acked
+/// }
+///
+/// #[tokio::main]
+/// async fn main() -> Result<(), reliable_mq::Error> {
+///     reliable_mq::run().await // runs every `#[consumer]` in the binary
+/// }
+/// ```
+///
+/// (This example is compiled by the crate's UI tests, `tests/ui/pass`.)
+///
+/// # The function
+///
+/// `async fn name(payload: T) -> Result<(), E>` or
+/// `async fn name(payload: T, delivery: &Delivery) -> Result<(), E>`, where `T` is any
+/// `serde::Deserialize` type (the body is JSON) and `E` is `HandlerError` or any
+/// `std::error::Error + Send + Sync + 'static` (`?` works). `Ok` acks the message;
+/// `HandlerError::retry(e)` and plain errors retry it after a delay;
+/// `HandlerError::reject(e)` dead-letters it at once.
+///
+/// The function stays callable as written. Next to it the macro defines a type of the
+/// same name whose `SPEC` constant is the consumer's
+/// `ConsumerSpec`: `App::consumer(name::SPEC)` registers it by hand, and `reliable_mq::run()`
+/// finds every annotated function on its own.
+///
+/// # Keys
+///
+/// | key | value | default |
+/// |---|---|---|
+/// | `queue` | **required**: durable queue to consume | - |
+/// | `dlx` | **required**: dead-letter exchange for failed messages | - |
+/// | `dlq` | queue bound to `dlx` | `"{queue}.dlq"` |
+/// | `exchange` | durable exchange to bind the queue to | default exchange |
+/// | `exchange_type` | `"direct"`, `"topic"`, `"fanout"` or `"headers"` (needs `exchange`) | `"topic"` |
+/// | `routing_key` | binding key (needs `exchange`; not with fanout or headers) | queue name |
+/// | `queue_type` | `"classic"` or `"quorum"` | `"classic"` |
+/// | `delivery_limit` | quorum queues only: redeliveries before the broker dead-letters | `max_retries + 5` |
+/// | `prefetch` | messages delivered ahead of acks, `1..=65535` | `32` |
+/// | `concurrency` | messages handled at once, `1..=prefetch` | `1` |
+/// | `max_retries` | delayed retries before dead-lettering | `3` |
+/// | `retry_delay` | delay before the first retry | `"1s"` |
+/// | `retry_backoff` | `"fixed"`, `"exponential"` (x2) or `"exponential:N"` (N in 2..=10) | `"exponential"` |
+/// | `timeout` | deadline of one handler call | `"30s"` |
+/// | `idempotent` | flag, no value: skip messages whose `message_id` was handled | off |
+/// | `dedup_ttl` | how long handled ids are remembered (needs `idempotent`) | `"24h"` |
+///
+/// Durations are strings of one integer and a unit: `"500ms"`, `"30s"`, `"5m"`, `"2h"`,
+/// `"1d"`. Names (`queue`, `exchange`, `dlx`, `dlq`) must be non-empty, at most 255 bytes
+/// and not start with `amq.`.
+///
+/// # Compile-time checks
+///
+/// Every mistake is a compile error pointing at the offending token and saying the fix,
+/// all of them in one build: unknown or duplicate keys, values of the wrong type, missing
+/// `queue` or `dlx`, a `dlx` equal to `exchange` or a `dlq` equal to `queue` (dead letters
+/// would loop), a `routing_key` that would be ignored, `concurrency` above `prefetch`,
+/// `delivery_limit` on a classic queue, `dedup_ttl` without `idempotent`, a function that
+/// is not `async`, is generic, takes `self` or other parameters, returns something other
+/// than `Result<(), E>`, or whose payload type is not `Deserialize`.
+#[proc_macro_attribute]
+pub fn consumer(args: TokenStream, item: TokenStream) -> TokenStream {
+    expand::consumer(args.into(), item.into()).into()
+}
+
+#[cfg(test)]
+mod tests;
