@@ -142,6 +142,12 @@ impl Config {
         self
     }
 
+    /// Set the connection name shown by the broker (`rabbitmqctl list_connections`).
+    pub fn with_connection_name(mut self, name: impl Into<String>) -> Self {
+        self.connection_name = name.into();
+        self
+    }
+
     /// The broker URL with its password replaced by `***`, for logs and errors.
     pub fn redacted_amqp_url(&self) -> String {
         redact_url(&self.amqp_url)

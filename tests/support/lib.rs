@@ -305,3 +305,29 @@ pub fn sh(cmd: &str) -> bool {
         .map(|s| s.success())
         .unwrap_or(false)
 }
+
+/// Close, from the broker side, every connection whose client-provided name contains
+/// `name_part` (our connections are named `{Config::connection_name} ({role})`). Returns
+/// how many were closed. Unlike `close_all_connections` this leaves other tests alone.
+pub fn close_connections_named(name_part: &str) -> usize {
+    let out = std::process::Command::new("rabbitmqctl")
+        .args(["-q", "list_connections", "pid", "client_properties"])
+        .output();
+    let Ok(out) = out else { return 0 };
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut closed = 0;
+    for line in text.lines().filter(|l| l.contains(name_part)) {
+        let Some(pid) = line.split_whitespace().next() else {
+            continue;
+        };
+        let ok = std::process::Command::new("rabbitmqctl")
+            .args(["-q", "close_connection", pid, "closed by a reliable-mq test"])
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        if ok {
+            closed += 1;
+        }
+    }
+    closed
+}

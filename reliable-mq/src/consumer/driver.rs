@@ -168,6 +168,15 @@ impl ConsumerRuntime {
         };
 
         self.stats.attached.store(false, Ordering::Relaxed);
+        if let SessionEnd::Broken(_) = &end {
+            // The channel is gone: in-flight handlers cannot ack on it any more, and the
+            // broker is already redelivering their messages. Let them finish detached (their
+            // acks fail harmlessly; dedup absorbs the redeliveries) and reconnect now rather
+            // than after the slowest handler.
+            in_flight.detach_all();
+            let _ = conn.close(200, "consumer reconnecting".into()).await;
+            return Ok(end);
+        }
         // Stop new deliveries, let in-flight handlers settle on this (still open) channel.
         let _ = channel
             .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
