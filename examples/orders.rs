@@ -1,0 +1,317 @@
+//! The demo: a small order service showing the reliability story end to end.
+//!
+//! ```text
+//! cargo run --example orders            # publish a batch, show what happened, clean up, exit
+//! cargo run --example orders -- --serve # keep consuming until Ctrl-C (queues are kept)
+//! ```
+//!
+//! Two consumers: `reserve_stock` (idempotent, retried) reserves stock for each order and
+//! emits a `stock.reserved` event from inside the handler; `notify_customer` consumes that
+//! event. The batch contains ordinary orders plus the cases that break hand-written
+//! consumers: a duplicate, a transient failure, a permanently invalid order and a
+//! malformed message.
+
+use std::collections::BTreeSet;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use lapin::BasicProperties;
+use reliable_mq::{App, Delivery, HandlerError, PublishOptions, Publisher, consumer};
+use serde::{Deserialize, Serialize};
+
+const EXCHANGE: &str = "demo.shop";
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Order {
+    id: u64,
+    sku: String,
+    qty: u32,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct StockReserved {
+    order_id: u64,
+    sku: String,
+}
+
+/// Orders whose first attempt failed (the "database blip" we simulate once per order).
+static BLIPPED: Mutex<BTreeSet<u64>> = Mutex::new(BTreeSet::new());
+
+/// A plain std error: `?` on it in a handler means "retry later".
+#[derive(Debug)]
+struct DatabaseBlip;
+
+impl std::fmt::Display for DatabaseBlip {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("stock database timed out")
+    }
+}
+impl std::error::Error for DatabaseBlip {}
+
+fn reserve_in_database(order: &Order) -> Result<(), DatabaseBlip> {
+    if order.sku == "FLAKY" {
+        let mut blipped = BLIPPED.lock().map_err(|_| DatabaseBlip)?;
+        if blipped.insert(order.id) {
+            return Err(DatabaseBlip);
+        }
+    }
+    Ok(())
+}
+
+/// Reserve stock for an order, then tell the world.
+#[consumer(
+    queue = "demo.orders",
+    exchange = "demo.shop",
+    routing_key = "order.created",
+    dlx = "demo.orders.dlx",
+    idempotent,
+    prefetch = 32,
+    concurrency = 4,
+    max_retries = 2,
+    retry_delay = "500ms",
+    timeout = "5s"
+)]
+async fn reserve_stock(order: Order, delivery: &Delivery) -> Result<(), HandlerError> {
+    if order.qty == 0 {
+        return Err(HandlerError::reject(format!(
+            "order {} has no items",
+            order.id
+        )));
+    }
+    reserve_in_database(&order)?; // a transient error: retried after 500ms
+    println!(
+        "  reserve_stock   order {:>2} ({} x {}) attempt {}",
+        order.id,
+        order.qty,
+        order.sku,
+        delivery.attempt()
+    );
+    if let Some(publisher) = delivery.publisher() {
+        let event = StockReserved {
+            order_id: order.id,
+            sku: order.sku.clone(),
+        };
+        // Same id on every attempt of this order, so a re-run cannot double-notify.
+        let id = format!("stock-reserved-{}", order.id);
+        publisher
+            .publish_with(
+                EXCHANGE,
+                "stock.reserved",
+                &event,
+                PublishOptions::with_message_id(id),
+            )
+            .await?;
+    }
+    Ok(())
+}
+
+/// Tell the customer their order is on its way.
+#[consumer(
+    queue = "demo.notifications",
+    exchange = "demo.shop",
+    routing_key = "stock.reserved",
+    dlx = "demo.notifications.dlx",
+    idempotent
+)]
+async fn notify_customer(event: StockReserved) -> Result<(), HandlerError> {
+    println!(
+        "  notify_customer order {:>2} ({} reserved)",
+        event.order_id, event.sku
+    );
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let serve = std::env::args().any(|a| a == "--serve");
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                // Expected handler failures are part of the story printed below.
+                .unwrap_or_else(|_| "warn,reliable_mq::consumer=error".into()),
+        )
+        .init();
+
+    let app = App::from_env()?;
+    let config = reliable_mq::Config::from_env()?;
+    if serve {
+        println!("consuming demo.orders and demo.notifications until Ctrl-C");
+        return Ok(app.run().await?);
+    }
+
+    println!("reliable-mq demo: an order service\n");
+    let running = app.start().await?;
+    let publisher = Publisher::from_config(&config).await?;
+
+    println!(
+        "publishing 10 orders (each publish returns after the broker's confirm);\n\
+         the consumers handle them as they arrive:"
+    );
+    let mut published = 0;
+    for id in 1..=6 {
+        let order = Order {
+            id,
+            sku: format!("SKU-{}", 100 + id),
+            qty: 1 + (id as u32 % 3),
+        };
+        publisher
+            .publish_with(
+                EXCHANGE,
+                "order.created",
+                &order,
+                PublishOptions::with_message_id(format!("order-{id}")),
+            )
+            .await?;
+        published += 1;
+    }
+    // The same order sent twice (a producer retry): handled once.
+    let dup = Order {
+        id: 1,
+        sku: "SKU-101".into(),
+        qty: 2,
+    };
+    publisher
+        .publish_with(
+            EXCHANGE,
+            "order.created",
+            &dup,
+            PublishOptions::with_message_id("order-1"),
+        )
+        .await?;
+    published += 1;
+    // A transient failure: retried after 500ms, then handled.
+    let flaky = Order {
+        id: 7,
+        sku: "FLAKY".into(),
+        qty: 1,
+    };
+    publisher
+        .publish_with(
+            EXCHANGE,
+            "order.created",
+            &flaky,
+            PublishOptions::with_message_id("order-7"),
+        )
+        .await?;
+    published += 1;
+    // A permanently invalid order: straight to the dead-letter queue.
+    let empty = Order {
+        id: 8,
+        sku: "SKU-108".into(),
+        qty: 0,
+    };
+    publisher
+        .publish_with(
+            EXCHANGE,
+            "order.created",
+            &empty,
+            PublishOptions::with_message_id("order-8"),
+        )
+        .await?;
+    published += 1;
+    // A malformed message from a misbehaving producer.
+    let props = BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_message_id("order-9".into());
+    publisher
+        .publish_raw(EXCHANGE, "order.created", b"{\"id\": 9, \"sku\":".to_vec(), props)
+        .await?;
+    published += 1;
+    println!("  -- all {published} publishes confirmed --");
+
+    // Wait until every order is settled: 6 + flaky handled, 1 duplicate, 2 dead-lettered.
+    let settled = |app: &reliable_mq::RunningApp| {
+        let o = app.stats("demo.orders").unwrap_or_default();
+        let n = app.stats("demo.notifications").unwrap_or_default();
+        o.handled + o.duplicates + o.dead_lettered >= 10 && n.handled >= 7
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !settled(&running) && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let o = running.stats("demo.orders").unwrap_or_default();
+    let n = running.stats("demo.notifications").unwrap_or_default();
+    println!("\nsummary:");
+    println!(
+        "  reserve_stock   handled {} | duplicates skipped {} | retried {} | dead-lettered {}",
+        o.handled, o.duplicates, o.retried, o.dead_lettered
+    );
+    println!(
+        "  notify_customer handled {} | duplicates skipped {}",
+        n.handled, n.duplicates
+    );
+
+    running.shutdown().await?;
+    let dead = show_dead_letters(&config.amqp_url, "demo.orders.dlq").await?;
+    publisher.close().await;
+    cleanup(&config.amqp_url).await?;
+
+    let ok = o.handled == 7 && o.duplicates == 1 && o.dead_lettered == 2 && dead == 2 && n.handled == 7;
+    println!(
+        "\n{}",
+        if ok {
+            "every message was handled once or dead-lettered with its reason; nothing lost."
+        } else {
+            "UNEXPECTED: the counts above do not add up (is another demo instance running?)"
+        }
+    );
+    if ok { Ok(()) } else { Err("demo counts did not add up".into()) }
+}
+
+/// Print and count what sits in the DLQ, with its reason headers.
+async fn show_dead_letters(url: &str, dlq: &str) -> Result<usize, lapin::Error> {
+    use lapin::options::BasicGetOptions;
+    let conn = lapin::Connection::connect(url, lapin::ConnectionProperties::default()).await?;
+    let ch = conn.create_channel().await?;
+    println!("\ndead-letter queue {dlq}:");
+    let mut count = 0;
+    while let Some(msg) = ch
+        .basic_get(dlq.into(), BasicGetOptions { no_ack: true })
+        .await?
+    {
+        count += 1;
+        let d = Delivery::for_test(msg.delivery.data.clone())
+            .with_headers(msg.delivery.properties.headers().clone().unwrap_or_default());
+        println!(
+            "  - {} [{}] {}\n      body: {}",
+            msg.delivery
+                .properties
+                .message_id()
+                .as_ref()
+                .map(|s| s.as_str())
+                .unwrap_or("?"),
+            d.header("x-error-kind").unwrap_or("?"),
+            d.header("x-exception-message").unwrap_or(""),
+            String::from_utf8_lossy(&msg.delivery.data),
+        );
+    }
+    let _ = conn.close(200, "demo done".into()).await;
+    Ok(count)
+}
+
+/// The demo deletes what it declared so it can run again from scratch.
+async fn cleanup(url: &str) -> Result<(), lapin::Error> {
+    use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
+    let conn = lapin::Connection::connect(url, lapin::ConnectionProperties::default()).await?;
+    let ch = conn.create_channel().await?;
+    for q in [
+        "demo.orders",
+        "demo.orders.dlq",
+        "demo.orders.retry.500ms",
+        "demo.orders.retry.1s",
+        "demo.notifications",
+        "demo.notifications.dlq",
+        "demo.notifications.retry.1s",
+        "demo.notifications.retry.2s",
+        "demo.notifications.retry.4s",
+    ] {
+        ch.queue_delete(q.into(), QueueDeleteOptions::default()).await?;
+    }
+    for e in [EXCHANGE, "demo.orders.dlx", "demo.notifications.dlx"] {
+        ch.exchange_delete(e.into(), ExchangeDeleteOptions::default())
+            .await?;
+    }
+    let _ = conn.close(200, "demo cleaned up".into()).await;
+    Ok(())
+}
