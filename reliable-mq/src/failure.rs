@@ -76,6 +76,49 @@ pub mod header {
     pub const DEDUP_REQUEUE: &str = "x-dedup-requeue";
 }
 
+/// Whether `key` is one of the broker's dead-letter history headers (`x-death`,
+/// `x-first-death-*`, `x-last-death-*`), which retry and dead-letter copies leave out.
+pub fn is_broker_death_header(key: &str) -> bool {
+    key == "x-death" || key.starts_with("x-first-death-") || key.starts_with("x-last-death-")
+}
+
+/// Every header reliable-mq writes on a retry or dead-letter copy.
+pub const FAILURE_HEADERS: [&str; 10] = [
+    header::ERROR_KIND,
+    header::LAST_ERROR_KIND,
+    header::EXCEPTION_MESSAGE,
+    header::ATTEMPTS,
+    header::ORIGINAL_EXCHANGE,
+    header::ORIGINAL_ROUTING_KEY,
+    header::ORIGINAL_QUEUE,
+    header::FIRST_FAILURE,
+    header::LAST_FAILURE,
+    header::DEDUP_REQUEUE,
+];
+
+/// Remove the failure record (our headers and the broker's `x-death` history) from a
+/// dead letter's headers, so that replaying it gives it a fresh retry ladder: a replayed
+/// message that kept `x-attempts` would be dead-lettered again on its first failure.
+///
+/// ```
+/// # use reliable_mq::failure::{self, header};
+/// # use lapin::types::FieldTable;
+/// let mut h = FieldTable::default();
+/// failure::set_int(&mut h, header::ATTEMPTS, 4);
+/// failure::set_str(&mut h, "tenant", "acme");
+/// failure::strip_failure_headers(&mut h);
+/// assert_eq!(failure::header_int(Some(&h), header::ATTEMPTS), None);
+/// assert_eq!(failure::header_str(Some(&h), "tenant"), Some("acme"));
+/// ```
+pub fn strip_failure_headers(headers: &mut FieldTable) {
+    let mut m = headers.inner().clone();
+    m.retain(|k, _| {
+        let k = k.as_str();
+        !FAILURE_HEADERS.contains(&k) && !is_broker_death_header(k)
+    });
+    *headers = m.into();
+}
+
 /// Error messages in headers are cut to this many bytes (a frame is 128 KiB by default,
 /// and headers share it with every other property).
 pub const MAX_MESSAGE_BYTES: usize = 2048;
@@ -148,6 +191,21 @@ mod tests {
         assert!(t.len() <= 11, "{t}");
         assert!(t.ends_with("..."));
         assert_eq!(trim_message("short", 10), "short");
+    }
+
+    #[test]
+    fn strips_the_failure_record_only() {
+        let mut h = FieldTable::default();
+        for k in FAILURE_HEADERS {
+            set_str(&mut h, k, "v");
+        }
+        set_str(&mut h, "x-death", "v");
+        set_str(&mut h, "x-first-death-queue", "v");
+        set_str(&mut h, "x-last-death-reason", "v");
+        set_str(&mut h, "x-deathly", "kept");
+        strip_failure_headers(&mut h);
+        let keys: Vec<_> = h.inner().keys().map(|k| k.as_str().to_owned()).collect();
+        assert_eq!(keys, ["x-deathly"]);
     }
 
     #[test]

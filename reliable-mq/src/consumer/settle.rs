@@ -5,9 +5,9 @@
 
 use std::time::Duration;
 
-use lapin::Acker;
 use lapin::options::{BasicAckOptions, BasicNackOptions};
 use lapin::types::FieldTable;
+use lapin::{Acker, BasicProperties};
 use tracing::{debug, error, info, warn};
 
 use crate::consumer::ConsumerStats;
@@ -65,7 +65,8 @@ impl Settler<'_> {
                     Some((tier, delay)) => {
                         let headers = failure_headers(delivery, kind, &message, attempt, None);
                         debug!(attempt, ?delay, %tier, "retrying later");
-                        self.copy_then_ack(acker, delivery, "", &tier, headers).await;
+                        self.copy_then_ack(acker, delivery, "", &tier, headers)
+                            .await;
                         ConsumerStats::bump(&self.stats.retried);
                     }
                     None => {
@@ -92,8 +93,13 @@ impl Settler<'_> {
                     put_back(acker, PUT_BACK_DELAY).await;
                     return;
                 };
-                let mut headers = delivery.headers().cloned().unwrap_or_default();
-                failure::set_str(&mut headers, header::DEDUP_REQUEUE, "held-by-another-consumer");
+                // Not a failure: the retry state (`x-attempts`, ...) travels unchanged.
+                let mut headers = copied_headers(delivery, &[]);
+                failure::set_str(
+                    &mut headers,
+                    header::DEDUP_REQUEUE,
+                    "held-by-another-consumer",
+                );
                 self.copy_then_ack(acker, delivery, "", tier, headers).await;
                 ConsumerStats::bump(&self.stats.requeued);
             }
@@ -118,6 +124,13 @@ impl Settler<'_> {
 
     /// Publish a copy (same body and properties, new headers) and wait for its confirm;
     /// ack the original only then. On failure the original goes back to the broker.
+    ///
+    /// Two properties are not copied, because keeping them would break the copy:
+    /// `expiration` (a per-message TTL would make a dead letter expire out of the DLQ,
+    /// silently, and cut a retry wait short) and `user_id` (the broker rejects a publish
+    /// whose `user_id` is not the publishing connection's user, so the copy could never be
+    /// published and the original would loop). RabbitMQ's own dead-lettering drops
+    /// `expiration` for the same reason.
     async fn copy_then_ack(
         &self,
         acker: &Acker,
@@ -126,13 +139,19 @@ impl Settler<'_> {
         routing_key: &str,
         headers: FieldTable,
     ) -> bool {
-        let properties = delivery.properties.clone().with_headers(headers);
+        let properties = copy_properties(&delivery.properties, headers);
         match self
             .publisher
             .publish_raw(exchange, routing_key, delivery.body.clone(), properties)
             .await
         {
             Ok(()) => {
+                if crate::retry::crash_seam::fire(delivery.queue()) {
+                    warn!(
+                        "test crash seam: leaving the original unacked after the copy was confirmed"
+                    );
+                    return true;
+                }
                 ack(acker).await;
                 true
             }
@@ -154,15 +173,9 @@ pub(crate) fn failure_headers(
     attempts: u32,
     last_kind: Option<FailureKind>,
 ) -> FieldTable {
-    // A failure copy is a fresh failure record: drop the held-claim marker.
-    let mut h: FieldTable = delivery
-        .headers()
-        .map(|t| {
-            let mut m = t.inner().clone();
-            m.remove(header::DEDUP_REQUEUE);
-            m.into()
-        })
-        .unwrap_or_default();
+    // A failure copy is a fresh failure record: drop the held-claim marker, and a last
+    // kind left over from an earlier dead letter (a replayed message).
+    let mut h = copied_headers(delivery, &[header::DEDUP_REQUEUE, header::LAST_ERROR_KIND]);
     let now = failure::now_millis();
     failure::set_str(&mut h, header::ERROR_KIND, kind.as_str());
     if let Some(last) = last_kind {
@@ -185,6 +198,67 @@ pub(crate) fn failure_headers(
     h
 }
 
+/// The original's headers without the broker's dead-letter history (`x-death`,
+/// `x-first-death-*`, `x-last-death-*`).
+///
+/// Every trip through a retry tier makes the broker add to `x-death`; a copy that carried
+/// it on would make it grow with each cycle (one entry per tier, more on a replay) and
+/// eat into the frame the headers share. Its counting also changed between RabbitMQ
+/// versions, which is why attempts live in `x-attempts`. Our own headers are the record;
+/// a delivery still shows the `x-death` of its last tier expiry, for debugging.
+/// `drop` names further headers to leave out.
+fn copied_headers(delivery: &Delivery, drop: &[&str]) -> FieldTable {
+    let Some(headers) = delivery.headers() else {
+        return FieldTable::default();
+    };
+    let mut m = headers.inner().clone();
+    m.retain(|k, _| {
+        let k = k.as_str();
+        !failure::is_broker_death_header(k) && !drop.contains(&k)
+    });
+    m.into()
+}
+
+/// `original`'s properties with `headers`, minus `expiration` and `user_id` (see
+/// [`Settler::copy_then_ack`]).
+fn copy_properties(original: &BasicProperties, headers: FieldTable) -> BasicProperties {
+    let mut p = BasicProperties::default().with_headers(headers);
+    if let Some(v) = original.content_type() {
+        p = p.with_content_type(v.clone());
+    }
+    if let Some(v) = original.content_encoding() {
+        p = p.with_content_encoding(v.clone());
+    }
+    if let Some(v) = original.delivery_mode() {
+        p = p.with_delivery_mode(*v);
+    }
+    if let Some(v) = original.priority() {
+        p = p.with_priority(*v);
+    }
+    if let Some(v) = original.correlation_id() {
+        p = p.with_correlation_id(v.clone());
+    }
+    if let Some(v) = original.reply_to() {
+        p = p.with_reply_to(v.clone());
+    }
+    if let Some(v) = original.message_id() {
+        p = p.with_message_id(v.clone());
+    }
+    if let Some(v) = original.timestamp() {
+        p = p.with_timestamp(*v);
+    }
+    if let Some(v) = original.kind() {
+        p = p.with_type(v.clone());
+    }
+    if let Some(v) = original.app_id() {
+        p = p.with_app_id(v.clone());
+    }
+    if let Some(v) = original.cluster_id() {
+        p = p.with_cluster_id(v.clone());
+    }
+    p
+}
+
 pub(crate) async fn ack(acker: &Acker) {
     if let Err(e) = acker.ack(BasicAckOptions::default()).await {
         // The channel is gone: the broker redelivers the message (dedup absorbs it).
@@ -202,5 +276,85 @@ pub(crate) async fn put_back(acker: &Acker, delay: Duration) {
     };
     if let Err(e) = acker.nack(options).await {
         warn!(error = %e, "nack failed; the broker will redeliver when the channel closes");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lapin::types::{AMQPValue, FieldArray};
+
+    fn delivery_with(headers: FieldTable) -> Delivery {
+        let mut d = Delivery::for_test(b"{}".to_vec()).with_headers(headers);
+        d.exchange = "shop".into();
+        d.routing_key = "order.created".into();
+        d.queue = "orders".into();
+        d
+    }
+
+    #[test]
+    fn failure_headers_record_the_failure_and_drop_the_death_history() {
+        let mut h = FieldTable::default();
+        h.insert(
+            "x-death".into(),
+            AMQPValue::FieldArray(FieldArray::default()),
+        );
+        failure::set_str(&mut h, "x-first-death-queue", "orders.retry.1s");
+        failure::set_str(&mut h, "tenant", "acme");
+        failure::set_int(&mut h, header::ATTEMPTS, 1);
+        failure::set_int(&mut h, header::FIRST_FAILURE, 42);
+        failure::set_str(&mut h, header::LAST_ERROR_KIND, "panic");
+        failure::set_str(&mut h, header::DEDUP_REQUEUE, "held-by-another-consumer");
+        let d = delivery_with(h);
+        assert_eq!(d.attempt(), 2);
+
+        let out = failure_headers(&d, FailureKind::Timeout, &"x".repeat(10_000), 2, None);
+        let get = |k| failure::header_str(Some(&out), k);
+        assert_eq!(get(header::ERROR_KIND), Some("timeout"));
+        assert_eq!(
+            get(header::LAST_ERROR_KIND),
+            None,
+            "stale last kind removed"
+        );
+        assert_eq!(get(header::DEDUP_REQUEUE), None);
+        assert_eq!(get("tenant"), Some("acme"), "user headers kept");
+        assert_eq!(get(header::ORIGINAL_EXCHANGE), Some("shop"));
+        assert_eq!(get(header::ORIGINAL_ROUTING_KEY), Some("order.created"));
+        assert_eq!(get(header::ORIGINAL_QUEUE), Some("orders"));
+        assert!(
+            get(header::EXCEPTION_MESSAGE).is_some_and(|m| m.len() <= failure::MAX_MESSAGE_BYTES)
+        );
+        assert_eq!(failure::header_int(Some(&out), header::ATTEMPTS), Some(2));
+        assert_eq!(
+            failure::header_int(Some(&out), header::FIRST_FAILURE),
+            Some(42)
+        );
+        assert!(failure::header_int(Some(&out), header::LAST_FAILURE).is_some_and(|t| t > 42));
+        assert!(
+            !out.inner()
+                .keys()
+                .any(|k| failure::is_broker_death_header(k.as_str()))
+        );
+    }
+
+    #[test]
+    fn copies_drop_expiration_and_user_id_and_keep_the_rest() {
+        let original = BasicProperties::default()
+            .with_message_id("m-1".into())
+            .with_content_type("application/json".into())
+            .with_correlation_id("c-1".into())
+            .with_expiration("60000".into())
+            .with_user_id("alice".into())
+            .with_priority(3);
+        let copy = copy_properties(&original, FieldTable::default());
+        assert_eq!(copy.message_id().as_ref().map(|s| s.as_str()), Some("m-1"));
+        assert_eq!(
+            copy.correlation_id().as_ref().map(|s| s.as_str()),
+            Some("c-1")
+        );
+        assert_eq!(copy.content_type(), original.content_type());
+        assert_eq!(copy.priority(), &Some(3));
+        assert_eq!(copy.expiration(), &None);
+        assert_eq!(copy.user_id(), &None);
     }
 }
