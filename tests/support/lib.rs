@@ -14,6 +14,8 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use reliable_mq::Config;
 
+pub mod fault;
+
 /// The broker of this machine (or `AMQP_URL`).
 pub fn amqp_url() -> String {
     std::env::var("AMQP_URL")
