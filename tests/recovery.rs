@@ -155,3 +155,26 @@ async fn a_queue_deleted_under_the_consumer_is_redeclared_and_consumption_resume
     app.shutdown().await.expect("clean shutdown");
     broker.delete_consumer_topology(&q, &dlx, &["1s", "2s", "4s"], &[]).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_broker_addresses_fail_over_to_one_that_answers() {
+    init_tracing();
+    let broker = Broker::connect().await;
+    let q = unique("failover");
+    let dlx = format!("{q}.dlx");
+    let calls = Arc::new(AtomicUsize::new(0));
+    // The first "node" refuses connections; the second is the real broker.
+    let urls = format!(
+        "amqp://guest:guest@127.0.0.1:1/%2f,{}",
+        reliable_mq_tests::amqp_url()
+    );
+    let app = App::new(test_config(&q).with_amqp_url(urls))
+        .consumer(ConsumerConfig::new(&q, &dlx, counter_handler(&calls, Duration::ZERO)))
+        .start()
+        .await
+        .expect("start through the second address");
+    broker.publish_json("", &q, &serde_json::json!(1), "one").await;
+    assert!(eventually(WAIT, || async { calls.load(Ordering::SeqCst) == 1 }).await);
+    app.shutdown().await.expect("clean shutdown");
+    broker.delete_consumer_topology(&q, &dlx, &["1s", "2s", "4s"], &[]).await;
+}

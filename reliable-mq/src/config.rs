@@ -3,7 +3,7 @@
 //!
 //! | variable | meaning | default |
 //! |---|---|---|
-//! | `AMQP_URL` | broker URL | `amqp://guest:guest@127.0.0.1:5672/%2f` |
+//! | `AMQP_URL` | broker URL; several comma-separated URLs (cluster nodes) are tried in turn | `amqp://guest:guest@127.0.0.1:5672/%2f` |
 //! | `REDIS_URL` | dedup store; unset = in-process store (single instance only) | unset |
 //! | `RELIABLE_MQ_SHUTDOWN_GRACE` | how long in-flight handlers may finish after SIGINT/SIGTERM | `30s` |
 //! | `RELIABLE_MQ_CONFIRM_TIMEOUT` | how long a publish waits for the broker's confirm | `10s` |
@@ -150,7 +150,21 @@ impl Config {
 
     /// The broker URL with its password replaced by `***`, for logs and errors.
     pub fn redacted_amqp_url(&self) -> String {
-        redact_url(&self.amqp_url)
+        self.amqp_urls()
+            .into_iter()
+            .map(redact_url)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// The broker addresses: `amqp_url` split on commas (several nodes of a cluster to
+    /// fail over between), blanks dropped.
+    pub fn amqp_urls(&self) -> Vec<&str> {
+        self.amqp_url
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .collect()
     }
 }
 
@@ -214,6 +228,13 @@ mod tests {
         );
         assert_eq!(redact_url("amqp://host:5672/%2f"), "amqp://host:5672/%2f");
         assert_eq!(redact_url("redis://127.0.0.1:6379"), "redis://127.0.0.1:6379");
+    }
+
+    #[test]
+    fn several_addresses() {
+        let c = Config::default().with_amqp_url("amqp://u:p@a:5672/%2f, amqp://u:p@b:5673/%2f,");
+        assert_eq!(c.amqp_urls(), ["amqp://u:p@a:5672/%2f", "amqp://u:p@b:5673/%2f"]);
+        assert_eq!(c.redacted_amqp_url(), "amqp://u:***@a:5672/%2f,amqp://u:***@b:5673/%2f");
     }
 
     #[test]

@@ -5,18 +5,45 @@
 //! connection lifecycle (connect, declare, consume; on any error drop everything and start
 //! over), so a delivery tag can never outlive the channel it belongs to.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use lapin::uri::AMQPUri;
 use lapin::{Connection, ConnectionProperties};
 
+use crate::config::redact_url;
 use crate::{Config, Error};
+
+/// Rotates the starting address across calls, so reconnects spread over a cluster's
+/// nodes instead of always hammering the first one.
+static NEXT_ADDRESS: AtomicUsize = AtomicUsize::new(0);
 
 /// Open a connection for `role` (`consumer orders`, `publisher`), with the configured
 /// heartbeat and a connection name the broker's tools show.
+///
+/// `AMQP_URL` may list several comma-separated addresses (the nodes of a cluster); they are
+/// tried in turn, starting from a different one at each call, and the first that accepts
+/// wins.
 pub(crate) async fn open(config: &Config, role: &str) -> Result<Connection, Error> {
-    let url = config.redacted_amqp_url();
-    let mut uri: AMQPUri = config.amqp_url.parse().map_err(|e: String| {
+    let urls = config.amqp_urls();
+    let start = NEXT_ADDRESS.fetch_add(1, Ordering::Relaxed);
+    let mut last_error = None;
+    for i in 0..urls.len() {
+        let url = urls[(start + i) % urls.len()];
+        match open_one(config, url, role).await {
+            Ok(conn) => return Ok(conn),
+            Err(e @ Error::Config(_)) => return Err(e),
+            Err(e) => last_error = Some(e),
+        }
+    }
+    Err(last_error.unwrap_or_else(|| {
+        Error::Config("AMQP_URL is empty; set it to amqp://user:password@host:5672/vhost".into())
+    }))
+}
+
+async fn open_one(config: &Config, raw_url: &str, role: &str) -> Result<Connection, Error> {
+    let url = redact_url(raw_url);
+    let mut uri: AMQPUri = raw_url.parse().map_err(|e: String| {
         Error::Config(format!(
             "AMQP_URL {url} is not a valid AMQP URL ({e}); expected amqp://user:password@host:5672/vhost"
         ))
