@@ -5,6 +5,7 @@
 //! Timing assertions are lower bounds only ("the gap is at least the configured delay"),
 //! taken from timestamps recorded inside the handler, never from sleeps.
 
+use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -103,6 +104,26 @@ async fn leftovers(broker: &Broker, q: &str, tiers: &[&str]) -> Vec<(String, u32
     out
 }
 
+/// Run a test `body` that declares a consumer of `q`, then delete everything it declared
+/// (queue, DLQ, DLX, the given retry tiers and exchanges) even when it panicked: a failed
+/// assertion must not leave queues behind on the shared broker.
+async fn cleaned_up<F>(q: &str, tiers: &[&str], extra_exchanges: &[&str], body: F)
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    let outcome = tokio::spawn(body).await;
+    let broker = Broker::connect().await;
+    broker
+        .delete_consumer_topology(q, &format!("{q}.dlx"), tiers, extra_exchanges)
+        .await;
+    if let Err(e) = outcome {
+        match e.try_into_panic() {
+            Ok(payload) => std::panic::resume_unwind(payload),
+            Err(e) => panic!("test body did not finish: {e}"),
+        }
+    }
+}
+
 fn assert_all_empty(left: &[(String, u32)]) {
     assert!(
         left.iter().all(|(_, n)| *n == 0),
@@ -113,8 +134,18 @@ fn assert_all_empty(left: &[(String, u32)]) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fails_twice_then_succeeds_on_attempt_3_after_the_configured_delays() {
     init_tracing();
-    let broker = Broker::connect().await;
     let q = unique("retry-ok3");
+    cleaned_up(
+        &q,
+        &["300ms", "600ms", "1200ms"],
+        &[],
+        fails_twice_then_succeeds_on_attempt_3_after_the_configured_delays_body(q.clone()),
+    )
+    .await;
+}
+
+async fn fails_twice_then_succeeds_on_attempt_3_after_the_configured_delays_body(q: String) {
+    let broker = Broker::connect().await;
     let dlx = format!("{q}.dlx");
     let calls = Calls::default();
     let c = calls.clone();
@@ -167,14 +198,20 @@ async fn fails_twice_then_succeeds_on_attempt_3_after_the_configured_delays() {
     assert_eq!(calls.len(), 3, "no call after success");
     let tiers = ["300ms", "600ms", "1200ms"];
     assert_all_empty(&leftovers(&broker, &q, &tiers).await);
-    broker.delete_consumer_topology(&q, &dlx, &tiers, &[]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn always_failing_is_dead_lettered_once_after_max_retries_plus_one_calls_with_every_header() {
     init_tracing();
-    let broker = Broker::connect().await;
     let q = unique("retry-exhaust");
+    let body = always_failing_is_dead_lettered_once_after_max_retries_plus_one_calls_with_every_header_body(q.clone());
+    cleaned_up(&q, &["200ms"], &[&format!("{q}.shop")], body).await;
+}
+
+async fn always_failing_is_dead_lettered_once_after_max_retries_plus_one_calls_with_every_header_body(
+    q: String,
+) {
+    let broker = Broker::connect().await;
     let (dlx, ex) = (format!("{q}.dlx"), format!("{q}.shop"));
     let dlq = format!("{q}.dlq");
     let calls = Calls::default();
@@ -276,16 +313,23 @@ async fn always_failing_is_dead_lettered_once_after_max_retries_plus_one_calls_w
     app.shutdown().await.expect("clean shutdown");
     assert_eq!(calls.len(), 3, "nothing ran after the dead letter");
     assert_all_empty(&leftovers(&broker, &q, &["200ms"]).await);
-    broker
-        .delete_consumer_topology(&q, &dlx, &["200ms"], &[&ex])
-        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reject_goes_to_the_dlq_at_once_without_retries() {
     init_tracing();
-    let broker = Broker::connect().await;
     let q = unique("retry-reject");
+    cleaned_up(
+        &q,
+        &["300ms", "600ms", "1200ms"],
+        &[],
+        reject_goes_to_the_dlq_at_once_without_retries_body(q.clone()),
+    )
+    .await;
+}
+
+async fn reject_goes_to_the_dlq_at_once_without_retries_body(q: String) {
+    let broker = Broker::connect().await;
     let (dlx, dlq) = (format!("{q}.dlx"), format!("{q}.dlq"));
     let calls = Calls::default();
     let c = calls.clone();
@@ -343,14 +387,23 @@ async fn reject_goes_to_the_dlq_at_once_without_retries() {
     assert_eq!(calls.len(), 1, "rejected: exactly one call");
     let tiers = ["300ms", "600ms", "1200ms"];
     assert_all_empty(&leftovers(&broker, &q, &tiers).await);
-    broker.delete_consumer_topology(&q, &dlx, &tiers, &[]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn timeouts_and_panics_are_retried_then_dead_lettered_with_their_kind() {
     init_tracing();
-    let broker = Broker::connect().await;
     let q = unique("retry-tp");
+    cleaned_up(
+        &q,
+        &["200ms"],
+        &[],
+        timeouts_and_panics_are_retried_then_dead_lettered_with_their_kind_body(q.clone()),
+    )
+    .await;
+}
+
+async fn timeouts_and_panics_are_retried_then_dead_lettered_with_their_kind_body(q: String) {
+    let broker = Broker::connect().await;
     let (dlx, dlq) = (format!("{q}.dlx"), format!("{q}.dlq"));
     let calls = Calls::default();
     let c = calls.clone();
@@ -427,16 +480,23 @@ async fn timeouts_and_panics_are_retried_then_dead_lettered_with_their_kind() {
     );
     app.shutdown().await.expect("clean shutdown");
     assert_all_empty(&leftovers(&broker, &q, &["200ms"]).await);
-    broker
-        .delete_consumer_topology(&q, &dlx, &["200ms"], &[])
-        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_waiting_retry_does_not_block_the_next_message() {
     init_tracing();
-    let broker = Broker::connect().await;
     let q = unique("retry-overtake");
+    cleaned_up(
+        &q,
+        &["2s"],
+        &[],
+        a_waiting_retry_does_not_block_the_next_message_body(q.clone()),
+    )
+    .await;
+}
+
+async fn a_waiting_retry_does_not_block_the_next_message_body(q: String) {
+    let broker = Broker::connect().await;
     let dlx = format!("{q}.dlx");
     let calls = Calls::default();
     let c = calls.clone();
@@ -486,9 +546,6 @@ async fn a_waiting_retry_does_not_block_the_next_message() {
     );
     app.shutdown().await.expect("clean shutdown");
     assert_all_empty(&leftovers(&broker, &q, &["2s"]).await);
-    broker
-        .delete_consumer_topology(&q, &dlx, &["2s"], &[])
-        .await;
 }
 
 /// The `arguments` column of `rabbitmqctl list_queues` for `queue`.
@@ -505,8 +562,22 @@ fn queue_arguments(queue: &str) -> Option<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quorum_queue_is_declared_with_a_delivery_limit_and_retries_through_quorum_tiers() {
     init_tracing();
-    let broker = Broker::connect().await;
     let q = unique("retry-quorum");
+    cleaned_up(
+        &q,
+        &["300ms"],
+        &[],
+        quorum_queue_is_declared_with_a_delivery_limit_and_retries_through_quorum_tiers_body(
+            q.clone(),
+        ),
+    )
+    .await;
+}
+
+async fn quorum_queue_is_declared_with_a_delivery_limit_and_retries_through_quorum_tiers_body(
+    q: String,
+) {
+    let broker = Broker::connect().await;
     let dlx = format!("{q}.dlx");
     let calls = Calls::default();
     let c = calls.clone();
@@ -561,16 +632,23 @@ async fn quorum_queue_is_declared_with_a_delivery_limit_and_retries_through_quor
     assert_gap_at_least(&seen[0], &seen[1], Duration::from_millis(300));
     app.shutdown().await.expect("clean shutdown");
     assert_all_empty(&leftovers(&broker, &q, &["300ms"]).await);
-    broker
-        .delete_consumer_topology(&q, &dlx, &["300ms"], &[])
-        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_long_exception_message_is_trimmed_on_retry_and_dead_letter_copies() {
     init_tracing();
-    let broker = Broker::connect().await;
     let q = unique("retry-trim");
+    cleaned_up(
+        &q,
+        &["200ms"],
+        &[],
+        a_long_exception_message_is_trimmed_on_retry_and_dead_letter_copies_body(q.clone()),
+    )
+    .await;
+}
+
+async fn a_long_exception_message_is_trimmed_on_retry_and_dead_letter_copies_body(q: String) {
+    let broker = Broker::connect().await;
     let (dlx, dlq) = (format!("{q}.dlx"), format!("{q}.dlq"));
     let calls = Calls::default();
     let c = calls.clone();
@@ -618,9 +696,6 @@ async fn a_long_exception_message_is_trimmed_on_retry_and_dead_letter_copies() {
     );
     app.shutdown().await.expect("clean shutdown");
     assert_all_empty(&leftovers(&broker, &q, &["200ms"]).await);
-    broker
-        .delete_consumer_topology(&q, &dlx, &["200ms"], &[])
-        .await;
 }
 
 /// A process killed after the retry copy is confirmed and before the original is acked.
@@ -633,8 +708,20 @@ async fn a_long_exception_message_is_trimmed_on_retry_and_dead_letter_copies() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crash_between_the_retry_publish_and_the_ack_duplicates_and_loses_nothing() {
     init_tracing();
-    let broker = Broker::connect().await;
     let q = unique("retry-crash");
+    cleaned_up(
+        &q,
+        &["1s"],
+        &[],
+        a_crash_between_the_retry_publish_and_the_ack_duplicates_and_loses_nothing_body(q.clone()),
+    )
+    .await;
+}
+
+async fn a_crash_between_the_retry_publish_and_the_ack_duplicates_and_loses_nothing_body(
+    q: String,
+) {
+    let broker = Broker::connect().await;
     let dlx = format!("{q}.dlx");
     let tier = format!("{q}.retry.1s");
     let calls = Calls::default();
@@ -704,7 +791,4 @@ async fn a_crash_between_the_retry_publish_and_the_ack_duplicates_and_loses_noth
         "first try, redelivered original, retry copy: {seen:?}"
     );
     assert_all_empty(&leftovers(&broker, &q, &["1s"]).await);
-    broker
-        .delete_consumer_topology(&q, &dlx, &["1s"], &[])
-        .await;
 }
