@@ -792,3 +792,127 @@ async fn a_crash_between_the_retry_publish_and_the_ack_duplicates_and_loses_noth
     );
     assert_all_empty(&leftovers(&broker, &q, &["1s"]).await);
 }
+
+/// The replay snippet of docs/error-handling.md, kept here so it is compiled and run.
+///
+/// Move the messages now in `dlq` back to the queue each failed in, with a fresh retry
+/// ladder. Each is acked from the DLQ only after the broker confirmed the replayed copy,
+/// so a crash mid-replay duplicates at most one message and loses none.
+async fn replay_dlq(url: &str, dlq: &str) -> Result<usize, Box<dyn std::error::Error>> {
+    use lapin::options::{BasicAckOptions, BasicGetOptions, QueueDeclareOptions};
+    use lapin::{Connection, ConnectionProperties};
+    use reliable_mq::Publisher;
+    use reliable_mq::failure::{self, header};
+
+    let connection = Connection::connect(url, ConnectionProperties::default()).await?;
+    let channel = connection.create_channel().await?;
+    let publisher = Publisher::connect(url).await?;
+    // Only what is there now: a replayed message that fails again must not be replayed
+    // again by this same run.
+    let passive = QueueDeclareOptions {
+        passive: true,
+        ..QueueDeclareOptions::default()
+    };
+    let waiting = channel
+        .queue_declare(dlq.into(), passive, FieldTable::default())
+        .await?
+        .message_count();
+    let mut replayed = 0;
+    for _ in 0..waiting {
+        let get = BasicGetOptions { no_ack: false };
+        let Some(message) = channel.basic_get(dlq.into(), get).await? else {
+            break;
+        };
+        let d = message.delivery;
+        let mut headers = d.properties.headers().clone().unwrap_or_default();
+        let Some(queue) = failure::header_str(Some(&headers), header::ORIGINAL_QUEUE) else {
+            // Not one of ours (e.g. dead-lettered by the broker's delivery limit): leave it.
+            continue;
+        };
+        let queue = queue.to_owned();
+        failure::strip_failure_headers(&mut headers);
+        // Straight to the queue (default exchange), not to the original exchange: that
+        // would deliver it again to every other queue bound there.
+        let properties = d.properties.clone().with_headers(headers);
+        publisher
+            .publish_raw("", &queue, d.data, properties)
+            .await?;
+        d.acker.ack(BasicAckOptions::default()).await?;
+        replayed += 1;
+    }
+    publisher.close().await;
+    let _ = connection.close(200, "replayed".into()).await;
+    Ok(replayed)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replayed_dead_letter_gets_a_fresh_ladder_and_keeps_its_origin() {
+    init_tracing();
+    let q = unique("retry-replay");
+    let body = a_replayed_dead_letter_gets_a_fresh_ladder_and_keeps_its_origin_body(q.clone());
+    cleaned_up(&q, &["200ms"], &[&format!("{q}.shop")], body).await;
+}
+
+async fn a_replayed_dead_letter_gets_a_fresh_ladder_and_keeps_its_origin_body(q: String) {
+    let broker = Broker::connect().await;
+    let (dlx, ex, dlq) = (format!("{q}.dlx"), format!("{q}.shop"), format!("{q}.dlq"));
+    let fixed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let origins = Arc::new(Mutex::new(Vec::new()));
+    let calls = Calls::default();
+    let (c, f, o) = (calls.clone(), Arc::clone(&fixed), Arc::clone(&origins));
+    let handler = delivery_handler_fn(move |j: Job, d: Arc<Delivery>| {
+        let attempt = c.record(&j, &d);
+        o.lock()
+            .expect("origins")
+            .push((d.exchange().to_owned(), d.routing_key().to_owned()));
+        let fixed = f.load(std::sync::atomic::Ordering::SeqCst);
+        async move {
+            if fixed && attempt == 2 {
+                return Ok(());
+            }
+            Err(HandlerError::retry("downstream down"))
+        }
+    });
+    let consumer = ConsumerConfig::new(&q, &dlx, handler)
+        .with_exchange(&ex, ExchangeKind::Topic, "order.*")
+        .with_retries(1, Duration::from_millis(200), RetryBackoff::Fixed);
+    let app = App::new(test_config(&q))
+        .consumer(consumer)
+        .start()
+        .await
+        .expect("start");
+    broker
+        .publish_json(&ex, "order.created", &job("replay"), "replay-1")
+        .await;
+    assert!(
+        eventually(WAIT, || async {
+            app.stats(&q).is_some_and(|s| s.dead_lettered == 1)
+        })
+        .await
+    );
+    assert_eq!(calls.len(), 2);
+
+    // Downstream is back: replay. The message starts over at attempt 1 and gets its
+    // retry again (it succeeds on attempt 2, which a kept x-attempts would have denied).
+    fixed.store(true, std::sync::atomic::Ordering::SeqCst);
+    let replayed = replay_dlq(&reliable_mq_tests::amqp_url(), &dlq)
+        .await
+        .expect("replay");
+    assert_eq!(replayed, 1);
+    assert!(
+        eventually(WAIT, || async {
+            app.stats(&q).is_some_and(|s| s.handled == 1)
+        })
+        .await
+    );
+    let attempts: Vec<u32> = calls.all().iter().map(|c| c.attempt).collect();
+    assert_eq!(attempts, [1, 2, 1, 2], "a fresh ladder after the replay");
+    let origins = origins.lock().expect("origins").clone();
+    let expected = (ex.clone(), "order.created".to_owned());
+    assert!(
+        origins.iter().all(|o| o == &expected),
+        "origin kept: {origins:?}"
+    );
+    app.shutdown().await.expect("clean shutdown");
+    assert_all_empty(&leftovers(&broker, &q, &["200ms"]).await);
+}

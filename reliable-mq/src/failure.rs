@@ -82,39 +82,42 @@ pub fn is_broker_death_header(key: &str) -> bool {
     key == "x-death" || key.starts_with("x-first-death-") || key.starts_with("x-last-death-")
 }
 
-/// Every header reliable-mq writes on a retry or dead-letter copy.
-pub const FAILURE_HEADERS: [&str; 10] = [
+/// The headers of a failure record that [`strip_failure_headers`] removes: everything
+/// reliable-mq writes on a retry or dead-letter copy except where the message came from.
+pub const FAILURE_RECORD_HEADERS: [&str; 7] = [
     header::ERROR_KIND,
     header::LAST_ERROR_KIND,
     header::EXCEPTION_MESSAGE,
     header::ATTEMPTS,
-    header::ORIGINAL_EXCHANGE,
-    header::ORIGINAL_ROUTING_KEY,
-    header::ORIGINAL_QUEUE,
     header::FIRST_FAILURE,
     header::LAST_FAILURE,
     header::DEDUP_REQUEUE,
 ];
 
-/// Remove the failure record (our headers and the broker's `x-death` history) from a
-/// dead letter's headers, so that replaying it gives it a fresh retry ladder: a replayed
-/// message that kept `x-attempts` would be dead-lettered again on its first failure.
+/// Remove the failure record (our failure headers and the broker's `x-death` history)
+/// from a dead letter's headers, so that replaying it gives it a fresh retry ladder: a
+/// replayed message that kept `x-attempts` would be dead-lettered again on its first
+/// failure. `x-original-exchange`, `x-original-routing-key` and `x-original-queue` stay:
+/// they are facts about the message, and they keep [`crate::Delivery::exchange`] and
+/// [`crate::Delivery::routing_key`] truthful when the replay goes straight to the queue.
 ///
 /// ```
 /// # use reliable_mq::failure::{self, header};
 /// # use lapin::types::FieldTable;
 /// let mut h = FieldTable::default();
 /// failure::set_int(&mut h, header::ATTEMPTS, 4);
+/// failure::set_str(&mut h, header::ORIGINAL_EXCHANGE, "shop");
 /// failure::set_str(&mut h, "tenant", "acme");
 /// failure::strip_failure_headers(&mut h);
 /// assert_eq!(failure::header_int(Some(&h), header::ATTEMPTS), None);
+/// assert_eq!(failure::header_str(Some(&h), header::ORIGINAL_EXCHANGE), Some("shop"));
 /// assert_eq!(failure::header_str(Some(&h), "tenant"), Some("acme"));
 /// ```
 pub fn strip_failure_headers(headers: &mut FieldTable) {
     let mut m = headers.inner().clone();
     m.retain(|k, _| {
         let k = k.as_str();
-        !FAILURE_HEADERS.contains(&k) && !is_broker_death_header(k)
+        !FAILURE_RECORD_HEADERS.contains(&k) && !is_broker_death_header(k)
     });
     *headers = m.into();
 }
@@ -196,16 +199,17 @@ mod tests {
     #[test]
     fn strips_the_failure_record_only() {
         let mut h = FieldTable::default();
-        for k in FAILURE_HEADERS {
+        for k in FAILURE_RECORD_HEADERS {
             set_str(&mut h, k, "v");
         }
+        set_str(&mut h, header::ORIGINAL_QUEUE, "kept");
         set_str(&mut h, "x-death", "v");
         set_str(&mut h, "x-first-death-queue", "v");
         set_str(&mut h, "x-last-death-reason", "v");
         set_str(&mut h, "x-deathly", "kept");
         strip_failure_headers(&mut h);
         let keys: Vec<_> = h.inner().keys().map(|k| k.as_str().to_owned()).collect();
-        assert_eq!(keys, ["x-deathly"]);
+        assert_eq!(keys, ["x-deathly", header::ORIGINAL_QUEUE]);
     }
 
     #[test]
