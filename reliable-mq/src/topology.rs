@@ -16,6 +16,9 @@ use crate::retry::{RetryLadder, tier_queue_name};
 use crate::spec::{ConsumerConfig, ExchangeKind, QueueKind};
 use crate::Error;
 
+/// Shortest wait before a message whose dedup claim is held elsewhere comes back.
+pub const REQUEUE_MIN_DELAY: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// Everything one consumer declares, with derived names resolved.
 #[derive(Debug, Clone)]
 pub struct Topology {
@@ -46,11 +49,13 @@ impl Topology {
             config.retry_delay,
             config.retry_backoff,
         );
+        // A copy whose claim is held elsewhere waits as long as a first retry would, capped
+        // like every tier and never less than REQUEUE_MIN_DELAY (no hot requeue loop).
         let requeue_tier = config.idempotent.then(|| {
-            (
-                tier_queue_name(&config.queue, config.retry_delay),
-                config.retry_delay,
-            )
+            let delay = config
+                .retry_delay
+                .clamp(REQUEUE_MIN_DELAY, crate::RetryBackoff::MAX_DELAY);
+            (tier_queue_name(&config.queue, delay), delay)
         });
         Self {
             queue: config.queue.clone(),
@@ -109,6 +114,7 @@ impl Topology {
         put_str(&mut args, "x-dead-letter-exchange", &self.dlx);
         // Broker-side dead-lettering (delivery limit, a manual reject) lands in our DLQ too.
         put_str(&mut args, "x-dead-letter-routing-key", &self.queue);
+        self.at_least_once(&mut args);
         if let Some(limit) = self.delivery_limit {
             args.insert(
                 "x-delivery-limit".into(),
@@ -129,9 +135,23 @@ impl Topology {
             );
             put_str(&mut args, "x-dead-letter-exchange", "");
             put_str(&mut args, "x-dead-letter-routing-key", &self.queue);
+            self.at_least_once(&mut args);
             declare_queue(ch, &tier, args).await?;
         }
         Ok(())
+    }
+}
+
+impl Topology {
+    /// Quorum queues dead-letter at most once by default: a message expiring from a retry
+    /// tier while its target is unavailable would be dropped. At-least-once dead-lettering
+    /// (which the broker allows only with `reject-publish` overflow; no length limit is set,
+    /// so it never triggers) keeps it until the target confirms.
+    fn at_least_once(&self, args: &mut FieldTable) {
+        if self.queue_type == QueueKind::Quorum {
+            put_str(args, "x-dead-letter-strategy", "at-least-once");
+            put_str(args, "x-overflow", "reject-publish");
+        }
     }
 }
 
@@ -252,8 +272,15 @@ pub fn validate(c: &ConsumerConfig) -> Result<(), Error> {
     if c.timeout.is_zero() {
         problems.push("timeout must be positive".into());
     }
-    if c.max_retries > 0 && c.retry_delay.is_zero() {
+    if (c.max_retries > 0 || c.idempotent) && c.retry_delay.is_zero() {
         problems.push("retry_delay must be positive".into());
+    }
+    if let crate::RetryBackoff::Exponential { factor } = c.retry_backoff
+        && !(2..=10).contains(&factor)
+    {
+        problems.push(format!(
+            "retry_backoff factor {factor} is out of range; use 2..=10, or RetryBackoff::Fixed"
+        ));
     }
     if problems.is_empty() {
         Ok(())

@@ -65,14 +65,14 @@ mod tests {
         });
         let t = Duration::from_millis(50);
         assert!(invoke(&h, delivery("0"), t).await.is_ok());
-        let reject = invoke(&h, delivery("1"), t).await.unwrap_err();
+        let reject = invoke(&h, delivery("1"), t).await.expect_err("must fail");
         assert_eq!(reject.kind(), FailureKind::Rejected);
-        let panic = invoke(&h, delivery("2"), t).await.unwrap_err();
+        let panic = invoke(&h, delivery("2"), t).await.expect_err("must fail");
         assert_eq!(panic.kind(), FailureKind::Panic);
         assert!(panic.message().contains("boom"));
-        let slow = invoke(&h, delivery("3"), t).await.unwrap_err();
+        let slow = invoke(&h, delivery("3"), t).await.expect_err("must fail");
         assert_eq!(slow.kind(), FailureKind::Timeout);
-        let bad = invoke(&h, delivery("\"x\""), t).await.unwrap_err();
+        let bad = invoke(&h, delivery("\"x\""), t).await.expect_err("must fail");
         assert_eq!(bad.kind(), FailureKind::Decode);
     }
 }
