@@ -235,6 +235,46 @@ async fn redis_an_unfinished_claim_expires_with_its_lease() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_a_late_success_is_recorded_unless_another_claim_took_over() {
+    let (s, redis) = (store(), Inspector::new());
+    let prefix = unique("rmq-test:store");
+    let (k1, k2) = (
+        dedup::key(&prefix, "q", "m-1"),
+        dedup::key(&prefix, "q", "m-2"),
+    );
+    let short = Duration::from_millis(200);
+
+    // The lease ran out and nobody claimed since: the work is done, record it.
+    assert_eq!(
+        s.claim(&k1, "slow", short).await.ok(),
+        Some(Claim::Acquired)
+    );
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            redis.pttl(&k1).await == -2
+        })
+        .await
+    );
+    assert_eq!(s.complete(&k1, "slow", TTL).await.ok(), Some(true));
+    assert_eq!(redis.get(&k1).await.as_deref(), Some("done"));
+    assert!(redis.pttl(&k1).await > 30_000, "with the dedup TTL");
+
+    // The lease ran out and a redelivery holds the key now: leave its claim alone.
+    assert_eq!(
+        s.claim(&k2, "slow", short).await.ok(),
+        Some(Claim::Acquired)
+    );
+    let taken_over = eventually(Duration::from_secs(10), || async {
+        s.claim(&k2, "t2", LEASE).await.ok() == Some(Claim::Acquired)
+    })
+    .await;
+    assert!(taken_over);
+    assert_eq!(s.complete(&k2, "slow", TTL).await.ok(), Some(false));
+    assert_eq!(redis.get(&k2).await.as_deref(), Some("t2"));
+    redis.delete_prefix(&prefix).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_unreachable_is_an_error_never_a_decision() {
     // Nothing listens on port 1: every operation must fail, not guess.
     let s = RedisStore::new("redis://127.0.0.1:1", 2).expect("lazy pool");

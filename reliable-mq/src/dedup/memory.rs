@@ -29,7 +29,10 @@ impl MemoryStore {
         Self::default()
     }
 
-    fn with<T>(&self, f: impl FnOnce(&mut HashMap<String, Entry>, Instant) -> T) -> Result<T, DedupError> {
+    fn with<T>(
+        &self,
+        f: impl FnOnce(&mut HashMap<String, Entry>, Instant) -> T,
+    ) -> Result<T, DedupError> {
         let mut map = self
             .entries
             .lock()
@@ -56,8 +59,17 @@ fn expired(entry: &Entry, now: Instant) -> bool {
 }
 
 impl DedupStore for MemoryStore {
-    fn claim<'a>(&'a self, key: &'a str, token: &'a str, lease: Duration) -> DedupFuture<'a, Claim> {
-        let sweep = self.claims.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 1024 == 1023;
+    fn claim<'a>(
+        &'a self,
+        key: &'a str,
+        token: &'a str,
+        lease: Duration,
+    ) -> DedupFuture<'a, Claim> {
+        let sweep = self
+            .claims
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            % 1024
+            == 1023;
         Box::pin(std::future::ready(self.with(|map, now| {
             if sweep {
                 map.retain(|_, e| !expired(e, now));
@@ -82,39 +94,46 @@ impl DedupStore for MemoryStore {
     }
 
     fn renew<'a>(&'a self, key: &'a str, token: &'a str, lease: Duration) -> DedupFuture<'a, bool> {
-        Box::pin(std::future::ready(self.with(|map, now| {
-            match map.get_mut(key) {
+        Box::pin(std::future::ready(self.with(
+            |map, now| match map.get_mut(key) {
                 Some(Entry::Claimed { token: t, until }) if t == token && *until > now => {
                     *until = now + lease;
                     true
                 }
                 _ => false,
-            }
-        })))
+            },
+        )))
     }
 
-    fn complete<'a>(&'a self, key: &'a str, token: &'a str, ttl: Duration) -> DedupFuture<'a, bool> {
+    fn complete<'a>(
+        &'a self,
+        key: &'a str,
+        token: &'a str,
+        ttl: Duration,
+    ) -> DedupFuture<'a, bool> {
         Box::pin(std::future::ready(self.with(|map, now| {
-            match map.get(key) {
-                Some(Entry::Claimed { token: t, until }) if t == token && *until > now => {
-                    map.insert(key.to_owned(), Entry::Done { until: now + ttl });
-                    true
-                }
-                _ => false,
+            let ours_or_free = match map.get(key) {
+                Some(Entry::Claimed { token: t, .. }) if t == token => true,
+                Some(e) => expired(e, now),
+                None => true,
+            };
+            if ours_or_free {
+                map.insert(key.to_owned(), Entry::Done { until: now + ttl });
             }
+            ours_or_free
         })))
     }
 
     fn release<'a>(&'a self, key: &'a str, token: &'a str) -> DedupFuture<'a, bool> {
-        Box::pin(std::future::ready(self.with(|map, now| {
-            match map.get(key) {
+        Box::pin(std::future::ready(self.with(
+            |map, now| match map.get(key) {
                 Some(Entry::Claimed { token: t, until }) if t == token && *until > now => {
                     map.remove(key);
                     true
                 }
                 _ => false,
-            }
-        })))
+            },
+        )))
     }
 
     fn ping(&self) -> DedupFuture<'_, ()> {
@@ -159,11 +178,41 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn an_unfinished_claim_expires_with_its_lease() {
         let s = MemoryStore::new();
-        assert_eq!(s.claim("k", "crashed", LEASE).await.ok(), Some(Claim::Acquired));
+        assert_eq!(
+            s.claim("k", "crashed", LEASE).await.ok(),
+            Some(Claim::Acquired)
+        );
         tokio::time::advance(LEASE + Duration::from_millis(1)).await;
         // The crashed holder can no longer complete; a redelivery claims afresh.
         assert_eq!(s.claim("k", "t2", LEASE).await.ok(), Some(Claim::Acquired));
         assert_eq!(s.complete("k", "crashed", TTL).await.ok(), Some(false));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_late_success_is_still_recorded_when_nobody_claimed_since() {
+        let s = MemoryStore::new();
+        assert_eq!(
+            s.claim("k", "slow", LEASE).await.ok(),
+            Some(Claim::Acquired)
+        );
+        tokio::time::advance(LEASE + Duration::from_millis(1)).await;
+        // The handler succeeded after its lease ran out; the work is done all the same.
+        assert_eq!(s.complete("k", "slow", TTL).await.ok(), Some(true));
+        assert_eq!(s.claim("k", "t2", LEASE).await.ok(), Some(Claim::Done));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_late_success_does_not_overwrite_a_newer_claim() {
+        let s = MemoryStore::new();
+        assert_eq!(
+            s.claim("k", "slow", LEASE).await.ok(),
+            Some(Claim::Acquired)
+        );
+        tokio::time::advance(LEASE + Duration::from_millis(1)).await;
+        assert_eq!(s.claim("k", "t2", LEASE).await.ok(), Some(Claim::Acquired));
+        assert_eq!(s.complete("k", "slow", TTL).await.ok(), Some(false));
+        // t2's claim stands: it completes or releases it itself.
+        assert_eq!(s.release("k", "t2").await.ok(), Some(true));
     }
 
     #[tokio::test(start_paused = true)]

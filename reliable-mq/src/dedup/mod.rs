@@ -1,11 +1,57 @@
 //! Deduplication as a claim, not a mark (DESIGN.md section 2).
 //!
 //! A delivery of an idempotent consumer first *claims* its key
-//! (`{prefix}:{queue}:{message_id}`) with a random token and a lease. Success turns the
-//! claim into `done` (compare-and-set on the token) with the dedup TTL; failure deletes
-//! it (compare-and-delete), so the retry runs. A claim that never finished (crash) simply
-//! expires with its lease: a message is never skipped because of a claim that did not
-//! finish.
+//! (`{prefix}:{queue}:{message_id}`, prefix from [`Config::dedup_prefix`], default
+//! `reliable-mq`) with a random token and a lease longer than the handler timeout,
+//! renewed while the handler runs. Then:
+//!
+//! | the claim finds | the delivery |
+//! |---|---|
+//! | nothing | runs the handler; success turns the claim into `done` for `dedup_ttl` (compare-and-set on the token), then acks; failure deletes the claim (compare-and-delete), then retries or dead-letters |
+//! | `done` | is acked without a handler call (a duplicate) |
+//! | another claim | is copied to the consumer's requeue tier (a delayed wait queue) and acked there; it comes back after `retry_delay` and finds `done` (acked), nothing (it runs: the other copy failed) or the claim still held (requeued again) |
+//! | no answer | is put back unacked and the consumer pauses until the store answers: nothing is acked or dead-lettered because the store was down |
+//!
+//! A claim that never finished (a crash) expires with its lease: a message is never
+//! skipped because of a claim that did not finish, it is only delayed by at most the
+//! lease. If the store fails when `done` is written after a successful handler, the
+//! message is acked anyway and the failure logged: re-running a side effect on purpose
+//! would be worse than the small chance that a later copy runs again.
+//!
+//! # Messages without a `message_id`
+//!
+//! An idempotent consumer cannot deduplicate what it cannot name. A delivery without a
+//! `message_id` (or with an empty one) is dead-lettered with
+//! `x-error-kind = missing-message-id`, without a handler call and without touching the
+//! store; it is never run un-deduplicated and never dropped. Publish with a
+//! `message_id` ([`crate::Publisher`] always sets one, a UUIDv7) and re-publish the
+//! dead letters once fixed. There is deliberately no fallback to a hash of the body: two
+//! different messages may have the same body (two identical orders), and folding them
+//! into one would silently lose the second.
+//!
+//! # What the store has to be
+//!
+//! The guarantee is as durable as the store. [`MemoryStore`] dies with the process and is
+//! not shared: one instance only. [`RedisStore`] serves every instance; a Redis restarted
+//! without persistence (or a failover to a replica that had not received the latest
+//! writes) forgets `done` marks and claims, so a copy arriving after that runs again. Give
+//! Redis AOF or replication with `WAIT` if that matters. Every script touches one key,
+//! so Redis Cluster works.
+//!
+//! # The window no broker-side design closes
+//!
+//! The handler's side effect is done (a row committed, a mail sent), then the process is
+//! killed before `done` is written. The claim expires, the broker redelivers, and the
+//! handler runs again. No ordering of ack, claim and side effect avoids it: the side
+//! effect and the `done` mark live in two systems, and nothing commits both at once.
+//! Handlers whose effect must never repeat use the **inbox pattern**: write the
+//! `message_id` into a processed-messages table *in the same database transaction* as the
+//! business change (a unique key on it), and treat a unique-violation as "already done,
+//! return `Ok`". Dedup here then only saves the work of most duplicates; the inbox row
+//! makes the rest harmless. Side effects outside a database (an HTTP call) need an
+//! idempotency key the other side honours, e.g. the `message_id`.
+//!
+//! [`Config::dedup_prefix`]: crate::Config::dedup_prefix
 
 mod memory;
 mod redis;
@@ -43,13 +89,17 @@ pub type DedupFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, DedupError>>
 )]
 pub trait DedupStore: Send + Sync + 'static {
     /// Claim `key` with `token` for `lease`, unless it is `done` or held.
-    fn claim<'a>(&'a self, key: &'a str, token: &'a str, lease: Duration) -> DedupFuture<'a, Claim>;
+    fn claim<'a>(&'a self, key: &'a str, token: &'a str, lease: Duration)
+    -> DedupFuture<'a, Claim>;
 
     /// Extend the lease of a claim still held with `token`; `false` if it was lost.
     fn renew<'a>(&'a self, key: &'a str, token: &'a str, lease: Duration) -> DedupFuture<'a, bool>;
 
-    /// Turn the claim held with `token` into `done` for `ttl`; `false` if it was lost.
-    fn complete<'a>(&'a self, key: &'a str, token: &'a str, ttl: Duration) -> DedupFuture<'a, bool>;
+    /// Turn the claim held with `token` into `done` for `ttl`. Also marks `done` when the
+    /// key is gone (the lease ran out and nobody claimed since: the work is done all the
+    /// same). `false` if another claim holds the key or it is already `done`.
+    fn complete<'a>(&'a self, key: &'a str, token: &'a str, ttl: Duration)
+    -> DedupFuture<'a, bool>;
 
     /// Delete the claim held with `token`; `false` if it was not ours any more.
     fn release<'a>(&'a self, key: &'a str, token: &'a str) -> DedupFuture<'a, bool>;

@@ -27,8 +27,11 @@ end
 return 0
 "#;
 
+/// Ours, or gone (our lease ran out and nobody claimed since): the work is done, say so.
+/// Held by another token, or already done: leave it.
 const COMPLETE: &str = r#"
-if redis.call('GET', KEYS[1]) == ARGV[1] then
+local v = redis.call('GET', KEYS[1])
+if v == ARGV[1] or not v then
   redis.call('SET', KEYS[1], 'done', 'PX', ARGV[2])
   return 1
 end
@@ -84,7 +87,11 @@ impl RedisStore {
     }
 
     async fn run(&self, script: &Script, key: &str, args: &[&str]) -> Result<i64, DedupError> {
-        let mut conn = self.pool.get().await.map_err(|e| DedupError(e.to_string()))?;
+        let mut conn = self
+            .pool
+            .get()
+            .await
+            .map_err(|e| DedupError(e.to_string()))?;
         let mut invocation = script.key(key);
         for a in args {
             invocation.arg(*a);
@@ -97,7 +104,12 @@ impl RedisStore {
 }
 
 impl DedupStore for RedisStore {
-    fn claim<'a>(&'a self, key: &'a str, token: &'a str, lease: Duration) -> DedupFuture<'a, Claim> {
+    fn claim<'a>(
+        &'a self,
+        key: &'a str,
+        token: &'a str,
+        lease: Duration,
+    ) -> DedupFuture<'a, Claim> {
         Box::pin(async move {
             let lease = millis(lease).to_string();
             match self.run(&self.claim, key, &[token, &lease]).await? {
@@ -115,7 +127,12 @@ impl DedupStore for RedisStore {
         })
     }
 
-    fn complete<'a>(&'a self, key: &'a str, token: &'a str, ttl: Duration) -> DedupFuture<'a, bool> {
+    fn complete<'a>(
+        &'a self,
+        key: &'a str,
+        token: &'a str,
+        ttl: Duration,
+    ) -> DedupFuture<'a, bool> {
         Box::pin(async move {
             let ttl = millis(ttl).to_string();
             Ok(self.run(&self.complete, key, &[token, &ttl]).await? == 1)
@@ -128,7 +145,11 @@ impl DedupStore for RedisStore {
 
     fn ping(&self) -> DedupFuture<'_, ()> {
         Box::pin(async move {
-            let mut conn = self.pool.get().await.map_err(|e| DedupError(e.to_string()))?;
+            let mut conn = self
+                .pool
+                .get()
+                .await
+                .map_err(|e| DedupError(e.to_string()))?;
             deadpool_redis::redis::cmd("PING")
                 .query_async::<String>(&mut conn)
                 .await
