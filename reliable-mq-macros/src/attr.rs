@@ -110,6 +110,9 @@ pub enum Backoff {
 pub struct Args {
     /// Every key written, valid value or not, in order (duplicates excluded).
     pub keys: Vec<Ident>,
+    /// Keys suggested for unknown ones (`dead_letter_exchange` → `dlx`): the "did you
+    /// mean" error already covers them, so they are not also reported missing.
+    pub suggested: Vec<&'static str>,
     pub queue: Option<Setting<String>>,
     pub exchange: Option<Setting<String>>,
     pub exchange_type: Option<Setting<ExchangeType>>,
@@ -169,7 +172,9 @@ fn parse_entry(cx: &mut Ctxt, args: &mut Args, meta: &Meta) {
     };
     let name = key.to_string();
     if !KEYS.iter().any(|(known, _)| *known == name) {
-        cx.error_spanned_by(key, unknown_key_message(&name));
+        let suggestion = suggest_key(&name);
+        args.suggested.extend(suggestion);
+        cx.error_spanned_by(key, unknown_key_message(&name, suggestion));
         return;
     }
     if args.has(&name) {
@@ -221,14 +226,18 @@ fn example(name: &str) -> &'static str {
         .map_or("", |(_, example)| example)
 }
 
-fn unknown_key_message(name: &str) -> String {
-    let names: Vec<&str> = KEYS.iter().map(|(name, _)| *name).collect();
+/// The key the user probably meant: a known alias, else the closest by edit distance.
+fn suggest_key(name: &str) -> Option<&'static str> {
+    let names: Vec<&'static str> = KEYS.iter().map(|(name, _)| *name).collect();
     let lower = name.to_lowercase();
-    let suggestion = ALIASES
+    ALIASES
         .iter()
         .find(|(alias, _)| *alias == lower)
         .map(|(_, key)| *key)
-        .or_else(|| suggest::closest(name, &names));
+        .or_else(|| suggest::closest(name, &names))
+}
+
+fn unknown_key_message(name: &str, suggestion: Option<&str>) -> String {
     match suggestion {
         Some(key) => format!(
             "unknown key `{name}`; did you mean `{key}`? valid keys: {}",
@@ -671,10 +680,14 @@ mod tests {
 
     #[test]
     fn unknown_keys_get_a_suggestion() {
-        assert!(unknown_key_message("prefech").contains("did you mean `prefetch`?"));
-        assert!(unknown_key_message("dead_letter_exchange").contains("did you mean `dlx`?"));
-        assert!(unknown_key_message("retries").contains("did you mean `max_retries`?"));
-        let unrelated = unknown_key_message("colour");
+        assert_eq!(suggest_key("prefech"), Some("prefetch"));
+        assert_eq!(suggest_key("dead_letter_exchange"), Some("dlx"));
+        assert_eq!(suggest_key("Dead_Letter_Exchange"), Some("dlx"));
+        assert_eq!(suggest_key("retries"), Some("max_retries"));
+        assert_eq!(suggest_key("colour"), None);
+        let typo = unknown_key_message("prefech", Some("prefetch"));
+        assert!(typo.contains("did you mean `prefetch`?"), "{typo}");
+        let unrelated = unknown_key_message("colour", None);
         assert!(!unrelated.contains("did you mean"));
         assert!(unrelated.contains("valid keys: queue, exchange, exchange_type"));
     }

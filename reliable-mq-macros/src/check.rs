@@ -52,7 +52,7 @@ pub fn topology(cx: &mut Ctxt, args: &Args) -> Option<Topology> {
         if let Some(name) = name {
             check_name_not_empty(cx, args, key, name);
             check_name_length(cx, key, name);
-            check_name_not_reserved(cx, key, name);
+            check_name_not_reserved(cx, args, key, name);
         }
     }
     if let Some(routing_key) = &args.routing_key {
@@ -98,7 +98,7 @@ pub fn topology(cx: &mut Ctxt, args: &Args) -> Option<Topology> {
 
 /// Without a queue there is nothing to consume.
 fn check_queue_present(cx: &mut Ctxt, args: &Args) {
-    if !args.has("queue") {
+    if !args.has("queue") && !args.suggested.contains(&"queue") {
         cx.error_at(
             Span::call_site(),
             "missing `queue`: name the queue to consume from, e.g. \
@@ -110,13 +110,10 @@ fn check_queue_present(cx: &mut Ctxt, args: &Args) {
 /// A failed or undecodable message must have somewhere to go, or it is lost. This is
 /// also the rule for `max_retries` without a dead-letter exchange: one error, not two.
 fn check_dlx_present(cx: &mut Ctxt, args: &Args) {
-    if args.has("dlx") {
+    if args.has("dlx") || args.suggested.contains(&"dlx") {
         return;
     }
-    let dlx = match &args.queue {
-        Some(queue) => format!("dlx = \"{}.dlx\"", queue.value),
-        None => "dlx = \"<queue>.dlx\"".to_owned(),
-    };
+    let dlx = format!("dlx = \"{}.dlx\"", queue_stem(args, "<queue>"));
     let message = match &args.max_retries {
         Some(retries) if retries.value > 0 => format!(
             "missing `dlx`: a message that still fails after `max_retries = {}` must be \
@@ -141,8 +138,7 @@ fn check_name_not_empty(cx: &mut Ctxt, args: &Args, key: &str, name: &Setting<St
     if !name.value.is_empty() {
         return;
     }
-    let queue = args.queue.as_ref().map_or("orders", |q| q.value.as_str());
-    let queue = if queue.is_empty() { "orders" } else { queue };
+    let queue = queue_stem(args, "orders");
     let message = match key {
         "queue" => "`queue` cannot be empty: an empty name makes the broker generate a new \
                     one on every start; name it, e.g. `queue = \"orders\"`"
@@ -172,23 +168,34 @@ fn check_name_length(cx: &mut Ctxt, key: &str, name: &Setting<String>) {
 }
 
 /// `amq.` names are reserved: declaring one fails with ACCESS_REFUSED at start-up.
-fn check_name_not_reserved(cx: &mut Ctxt, key: &str, name: &Setting<String>) {
+fn check_name_not_reserved(cx: &mut Ctxt, args: &Args, key: &str, name: &Setting<String>) {
     if !name.value.starts_with("amq.") {
         return;
     }
-    let rest = &name.value["amq.".len()..];
-    let example = if rest.is_empty() || rest.starts_with('.') {
-        "orders"
-    } else {
-        rest
-    };
-    cx.error_spanned_by(
-        name,
-        format!(
-            "`{key}` names starting with `amq.` are reserved by RabbitMQ (declaring one is \
-             refused); choose another name, e.g. `{key} = \"{example}\"`"
+    let queue = queue_stem(args, "orders");
+    let message = match key {
+        "exchange" => "exchange names starting with `amq.` are reserved by RabbitMQ: the \
+                       built-in `amq.*` exchanges cannot be declared by clients; use an \
+                       exchange of your own, e.g. `exchange = \"events\"`"
+            .to_owned(),
+        "queue" => format!(
+            "queue names starting with `amq.` are reserved by RabbitMQ (declaring one is \
+             refused); choose another name, e.g. `queue = \"{queue}\"`"
         ),
-    );
+        _ => format!(
+            "{key} names starting with `amq.` are reserved by RabbitMQ (declaring one is \
+             refused); choose another name, e.g. `{key} = \"{queue}.{key}\"`"
+        ),
+    };
+    cx.error_spanned_by(name, message);
+}
+
+/// The queue name to build example names from (`{queue}.dlx`), without a reserved
+/// `amq.` prefix, or `fallback` when there is no usable queue name.
+fn queue_stem<'a>(args: &'a Args, fallback: &'a str) -> &'a str {
+    let queue = args.queue.as_ref().map_or("", |q| q.value.as_str());
+    let queue = queue.strip_prefix("amq.").unwrap_or(queue);
+    if queue.is_empty() { fallback } else { queue }
 }
 
 /// Dead letters published to the exchange the queue is bound to can route straight back
@@ -198,7 +205,7 @@ fn check_dlx_not_exchange(cx: &mut Ctxt, args: &Args) {
         && dlx.value == exchange.value
         && !dlx.value.is_empty()
     {
-        let queue = args.queue.as_ref().map_or("orders", |q| q.value.as_str());
+        let queue = queue_stem(args, "orders");
         cx.error_spanned_by(
             dlx,
             format!(
@@ -262,12 +269,11 @@ fn check_routing_key_not_ignored(cx: &mut Ctxt, args: &Args) {
     let message = match kind.value {
         ExchangeType::Fanout => {
             "a `fanout` exchange ignores routing keys and sends every message to every bound \
-             queue: remove `routing_key`, or use `exchange_type = \"direct\"` or \"topic\" \
-             to filter"
+             queue: remove `routing_key`, or use a `direct` or `topic` exchange to filter"
         }
         ExchangeType::Headers => {
             "a `headers` exchange routes on message headers and ignores routing keys: remove \
-             `routing_key`, or use `exchange_type = \"direct\"` or \"topic\" to filter"
+             `routing_key`, or use a `direct` or `topic` exchange to filter"
         }
         ExchangeType::Direct | ExchangeType::Topic => return,
     };

@@ -102,8 +102,7 @@ fn emit(function: &ItemFn, handler: &HandlerSig, topology: &Topology) -> TokenSt
          for `App::consumer` and tests."
     );
     let spec = spec_fields(topology);
-    let checks = type_checks(handler);
-    let call = handler_call(name, handler);
+    let handler = handler_impl(name, handler);
 
     quote! {
         #function
@@ -121,9 +120,7 @@ fn emit(function: &ItemFn, handler: &HandlerSig, topology: &Topology) -> TokenSt
             };
         }
 
-        #checks
-
-        #call
+        #handler
 
         #[#p::linkme::distributed_slice(#p::CONSUMERS)]
         #[linkme(crate = #p::linkme)]
@@ -219,41 +216,41 @@ fn default_of(name: &str) -> TokenStream {
     quote!(::reliable_mq::__private::defaults::#name)
 }
 
-/// Trait checks spanned on the user's tokens, so a payload that does not deserialize is
-/// reported on the parameter's type rather than somewhere in generated code.
-fn type_checks(handler: &HandlerSig) -> TokenStream {
-    let payload = &handler.payload;
-    quote_spanned! {payload.span()=>
-        const _: () = ::reliable_mq::__private::assert_payload::<#payload>();
-    }
-}
-
-/// `impl Handler`: decode, call, convert the result. The conversion is spanned on the
-/// return type (a wrong one is reported there), the boxing on the function's name (a
-/// future that is not `Send` is reported there).
-fn handler_call(name: &Ident, handler: &HandlerSig) -> TokenStream {
-    let p = quote!(::reliable_mq::__private);
+/// `impl Handler`: decode, call, convert the result. Each step is spanned on the user's
+/// tokens it depends on, so the type checker reports problems there rather than on the
+/// attribute: decoding on the payload type (not `Deserialize`), the conversion on the
+/// return type (not `Result<(), E>`), the boxing on the function's name (a future that is
+/// not `Send`).
+fn handler_impl(name: &Ident, handler: &HandlerSig) -> TokenStream {
     // Mixed-site hygiene: a user function named `delivery` or `payload` is not shadowed.
     let delivery = Ident::new("delivery", Span::mixed_site());
     let payload = Ident::new("payload", Span::mixed_site());
+    let output_span = handler.output.span();
+    // Spanned (and resolved) at the return type: rustc reports an unsatisfied bound on an
+    // argument at the argument's span, but only if that span is the user's own. Nothing the
+    // user wrote is in scope after it is bound, so it cannot capture anything.
+    let result = Ident::new("__reliable_mq_result", output_span);
+
     let payload_ty = &handler.payload;
+    let decode = quote_spanned! {payload_ty.span()=>
+        ::reliable_mq::__private::decode::<#payload_ty>(&#delivery)
+    };
     let args = if handler.with_delivery {
         quote!(#payload, &#delivery)
     } else {
         quote!(#payload)
     };
-    let into_result = quote_spanned! {handler.output.span()=>
-        #p::IntoHandlerResult::into_handler_result
+    let into_result = quote_spanned! {output_span=>
+        ::reliable_mq::__private::IntoHandlerResult::into_handler_result(#result)
     };
     let boxed = quote_spanned! {name.span()=>
-        #p::Box::pin(async move {
-            let #payload: #payload_ty = match #p::decode::<#payload_ty>(&#delivery) {
-                ::core::result::Result::Ok(#payload) => #payload,
-                ::core::result::Result::Err(error) => return ::core::result::Result::Err(error),
-            };
-            #into_result(#name(#args).await)
+        ::reliable_mq::__private::Box::pin(async move {
+            let #payload: #payload_ty = #decode?;
+            let #result = #name(#args).await;
+            #into_result
         })
     };
+    let p = quote!(::reliable_mq::__private);
     quote! {
         impl #p::Handler for #name {
             fn call(&self, #delivery: #p::Arc<#p::Delivery>) -> #p::HandlerFuture {

@@ -1,0 +1,8 @@
+use reliable_mq::{HandlerError, consumer};
+
+#[consumer(queue = "orders", exchange_type = "fanout", dlx = "orders.dlx")]
+async fn reserve_stock(_id: u64) -> Result<(), HandlerError> {
+    Ok(())
+}
+
+fn main() {}
