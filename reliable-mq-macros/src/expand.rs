@@ -103,14 +103,23 @@ fn emit(function: &ItemFn, handler: &HandlerSig, topology: &Topology) -> TokenSt
     );
     let spec = spec_fields(topology);
     let handler = handler_impl(name, handler);
+    // What exists only under a `cfg` must bring its consumer along only under that `cfg`.
+    let cfgs: Vec<_> = function
+        .attrs
+        .iter()
+        .filter(|attr| attr.path().is_ident("cfg"))
+        .collect();
 
     quote! {
         #function
 
+        #(#cfgs)*
         #[allow(non_camel_case_types)]
+        #[derive(::core::fmt::Debug)]
         #[doc = #doc]
         #vis struct #name {}
 
+        #(#cfgs)*
         impl #name {
             /// The consumer's spec, to register by hand with `App::consumer(name::SPEC)`.
             pub const SPEC: #p::ConsumerSpec = #p::ConsumerSpec {
@@ -120,8 +129,10 @@ fn emit(function: &ItemFn, handler: &HandlerSig, topology: &Topology) -> TokenSt
             };
         }
 
+        #(#cfgs)*
         #handler
 
+        #(#cfgs)*
         #[#p::linkme::distributed_slice(#p::CONSUMERS)]
         #[linkme(crate = #p::linkme)]
         static #registration: #p::ConsumerSpec = #name::SPEC;

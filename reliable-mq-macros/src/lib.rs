@@ -71,8 +71,8 @@ use proc_macro::TokenStream;
 /// | `concurrency` | messages handled at once, `1..=prefetch` | `1` |
 /// | `max_retries` | delayed retries before dead-lettering | `3` |
 /// | `retry_delay` | delay before the first retry | `"1s"` |
-/// | `retry_backoff` | `"fixed"`, `"exponential"` (x2) or `"exponential:N"` (N in 2..=10) | `"exponential"` |
-/// | `timeout` | deadline of one handler call | `"30s"` |
+/// | `retry_backoff` | `"fixed"`, `"exponential"` (x2) or `"exponential:N"` (N in 2..=10); every delay capped at one hour | `"exponential"` |
+/// | `timeout` | deadline of one handler call; past it the call is cancelled and retried | `"30s"` |
 /// | `idempotent` | flag, no value: skip messages whose `message_id` was handled | off |
 /// | `dedup_ttl` | how long handled ids are remembered (needs `idempotent`) | `"24h"` |
 ///

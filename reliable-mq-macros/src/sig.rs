@@ -22,7 +22,8 @@ const FORMS: &str = "`async fn name(payload: T) -> Result<(), E>` or \
 
 /// Check the signature, reporting every problem; `None` if the adapter cannot be built.
 pub fn check(cx: &mut Ctxt, item: &ItemFn) -> Option<HandlerSig> {
-    let mut ok = check_async(cx, item);
+    let mut ok = check_single_consumer(cx, item);
+    ok &= check_async(cx, item);
     ok &= check_not_unsafe(cx, item);
     ok &= check_no_receiver(cx, item);
     ok &= check_not_generic(cx, item);
@@ -35,6 +36,27 @@ pub fn check(cx: &mut Ctxt, item: &ItemFn) -> Option<HandlerSig> {
         with_delivery,
         output,
     })
+}
+
+/// Each `#[consumer]` defines a type named after the function: two would collide.
+fn check_single_consumer(cx: &mut Ctxt, item: &ItemFn) -> bool {
+    let Some(second) = item.attrs.iter().find(|attr| {
+        attr.path()
+            .segments
+            .last()
+            .is_some_and(|s| s.ident == "consumer")
+    }) else {
+        return true;
+    };
+    cx.error_spanned_by(
+        second,
+        format!(
+            "one `#[consumer]` per function: to consume a second queue, write a second \
+             function (it can call `{}`)",
+            item.sig.ident
+        ),
+    );
+    false
 }
 
 /// The runtime drives handlers as futures, and blocking code would stall the channel.

@@ -382,6 +382,11 @@ fn signatures() {
         &["add `-> Result<(), HandlerError>`"],
     );
     assert_one_error_for(OK, "struct Order;", &["not on a struct"]);
+    assert_one_error_for(
+        OK,
+        "#[reliable_mq::consumer(queue = \"b\", dlx = \"b.dlx\")] async fn handle(o: Order) -> Result<(), E> { Ok(()) }",
+        &["one `#[consumer]` per function"],
+    );
     for ok in [
         "async fn handle(o: Order, d: &Delivery) -> Result<(), E> { Ok(()) }",
         "async fn handle(o: Order, d: &reliable_mq::Delivery) -> Result<(), E> { Ok(()) }",
