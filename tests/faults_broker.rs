@@ -58,7 +58,7 @@ where
     let _restore = ServiceGuard;
     ensure_rabbit_up();
     ensure_redis_up();
-    assert!(eventually(Duration::from_secs(60), || rabbit_accepts()).await);
+    assert!(eventually(Duration::from_secs(60), rabbit_accepts).await);
 
     let broker = Broker::connect().await;
     let queue = unique(&format!("fault-{}", s.name));

@@ -333,3 +333,16 @@ pub fn close_connections_named(name_part: &str) -> usize {
     }
     closed
 }
+
+/// Messages in `queue` counting both ready and delivered-but-unacked ones (from
+/// `rabbitmqctl list_queues`), `None` if the queue is not listed.
+pub fn message_total(queue: &str) -> Option<u64> {
+    let out = std::process::Command::new("rabbitmqctl")
+        .args(["-q", "list_queues", "name", "messages"])
+        .output()
+        .ok()?;
+    String::from_utf8_lossy(&out.stdout).lines().find_map(|line| {
+        let mut parts = line.split_whitespace();
+        (parts.next()? == queue).then(|| parts.next()?.parse().ok())?
+    })
+}

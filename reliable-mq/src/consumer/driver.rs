@@ -4,6 +4,12 @@
 //! over with capped backoff. Each session owns its connection, so a delivery can only ever
 //! be acked on the channel it came from; after a reconnect the broker redelivers what was
 //! not acked and dedup absorbs it.
+//!
+//! When the dedup store stops answering, the consumer pauses *in place*: each delivery
+//! that could not be claimed keeps its slot and stays unacked while the claim is retried
+//! with capped backoff, so no new delivery starts, nothing is acked or dead-lettered, and
+//! nothing is handed back to the broker (which on a quorum queue would count towards its
+//! delivery limit). If the process dies meanwhile, the broker redelivers as usual.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -11,7 +17,7 @@ use std::sync::atomic::Ordering;
 use futures_util::StreamExt;
 use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
@@ -22,10 +28,13 @@ use crate::consumer::invoke::invoke;
 use crate::consumer::settle::{SettleOutcome, Settler};
 use crate::dedup::DedupStore;
 use crate::publisher::Publisher;
-use crate::shutdown::{ShutdownHandle, ShutdownSignal};
+use crate::shutdown::ShutdownHandle;
 use crate::spec::ConsumerConfig;
 use crate::topology::Topology;
 use crate::{Config, Delivery, Error};
+
+/// Longest wait between claim attempts while the dedup store is down.
+const DEDUP_RETRY_MAX_DELAY: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// What one consumer needs to run.
 pub(crate) struct ConsumerRuntime {
@@ -44,8 +53,6 @@ enum SessionEnd {
     Shutdown,
     /// The broker side broke (connection, channel, cancel); reconnect.
     Broken(String),
-    /// The dedup store stopped answering; wait for it, then reconnect.
-    DedupDown(String),
 }
 
 impl ConsumerRuntime {
@@ -58,6 +65,7 @@ impl ConsumerRuntime {
             if signal.is_triggered() {
                 return Ok(());
             }
+            let attached_before = self.stats.sessions.load(Ordering::Relaxed);
             let end = match self.session().await {
                 Ok(end) => end,
                 Err(e @ Error::TopologyMismatch { .. }) => return Err(e),
@@ -67,6 +75,11 @@ impl ConsumerRuntime {
             match end {
                 SessionEnd::Shutdown => return Ok(()),
                 SessionEnd::Broken(reason) => {
+                    // A session that got as far as consuming was healthy: start the backoff
+                    // over, so a week of rare disconnects never builds up to the cap.
+                    if self.stats.sessions.load(Ordering::Relaxed) > attached_before {
+                        backoff.reset();
+                    }
                     let delay = backoff.next_delay();
                     warn!(queue = %self.consumer.queue, %reason, ?delay, "consumer session ended; reconnecting");
                     tokio::select! {
@@ -74,31 +87,6 @@ impl ConsumerRuntime {
                         _ = signal.cancelled() => return Ok(()),
                     }
                 }
-                SessionEnd::DedupDown(reason) => {
-                    warn!(queue = %self.consumer.queue, %reason, "dedup store down: consumer paused, nothing acked or dead-lettered until it answers");
-                    if !self.wait_for_dedup(&mut signal).await {
-                        return Ok(());
-                    }
-                    info!(queue = %self.consumer.queue, "dedup store answers again; resuming");
-                    backoff.reset();
-                }
-            }
-        }
-    }
-
-    /// Ping the dedup store with backoff until it answers; `false` on shutdown.
-    async fn wait_for_dedup(&self, signal: &mut ShutdownSignal) -> bool {
-        let Some(store) = &self.dedup else {
-            return true;
-        };
-        let mut backoff = Backoff::new(self.config.max_reconnect_delay.min(std::time::Duration::from_secs(5)));
-        loop {
-            tokio::select! {
-                _ = tokio::time::sleep(backoff.next_delay()) => {}
-                _ = signal.cancelled() => return false,
-            }
-            if store.ping().await.is_ok() {
-                return true;
             }
         }
     }
@@ -131,7 +119,6 @@ impl ConsumerRuntime {
 
         let slots = Arc::new(Semaphore::new(usize::from(self.consumer.concurrency)));
         let mut in_flight = JoinSet::new();
-        let (dedup_down_tx, mut dedup_down) = mpsc::channel::<String>(1);
         let mut signal = self.shutdown.signal();
 
         let end = loop {
@@ -140,7 +127,6 @@ impl ConsumerRuntime {
             let permit = tokio::select! {
                 biased;
                 _ = signal.cancelled() => break SessionEnd::Shutdown,
-                Some(reason) = dedup_down.recv() => break SessionEnd::DedupDown(reason),
                 permit = Arc::clone(&slots).acquire_owned() => match permit {
                     Ok(p) => p,
                     Err(_) => break SessionEnd::Broken("slot semaphore closed".into()),
@@ -149,7 +135,6 @@ impl ConsumerRuntime {
             let next = tokio::select! {
                 biased;
                 _ = signal.cancelled() => break SessionEnd::Shutdown,
-                Some(reason) = dedup_down.recv() => break SessionEnd::DedupDown(reason),
                 next = deliveries.next() => next,
             };
             let raw = match next {
@@ -160,9 +145,8 @@ impl ConsumerRuntime {
             // Reap finished tasks so the set does not grow with the session.
             while in_flight.try_join_next().is_some() {}
             let this = Arc::clone(self);
-            let dedup_down_tx = dedup_down_tx.clone();
             in_flight.spawn(async move {
-                this.process(raw, dedup_down_tx).await;
+                this.process(raw).await;
                 drop(permit);
             });
         };
@@ -196,8 +180,48 @@ impl ConsumerRuntime {
         Ok(end)
     }
 
+    /// Claim `delivery`; while the store does not answer, hold it (unacked, slot kept) and
+    /// retry with capped backoff. `None` if shutdown came first.
+    async fn claim(&self, delivery: &Delivery) -> Option<ClaimDecision> {
+        let mut backoff: Option<Backoff> = None;
+        let mut signal = self.shutdown.signal();
+        loop {
+            let decision = claim(
+                self.dedup.as_ref(),
+                &self.config.dedup_prefix,
+                self.consumer.timeout,
+                delivery,
+            )
+            .await;
+            let ClaimDecision::StoreDown(e) = &decision else {
+                if backoff.is_some() {
+                    self.stats.paused.fetch_sub(1, Ordering::Relaxed);
+                    info!("dedup store answers again; resuming");
+                }
+                return Some(decision);
+            };
+            let delay = match &mut backoff {
+                Some(b) => b.next_delay(),
+                None => {
+                    warn!(error = %e, "dedup store unreachable: pausing this delivery (unacked, nothing dead-lettered) until it answers");
+                    self.stats.paused.fetch_add(1, Ordering::Relaxed);
+                    backoff
+                        .insert(Backoff::new(DEDUP_RETRY_MAX_DELAY))
+                        .next_delay()
+                }
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = signal.cancelled() => {
+                    self.stats.paused.fetch_sub(1, Ordering::Relaxed);
+                    return None;
+                }
+            }
+        }
+    }
+
     /// One delivery through claim -> handler -> settle.
-    async fn process(&self, raw: lapin::message::Delivery, dedup_down: mpsc::Sender<String>) {
+    async fn process(&self, raw: lapin::message::Delivery) {
         ConsumerStats::bump(&self.stats.received);
         let lapin::message::Delivery {
             delivery_tag,
@@ -232,14 +256,12 @@ impl ConsumerRuntime {
                 publisher: &self.publisher,
                 stats: &self.stats,
             };
-            let outcome = match claim(
-                self.dedup.as_ref(),
-                &self.config.dedup_prefix,
-                self.consumer.timeout,
-                &delivery,
-            )
-            .await
-            {
+            let Some(decision) = self.claim(&delivery).await else {
+                // Shutdown while paused on the dedup store: leave it unacked; the broker
+                // gets it back when the channel closes.
+                return;
+            };
+            let outcome = match decision {
                 ClaimDecision::Run(guard) => {
                     let handler = self.consumer.handler.as_ref();
                     let call = invoke(handler, Arc::clone(&delivery), self.consumer.timeout);
@@ -279,8 +301,8 @@ impl ConsumerRuntime {
                     message: "idempotent consumer received a message without message_id; publish with a message_id (reliable_mq::Publisher sets one)".into(),
                 },
                 ClaimDecision::StoreDown(e) => {
-                    error!(error = %e, "dedup store down at claim time");
-                    let _ = dedup_down.try_send(e.to_string());
+                    // Unreachable: `Self::claim` only returns once the store answered.
+                    error!(error = %e, "dedup store down at claim time; putting the message back");
                     SettleOutcome::PutBack
                 }
             };

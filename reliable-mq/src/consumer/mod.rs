@@ -19,6 +19,7 @@ pub struct ConsumerStats {
     pub(crate) dead_lettered: AtomicU64,
     pub(crate) requeued: AtomicU64,
     pub(crate) sessions: AtomicU64,
+    pub(crate) paused: AtomicU64,
     pub(crate) attached: AtomicBool,
 }
 
@@ -39,6 +40,9 @@ pub struct StatsSnapshot {
     pub requeued: u64,
     /// Broker sessions opened (1 + reconnects).
     pub sessions: u64,
+    /// Deliveries held right now because the dedup store does not answer (the consumer
+    /// is paused while this is above zero).
+    pub paused: u64,
     /// Whether the consumer is subscribed right now.
     pub attached: bool,
 }
@@ -55,6 +59,7 @@ impl ConsumerStats {
             dead_lettered: r(&self.dead_lettered),
             requeued: r(&self.requeued),
             sessions: r(&self.sessions),
+            paused: r(&self.paused),
             attached: self.attached.load(Ordering::Relaxed),
         }
     }
