@@ -1,6 +1,6 @@
-//! Driving one consumer: a supervised session loop ([`driver`]), the run of one handler
-//! call ([`invoke`]), the dedup claim around it ([`claim`]) and the broker actions that
-//! settle its outcome ([`settle`]).
+//! Driving one consumer: a supervised session loop (`driver`), the run of one handler
+//! call (`invoke`), the dedup claim around it (`claim`) and the broker actions that
+//! settle its outcome (`settle`). The counters in [`ConsumerStats`] are what is public.
 
 pub(crate) mod claim;
 pub(crate) mod driver;
