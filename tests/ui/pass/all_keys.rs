@@ -24,7 +24,7 @@ struct Order {}
     retry_backoff = "exponential:3",
     timeout = "2m",
     idempotent,
-    dedup_ttl = "7d",
+    dedup_ttl = "7d"
 )]
 async fn reserve_stock(_order: Order) -> Result<(), HandlerError> {
     Ok(())
@@ -45,7 +45,12 @@ async fn slow(_order: Order) -> Result<(), HandlerError> {
     Ok(())
 }
 
-#[consumer(queue = "doubling", dlx = "doubling.dlx", retry_backoff = "exponential", timeout = "30s")]
+#[consumer(
+    queue = "doubling",
+    dlx = "doubling.dlx",
+    retry_backoff = "exponential",
+    timeout = "30s"
+)]
 async fn doubling(_order: Order) -> Result<(), HandlerError> {
     Ok(())
 }
@@ -80,6 +85,9 @@ fn main() {
     assert_eq!(slow.dedup_ttl, reliable_mq::spec::defaults::DEDUP_TTL);
 
     let doubling = doubling::SPEC;
-    assert_eq!(doubling.retry_backoff, RetryBackoff::Exponential { factor: 2 });
+    assert_eq!(
+        doubling.retry_backoff,
+        RetryBackoff::Exponential { factor: 2 }
+    );
     assert_eq!(doubling.timeout, Duration::from_secs(30));
 }

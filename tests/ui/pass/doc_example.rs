@@ -9,8 +9,15 @@ struct Order {
     qty: u32,
 }
 
-#[consumer(queue = "orders", exchange = "shop", routing_key = "order.created",
-           dlx = "orders.dlx", idempotent, prefetch = 64, concurrency = 16)]
+#[consumer(
+    queue = "orders",
+    exchange = "shop",
+    routing_key = "order.created",
+    dlx = "orders.dlx",
+    idempotent,
+    prefetch = 64,
+    concurrency = 16
+)]
 async fn reserve_stock(order: Order) -> Result<(), HandlerError> {
     if order.qty == 0 {
         return Err(HandlerError::reject("empty order")); // straight to the DLQ

@@ -51,7 +51,10 @@ fn call(spec: reliable_mq::ConsumerSpec, body: &str) -> Result<(), HandlerError>
     let runtime = tokio::runtime::Builder::new_current_thread()
         .build()
         .expect("a tokio runtime");
-    runtime.block_on(spec.handler.call(Arc::new(Delivery::for_test(body.as_bytes().to_vec()))))
+    runtime.block_on(
+        spec.handler
+            .call(Arc::new(Delivery::for_test(body.as_bytes().to_vec()))),
+    )
 }
 
 fn main() {

@@ -3,12 +3,22 @@
 
 use reliable_mq::{ConsumerConfig, ExchangeKind, HandlerError, consumer};
 
-#[consumer(queue = "emails", exchange = "events", exchange_type = "fanout", dlx = "emails.dlx")]
+#[consumer(
+    queue = "emails",
+    exchange = "events",
+    exchange_type = "fanout",
+    dlx = "emails.dlx"
+)]
 async fn send_email(_event: serde_json::Value) -> Result<(), HandlerError> {
     Ok(())
 }
 
-#[consumer(queue = "ledger", exchange = "events.by-header", exchange_type = "headers", dlx = "ledger.dlx")]
+#[consumer(
+    queue = "ledger",
+    exchange = "events.by-header",
+    exchange_type = "headers",
+    dlx = "ledger.dlx"
+)]
 async fn ledger(_event: serde_json::Value) -> Result<(), HandlerError> {
     Ok(())
 }
@@ -25,7 +35,12 @@ async fn invoice(_event: serde_json::Value) -> Result<(), HandlerError> {
 }
 
 // `topic` is the default type; an empty routing key is a valid binding.
-#[consumer(queue = "everything", exchange = "shop", routing_key = "", dlx = "everything.dlx")]
+#[consumer(
+    queue = "everything",
+    exchange = "shop",
+    routing_key = "",
+    dlx = "everything.dlx"
+)]
 async fn everything(_event: serde_json::Value) -> Result<(), HandlerError> {
     Ok(())
 }

@@ -45,5 +45,9 @@ fn main() {
     assert_eq!(delivery::SPEC.queue, "a");
     assert_eq!(payload::SPEC.queue, "b");
     assert_eq!(decode::SPEC.queue, "c");
-    assert!(r#match::SPEC.name.ends_with("::match"), "{}", r#match::SPEC.name);
+    assert!(
+        r#match::SPEC.name.ends_with("::match"),
+        "{}",
+        r#match::SPEC.name
+    );
 }

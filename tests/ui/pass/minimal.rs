@@ -59,7 +59,10 @@ fn main() {
     assert_eq!(defaults::CONCURRENCY, 1);
     assert_eq!(defaults::MAX_RETRIES, 3);
     assert_eq!(defaults::RETRY_DELAY, Duration::from_secs(1));
-    assert_eq!(defaults::RETRY_BACKOFF, RetryBackoff::Exponential { factor: 2 });
+    assert_eq!(
+        defaults::RETRY_BACKOFF,
+        RetryBackoff::Exponential { factor: 2 }
+    );
     assert_eq!(defaults::TIMEOUT, Duration::from_secs(30));
     assert_eq!(defaults::DEDUP_TTL, Duration::from_secs(24 * 3600));
 

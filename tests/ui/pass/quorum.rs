@@ -3,12 +3,22 @@
 
 use reliable_mq::{ConsumerConfig, HandlerError, QueueKind, consumer};
 
-#[consumer(queue = "payments", dlx = "payments.dlx", queue_type = "quorum", delivery_limit = 20)]
+#[consumer(
+    queue = "payments",
+    dlx = "payments.dlx",
+    queue_type = "quorum",
+    delivery_limit = 20
+)]
 async fn settle_payment(_id: u64) -> Result<(), HandlerError> {
     Ok(())
 }
 
-#[consumer(queue = "refunds", dlx = "refunds.dlx", queue_type = "quorum", max_retries = 4)]
+#[consumer(
+    queue = "refunds",
+    dlx = "refunds.dlx",
+    queue_type = "quorum",
+    max_retries = 4
+)]
 async fn refund(_id: u64) -> Result<(), HandlerError> {
     Ok(())
 }
@@ -21,12 +31,21 @@ async fn audit(_id: u64) -> Result<(), HandlerError> {
 fn main() {
     assert_eq!(settle_payment::SPEC.queue_type, QueueKind::Quorum);
     assert_eq!(settle_payment::SPEC.delivery_limit, Some(20));
-    assert_eq!(ConsumerConfig::from(settle_payment::SPEC).effective_delivery_limit(), Some(20));
+    assert_eq!(
+        ConsumerConfig::from(settle_payment::SPEC).effective_delivery_limit(),
+        Some(20)
+    );
 
     assert_eq!(refund::SPEC.delivery_limit, None);
     // Unset: the runtime derives it, max_retries + 5.
-    assert_eq!(ConsumerConfig::from(refund::SPEC).effective_delivery_limit(), Some(9));
+    assert_eq!(
+        ConsumerConfig::from(refund::SPEC).effective_delivery_limit(),
+        Some(9)
+    );
 
     assert_eq!(audit::SPEC.queue_type, QueueKind::Classic);
-    assert_eq!(ConsumerConfig::from(audit::SPEC).effective_delivery_limit(), None);
+    assert_eq!(
+        ConsumerConfig::from(audit::SPEC).effective_delivery_limit(),
+        None
+    );
 }

@@ -47,8 +47,16 @@ fn main() {
         handlers::private_spec(),
         handlers::nested::spec(),
     ];
-    assert!(specs[0].name.ends_with("handlers::public"), "{}", specs[0].name);
-    assert!(specs[3].name.ends_with("handlers::nested::nested"), "{}", specs[3].name);
+    assert!(
+        specs[0].name.ends_with("handlers::public"),
+        "{}",
+        specs[0].name
+    );
+    assert!(
+        specs[3].name.ends_with("handlers::nested::nested"),
+        "{}",
+        specs[3].name
+    );
 
     // Registering by hand, as `App::consumer(name::SPEC)`; nothing connects until `run`.
     let app = specs

@@ -19,7 +19,10 @@ async fn with_delivery(id: u64, delivery: &Delivery) -> Result<(), HandlerError>
 }
 
 #[consumer(queue = "by-path", dlx = "by-path.dlx")]
-async fn with_path(_payload: serde_json::Value, _: &'_ reliable_mq::Delivery) -> Result<(), HandlerError> {
+async fn with_path(
+    _payload: serde_json::Value,
+    _: &'_ reliable_mq::Delivery,
+) -> Result<(), HandlerError> {
     Ok(())
 }
 
