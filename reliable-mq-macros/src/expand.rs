@@ -231,7 +231,8 @@ fn default_of(name: &str) -> TokenStream {
 /// tokens it depends on, so the type checker reports problems there rather than on the
 /// attribute: decoding on the payload type (not `Deserialize`), the conversion on the
 /// return type (not `Result<(), E>`), the boxing on the function's name (a future that is
-/// not `Send`).
+/// not `Send`). `decode::<T>` is itself the payload check: a separate
+/// `assert_payload::<T>()` would report every undecodable payload twice.
 fn handler_impl(name: &Ident, handler: &HandlerSig) -> TokenStream {
     // Mixed-site hygiene: a user function named `delivery` or `payload` is not shadowed.
     let delivery = Ident::new("delivery", Span::mixed_site());
