@@ -25,6 +25,10 @@ async fn main() {
         }
     };
     let result = match args.mode.as_str() {
+        "help" | "--help" | "-h" => {
+            println!("{}", common::USAGE);
+            Ok(())
+        }
         "publish" => publish::run(&args).await,
         other => Err(format!("unknown mode {other:?}\n\n{}", common::USAGE)),
     };
