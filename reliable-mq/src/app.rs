@@ -135,7 +135,9 @@ impl App {
         let config = Arc::new(self.config);
         let dedup = match self.dedup {
             Some(store) => Some(store),
-            None if self.consumers.iter().any(|c| c.idempotent) => Some(dedup_from_config(&config, &self.consumers).await?),
+            None if self.consumers.iter().any(|c| c.idempotent) => {
+                Some(dedup_from_config(&config, &self.consumers).await?)
+            }
             None => None,
         };
         let publisher = Publisher::from_config(&config).await?;
@@ -152,7 +154,11 @@ impl App {
             );
             runtimes.push(Arc::new(ConsumerRuntime {
                 config: Arc::clone(&config),
-                dedup: if consumer.idempotent { dedup.clone() } else { None },
+                dedup: if consumer.idempotent {
+                    dedup.clone()
+                } else {
+                    None
+                },
                 consumer,
                 topology,
                 publisher: publisher.clone(),

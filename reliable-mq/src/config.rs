@@ -227,14 +227,23 @@ mod tests {
             "amqp://guest:***@host:5672/%2f"
         );
         assert_eq!(redact_url("amqp://host:5672/%2f"), "amqp://host:5672/%2f");
-        assert_eq!(redact_url("redis://127.0.0.1:6379"), "redis://127.0.0.1:6379");
+        assert_eq!(
+            redact_url("redis://127.0.0.1:6379"),
+            "redis://127.0.0.1:6379"
+        );
     }
 
     #[test]
     fn several_addresses() {
         let c = Config::default().with_amqp_url("amqp://u:p@a:5672/%2f, amqp://u:p@b:5673/%2f,");
-        assert_eq!(c.amqp_urls(), ["amqp://u:p@a:5672/%2f", "amqp://u:p@b:5673/%2f"]);
-        assert_eq!(c.redacted_amqp_url(), "amqp://u:***@a:5672/%2f,amqp://u:***@b:5673/%2f");
+        assert_eq!(
+            c.amqp_urls(),
+            ["amqp://u:p@a:5672/%2f", "amqp://u:p@b:5673/%2f"]
+        );
+        assert_eq!(
+            c.redacted_amqp_url(),
+            "amqp://u:***@a:5672/%2f,amqp://u:***@b:5673/%2f"
+        );
     }
 
     #[test]

@@ -88,7 +88,9 @@ impl Delivery {
     /// Counted in reliable-mq's own `x-attempts` header, not in `x-death`.
     pub fn attempt(&self) -> u32 {
         let failed = header_int(self.headers(), header::ATTEMPTS).unwrap_or(0);
-        u32::try_from(failed.max(0)).unwrap_or(u32::MAX).saturating_add(1)
+        u32::try_from(failed.max(0))
+            .unwrap_or(u32::MAX)
+            .saturating_add(1)
     }
 
     /// Whether the broker flagged this as a redelivery (an earlier copy was not acked,

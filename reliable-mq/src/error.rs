@@ -119,7 +119,9 @@ impl<E: std::error::Error + Send + Sync + 'static> From<E> for HandlerError {
 #[non_exhaustive]
 pub enum Error {
     /// The broker could not be reached.
-    #[error("cannot connect to RabbitMQ at {url}: {source}; is the broker running and is AMQP_URL right?")]
+    #[error(
+        "cannot connect to RabbitMQ at {url}: {source}; is the broker running and is AMQP_URL right?"
+    )]
     Connect {
         /// The URL, password removed.
         url: String,
@@ -170,7 +172,9 @@ pub enum Error {
     #[error("invalid configuration: {0}")]
     Config(String),
     /// No consumer was registered.
-    #[error("no consumers to run: annotate an async fn with #[reliable_mq::consumer(...)] or add one with App::consumer")]
+    #[error(
+        "no consumers to run: annotate an async fn with #[reliable_mq::consumer(...)] or add one with App::consumer"
+    )]
     NoConsumers,
     /// An AMQP operation failed.
     #[error("AMQP error during {context}: {source}")]

@@ -36,7 +36,10 @@ pub trait Payload: DeserializeOwned + Send + 'static {}
 impl<T: DeserializeOwned + Send + 'static> Payload for T {}
 
 /// What a handler function may return: `Result<(), E>` with `E` convertible to
-/// [`HandlerError`] (any `std::error::Error`, a `String`, or `HandlerError` itself).
+/// [`HandlerError`]: `HandlerError` itself or any `std::error::Error + Send + Sync + 'static`.
+///
+/// `Box<dyn Error + Send + Sync>` is not an `Error` itself (a std coherence rule stops us
+/// from accepting it directly): map it with `.map_err(HandlerError::retry)`.
 #[diagnostic::on_unimplemented(
     message = "a consumer must return `Result<(), E>`, not `{Self}`",
     note = "`E` can be `HandlerError` or any `std::error::Error + Send + Sync + 'static`"

@@ -322,7 +322,12 @@ impl ConsumerConfig {
     }
 
     /// Set the retry ladder: `max_retries` retries starting at `delay`, growing by `backoff`.
-    pub fn with_retries(mut self, max_retries: u32, delay: Duration, backoff: RetryBackoff) -> Self {
+    pub fn with_retries(
+        mut self,
+        max_retries: u32,
+        delay: Duration,
+        backoff: RetryBackoff,
+    ) -> Self {
         self.max_retries = max_retries;
         self.retry_delay = delay;
         self.retry_backoff = backoff;
@@ -351,7 +356,9 @@ impl ConsumerConfig {
 
     /// The dead-letter queue: `dlq` if set, else `{queue}.dlq`.
     pub fn dlq_name(&self) -> String {
-        self.dlq.clone().unwrap_or_else(|| format!("{}.dlq", self.queue))
+        self.dlq
+            .clone()
+            .unwrap_or_else(|| format!("{}.dlq", self.queue))
     }
 
     /// The binding key: `routing_key` if set, else the queue name.
@@ -363,9 +370,12 @@ impl ConsumerConfig {
     pub fn effective_delivery_limit(&self) -> Option<u32> {
         match self.queue_type {
             QueueKind::Classic => None,
-            QueueKind::Quorum => Some(self.delivery_limit.unwrap_or(
-                self.max_retries.saturating_add(defaults::DELIVERY_LIMIT_MARGIN),
-            )),
+            QueueKind::Quorum => Some(
+                self.delivery_limit.unwrap_or(
+                    self.max_retries
+                        .saturating_add(defaults::DELIVERY_LIMIT_MARGIN),
+                ),
+            ),
         }
     }
 }

@@ -12,9 +12,9 @@ use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{Channel, Connection, ErrorKind};
 
+use crate::Error;
 use crate::retry::{RetryLadder, tier_queue_name};
 use crate::spec::{ConsumerConfig, ExchangeKind, QueueKind};
-use crate::Error;
 
 /// Shortest wait before a message whose dedup claim is held elsewhere comes back.
 pub const REQUEUE_MIN_DELAY: std::time::Duration = std::time::Duration::from_millis(100);
@@ -332,7 +332,8 @@ pub fn check_conflicts(consumers: &[ConsumerConfig]) -> Result<(), Error> {
             let derived_b: Vec<String> = derived_queues(b);
             if derived_b.contains(&a.queue) || derived_a.contains(&b.queue) {
                 return Err(conflict(
-                    "one consumer's queue is the other's dead-letter or retry queue; rename one".into(),
+                    "one consumer's queue is the other's dead-letter or retry queue; rename one"
+                        .into(),
                 ));
             }
         }
@@ -365,7 +366,10 @@ mod tests {
         let t = Topology::of(&consumer("orders").idempotent(std::time::Duration::from_secs(60)));
         assert_eq!(t.dlq, "orders.dlq");
         let names: Vec<_> = t.wait_queues().into_iter().map(|(n, _)| n).collect();
-        assert_eq!(names, ["orders.retry.1s", "orders.retry.2s", "orders.retry.4s"]);
+        assert_eq!(
+            names,
+            ["orders.retry.1s", "orders.retry.2s", "orders.retry.4s"]
+        );
     }
 
     #[test]
@@ -377,7 +381,10 @@ mod tests {
         };
         assert!(problems.contains("amq."), "{problems}");
         assert!(problems.contains("concurrency"), "{problems}");
-        assert!(problems.contains("routing_key needs an exchange"), "{problems}");
+        assert!(
+            problems.contains("routing_key needs an exchange"),
+            "{problems}"
+        );
     }
 
     #[test]

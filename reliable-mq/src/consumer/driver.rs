@@ -140,7 +140,11 @@ impl ConsumerRuntime {
             let raw = match next {
                 Some(Ok(d)) => d,
                 Some(Err(e)) => break SessionEnd::Broken(e.to_string()),
-                None => break SessionEnd::Broken("the broker cancelled the subscription (queue deleted?)".into()),
+                None => {
+                    break SessionEnd::Broken(
+                        "the broker cancelled the subscription (queue deleted?)".into(),
+                    );
+                }
             };
             // Reap finished tasks so the set does not grow with the session.
             while in_flight.try_join_next().is_some() {}

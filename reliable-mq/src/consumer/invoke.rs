@@ -72,7 +72,9 @@ mod tests {
         assert!(panic.message().contains("boom"));
         let slow = invoke(&h, delivery("3"), t).await.expect_err("must fail");
         assert_eq!(slow.kind(), FailureKind::Timeout);
-        let bad = invoke(&h, delivery("\"x\""), t).await.expect_err("must fail");
+        let bad = invoke(&h, delivery("\"x\""), t)
+            .await
+            .expect_err("must fail");
         assert_eq!(bad.kind(), FailureKind::Decode);
     }
 }
