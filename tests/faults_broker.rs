@@ -153,7 +153,7 @@ async fn broker_process_killed_and_restarted_mid_stream() {
         concurrency: 8,
     };
     let report = run(s, |ctx| async move {
-        assert!(sh("pkill -9 -f 'beam.smp.*rabbit'"), "killed the broker");
+        assert!(sh("pkill -9 -f '[b]eam[.]smp.*rabbit'"), "killed the broker");
         tokio::time::sleep(Duration::from_secs(1)).await;
         ensure_rabbit_up();
         ctx
