@@ -214,7 +214,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .with_content_type("application/json".into())
         .with_message_id("order-9".into());
     publisher
-        .publish_raw(EXCHANGE, "order.created", b"{\"id\": 9, \"sku\":".to_vec(), props)
+        .publish_raw(
+            EXCHANGE,
+            "order.created",
+            b"{\"id\": 9, \"sku\":".to_vec(),
+            props,
+        )
         .await?;
     published += 1;
     println!("  -- all {published} publishes confirmed --");
@@ -247,7 +252,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     publisher.close().await;
     cleanup(&config.amqp_url).await?;
 
-    let ok = o.handled == 7 && o.duplicates == 1 && o.dead_lettered == 2 && dead == 2 && n.handled == 7;
+    let ok =
+        o.handled == 7 && o.duplicates == 1 && o.dead_lettered == 2 && dead == 2 && n.handled == 7;
     println!(
         "\n{}",
         if ok {
@@ -256,7 +262,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             "UNEXPECTED: the counts above do not add up (is another demo instance running?)"
         }
     );
-    if ok { Ok(()) } else { Err("demo counts did not add up".into()) }
+    if ok {
+        Ok(())
+    } else {
+        Err("demo counts did not add up".into())
+    }
 }
 
 /// Print and count what sits in the DLQ, with its reason headers.
@@ -271,8 +281,13 @@ async fn show_dead_letters(url: &str, dlq: &str) -> Result<usize, lapin::Error> 
         .await?
     {
         count += 1;
-        let d = Delivery::for_test(msg.delivery.data.clone())
-            .with_headers(msg.delivery.properties.headers().clone().unwrap_or_default());
+        let d = Delivery::for_test(msg.delivery.data.clone()).with_headers(
+            msg.delivery
+                .properties
+                .headers()
+                .clone()
+                .unwrap_or_default(),
+        );
         println!(
             "  - {} [{}] {}\n      body: {}",
             msg.delivery
@@ -306,7 +321,8 @@ async fn cleanup(url: &str) -> Result<(), lapin::Error> {
         "demo.notifications.retry.2s",
         "demo.notifications.retry.4s",
     ] {
-        ch.queue_delete(q.into(), QueueDeleteOptions::default()).await?;
+        ch.queue_delete(q.into(), QueueDeleteOptions::default())
+            .await?;
     }
     for e in [EXCHANGE, "demo.orders.dlx", "demo.notifications.dlx"] {
         ch.exchange_delete(e.into(), ExchangeDeleteOptions::default())

@@ -43,21 +43,43 @@ async fn declares_every_derived_object_and_binds_the_exchange() {
     let handled = Arc::new(AtomicUsize::new(0));
     let consumer = ConsumerConfig::new(&q, &dlx, counting_ok(&handled))
         .with_exchange(&ex, ExchangeKind::Topic, "order.*")
-        .with_retries(2, Duration::from_secs(1), RetryBackoff::Exponential { factor: 2 })
+        .with_retries(
+            2,
+            Duration::from_secs(1),
+            RetryBackoff::Exponential { factor: 2 },
+        )
         .idempotent(Duration::from_secs(60));
-    let app = App::new(test_config(&q)).consumer(consumer).start().await.expect("start");
+    let app = App::new(test_config(&q))
+        .consumer(consumer)
+        .start()
+        .await
+        .expect("start");
 
     assert!(broker.queue_exists(&q).await, "work queue");
     assert!(broker.queue_exists(&format!("{q}.dlq")).await, "dlq");
-    assert!(broker.queue_exists(&format!("{q}.retry.1s")).await, "retry tier 1s");
-    assert!(broker.queue_exists(&format!("{q}.retry.2s")).await, "retry tier 2s");
-    assert!(!broker.queue_exists(&format!("{q}.retry.4s")).await, "no tier past max_retries");
+    assert!(
+        broker.queue_exists(&format!("{q}.retry.1s")).await,
+        "retry tier 1s"
+    );
+    assert!(
+        broker.queue_exists(&format!("{q}.retry.2s")).await,
+        "retry tier 2s"
+    );
+    assert!(
+        !broker.queue_exists(&format!("{q}.retry.4s")).await,
+        "no tier past max_retries"
+    );
     assert!(broker.exchange_exists(&dlx).await, "dlx");
     assert!(broker.exchange_exists(&ex).await, "exchange");
 
     // The binding works: a message published to the exchange with a matching key arrives.
     broker
-        .publish_json(&ex, "order.created", &serde_json::json!({"id": 1, "qty": 1}), "m-1")
+        .publish_json(
+            &ex,
+            "order.created",
+            &serde_json::json!({"id": 1, "qty": 1}),
+            "m-1",
+        )
         .await;
     assert!(eventually(WAIT, || async { handled.load(Ordering::SeqCst) == 1 }).await);
 
@@ -81,7 +103,12 @@ async fn acks_after_success_and_leaves_nothing_behind() {
         .expect("start");
     for i in 0..20 {
         broker
-            .publish_json("", &q, &serde_json::json!({"id": i, "qty": 1}), &format!("m-{i}"))
+            .publish_json(
+                "",
+                &q,
+                &serde_json::json!({"id": i, "qty": 1}),
+                &format!("m-{i}"),
+            )
             .await;
     }
     assert!(eventually(WAIT, || async { handled.load(Ordering::SeqCst) == 20 }).await);
@@ -92,7 +119,9 @@ async fn acks_after_success_and_leaves_nothing_behind() {
     // Acked: nothing comes back after the consumer is gone.
     assert_eq!(broker.ready_count(&q).await, Some(0));
     assert_eq!(broker.ready_count(&format!("{q}.dlq")).await, Some(0));
-    broker.delete_consumer_topology(&q, &dlx, &["1s", "2s", "4s"], &[]).await;
+    broker
+        .delete_consumer_topology(&q, &dlx, &["1s", "2s", "4s"], &[])
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -112,14 +141,29 @@ async fn undecodable_bodies_go_to_the_dlq_with_the_reason() {
     // Malformed JSON, the wrong shape, and a non-JSON content type.
     let json = BasicProperties::default().with_content_type("application/json".into());
     broker
-        .publish_raw("", &q, b"{not json", json.clone().with_message_id("bad-1".into()))
+        .publish_raw(
+            "",
+            &q,
+            b"{not json",
+            json.clone().with_message_id("bad-1".into()),
+        )
         .await;
     broker
-        .publish_raw("", &q, br#"{"id":"seven"}"#, json.with_message_id("bad-2".into()))
+        .publish_raw(
+            "",
+            &q,
+            br#"{"id":"seven"}"#,
+            json.with_message_id("bad-2".into()),
+        )
         .await;
     let text = BasicProperties::default().with_content_type("text/plain".into());
     broker
-        .publish_raw("", &q, br#"{"id":1,"qty":1}"#, text.with_message_id("bad-3".into()))
+        .publish_raw(
+            "",
+            &q,
+            br#"{"id":1,"qty":1}"#,
+            text.with_message_id("bad-3".into()),
+        )
         .await;
 
     let mut got = Vec::new();
@@ -128,23 +172,56 @@ async fn undecodable_bodies_go_to_the_dlq_with_the_reason() {
     }
     got.sort_by_key(|m| m.message_id());
     for m in &got {
-        assert_eq!(m.header("x-error-kind").as_deref(), Some("decode"), "{:?}", m.headers());
+        assert_eq!(
+            m.header("x-error-kind").as_deref(),
+            Some("decode"),
+            "{:?}",
+            m.headers()
+        );
         assert_eq!(m.header("x-original-queue").as_deref(), Some(q.as_str()));
         assert_eq!(m.header("x-original-exchange").as_deref(), Some(""));
-        assert_eq!(m.header("x-original-routing-key").as_deref(), Some(q.as_str()));
+        assert_eq!(
+            m.header("x-original-routing-key").as_deref(),
+            Some(q.as_str())
+        );
         assert_eq!(m.header_int("x-attempts"), Some(1));
         assert!(m.header_int("x-first-failure").is_some());
         assert!(m.header_int("x-last-failure").is_some());
     }
     assert_eq!(got[0].body, b"{not json", "body kept as it was");
-    assert!(got[0].header("x-exception-message").unwrap_or_default().contains("key must be a string"));
-    assert!(got[1].header("x-exception-message").unwrap_or_default().contains("invalid type"));
-    assert!(got[2].header("x-exception-message").unwrap_or_default().contains("text/plain"));
-    assert_eq!(handled.load(Ordering::SeqCst), 0, "handler never saw bad input");
+    assert!(
+        got[0]
+            .header("x-exception-message")
+            .unwrap_or_default()
+            .contains("key must be a string")
+    );
+    assert!(
+        got[1]
+            .header("x-exception-message")
+            .unwrap_or_default()
+            .contains("invalid type")
+    );
+    assert!(
+        got[2]
+            .header("x-exception-message")
+            .unwrap_or_default()
+            .contains("text/plain")
+    );
+    assert_eq!(
+        handled.load(Ordering::SeqCst),
+        0,
+        "handler never saw bad input"
+    );
 
     app.shutdown().await.expect("clean shutdown");
-    assert_eq!(broker.ready_count(&q).await, Some(0), "no requeue loop: originals acked");
-    broker.delete_consumer_topology(&q, &dlx, &["1s", "2s", "4s"], &[]).await;
+    assert_eq!(
+        broker.ready_count(&q).await,
+        Some(0),
+        "no requeue loop: originals acked"
+    );
+    broker
+        .delete_consumer_topology(&q, &dlx, &["1s", "2s", "4s"], &[])
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -173,21 +250,53 @@ async fn rejected_and_panicking_handlers_dead_letter_and_the_consumer_keeps_goin
         Duration::from_secs(1),
         RetryBackoff::Fixed,
     );
-    let app = App::new(test_config(&q)).consumer(consumer).start().await.expect("start");
-    broker.publish_json("", &q, &serde_json::json!({"id": 1, "qty": 0}), "r-1").await;
-    let m = broker.get_within(&dlq, WAIT).await.expect("rejected message dead-lettered");
+    let app = App::new(test_config(&q))
+        .consumer(consumer)
+        .start()
+        .await
+        .expect("start");
+    broker
+        .publish_json("", &q, &serde_json::json!({"id": 1, "qty": 0}), "r-1")
+        .await;
+    let m = broker
+        .get_within(&dlq, WAIT)
+        .await
+        .expect("rejected message dead-lettered");
     assert_eq!(m.header("x-error-kind").as_deref(), Some("rejected"));
-    assert_eq!(m.header("x-exception-message").as_deref(), Some("order 1 has no items"));
+    assert_eq!(
+        m.header("x-exception-message").as_deref(),
+        Some("order 1 has no items")
+    );
 
-    broker.publish_json("", &q, &serde_json::json!({"id": 2, "qty": 13}), "p-1").await;
-    let m = broker.get_within(&dlq, WAIT).await.expect("panicking message dead-lettered");
+    broker
+        .publish_json("", &q, &serde_json::json!({"id": 2, "qty": 13}), "p-1")
+        .await;
+    let m = broker
+        .get_within(&dlq, WAIT)
+        .await
+        .expect("panicking message dead-lettered");
     assert_eq!(m.header("x-error-kind").as_deref(), Some("panic"));
-    assert!(m.header("x-exception-message").unwrap_or_default().contains("unlucky order 2"));
+    assert!(
+        m.header("x-exception-message")
+            .unwrap_or_default()
+            .contains("unlucky order 2")
+    );
 
     // Still consuming after the panic.
-    broker.publish_json("", &q, &serde_json::json!({"id": 3, "qty": 1}), "ok-1").await;
-    assert!(eventually(WAIT, || async { app.stats(&q).is_some_and(|s| s.handled == 1) }).await);
-    assert_eq!(calls.load(Ordering::SeqCst), 3, "each handler ran exactly once");
+    broker
+        .publish_json("", &q, &serde_json::json!({"id": 3, "qty": 1}), "ok-1")
+        .await;
+    assert!(
+        eventually(WAIT, || async {
+            app.stats(&q).is_some_and(|s| s.handled == 1)
+        })
+        .await
+    );
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        3,
+        "each handler ran exactly once"
+    );
     let stats = app.stats(&q).expect("stats");
     assert_eq!(stats.dead_lettered, 2);
     assert_eq!(stats.sessions, 1, "the panic did not cost a reconnect");
@@ -214,7 +323,9 @@ async fn an_existing_queue_with_other_arguments_stops_start_up_and_is_not_delete
         .queue_declare(q.as_str().into(), QueueDeclareOptions::durable(), args)
         .await
         .expect("pre-declare");
-    broker.publish_json("", &q, &serde_json::json!({"id": 1, "qty": 1}), "keep-me").await;
+    broker
+        .publish_json("", &q, &serde_json::json!({"id": 1, "qty": 1}), "keep-me")
+        .await;
 
     let handled = Arc::new(AtomicUsize::new(0));
     let err = App::new(test_config(&q))
@@ -224,10 +335,23 @@ async fn an_existing_queue_with_other_arguments_stops_start_up_and_is_not_delete
         .expect_err("start-up must fail");
     let text = err.to_string();
     assert!(matches!(err, Error::TopologyMismatch { .. }), "{text}");
-    assert!(text.contains(&format!("queue '{q}'")), "names the object: {text}");
-    assert!(text.contains("x-dead-letter-exchange"), "names the argument: {text}");
-    assert!(text.contains("never deletes"), "says nothing was deleted: {text}");
-    assert_eq!(broker.ready_count(&q).await, Some(1), "queue and its message untouched");
+    assert!(
+        text.contains(&format!("queue '{q}'")),
+        "names the object: {text}"
+    );
+    assert!(
+        text.contains("x-dead-letter-exchange"),
+        "names the argument: {text}"
+    );
+    assert!(
+        text.contains("never deletes"),
+        "says nothing was deleted: {text}"
+    );
+    assert_eq!(
+        broker.ready_count(&q).await,
+        Some(1),
+        "queue and its message untouched"
+    );
     assert_eq!(handled.load(Ordering::SeqCst), 0);
     broker.delete_consumer_topology(&q, &dlx, &[], &[]).await;
 }
@@ -253,22 +377,43 @@ async fn graceful_shutdown_finishes_in_flight_handlers_and_loses_nothing() {
     let consumer = ConsumerConfig::new(&q, &dlx, handler)
         .with_prefetch(10)
         .with_concurrency(4);
-    let app = App::new(test_config(&q)).consumer(consumer).start().await.expect("start");
+    let app = App::new(test_config(&q))
+        .consumer(consumer)
+        .start()
+        .await
+        .expect("start");
     for i in 0..30 {
         broker
-            .publish_json("", &q, &serde_json::json!({"id": i, "qty": 1}), &format!("g-{i}"))
+            .publish_json(
+                "",
+                &q,
+                &serde_json::json!({"id": i, "qty": 1}),
+                &format!("g-{i}"),
+            )
             .await;
     }
     assert!(eventually(WAIT, || async { started.load(Ordering::SeqCst) >= 4 }).await);
     app.shutdown().await.expect("clean shutdown");
 
-    let (started, finished) = (started.load(Ordering::SeqCst), finished.load(Ordering::SeqCst));
-    assert_eq!(started, finished, "every started handler was allowed to finish");
+    let (started, finished) = (
+        started.load(Ordering::SeqCst),
+        finished.load(Ordering::SeqCst),
+    );
+    assert_eq!(
+        started, finished,
+        "every started handler was allowed to finish"
+    );
     assert!(finished < 30, "shutdown stopped taking new messages");
     // Everything not handled is back in the queue: handled + waiting = published.
     let waiting = broker.ready_count(&q).await.expect("queue") as usize;
-    assert_eq!(finished + waiting, 30, "handled {finished}, waiting {waiting}");
-    broker.delete_consumer_topology(&q, &dlx, &["1s", "2s", "4s"], &[]).await;
+    assert_eq!(
+        finished + waiting,
+        30,
+        "handled {finished}, waiting {waiting}"
+    );
+    broker
+        .delete_consumer_topology(&q, &dlx, &["1s", "2s", "4s"], &[])
+        .await;
 }
 
 #[tokio::test]
@@ -278,7 +423,12 @@ async fn conflicting_consumers_fail_before_touching_the_broker() {
     let b = a.clone().quorum(None);
     // An unreachable broker proves the check runs first.
     let config = test_config(&q).with_amqp_url("amqp://guest:guest@127.0.0.1:1/%2f");
-    let err = App::new(config).consumer(a).consumer(b).start().await.expect_err("conflict");
+    let err = App::new(config)
+        .consumer(a)
+        .consumer(b)
+        .start()
+        .await
+        .expect_err("conflict");
     assert!(matches!(err, Error::ConflictingConsumers { .. }), "{err}");
     assert!(err.to_string().contains(&q), "{err}");
 }
@@ -288,7 +438,11 @@ async fn an_unreachable_broker_is_a_clear_error_without_the_password() {
     let q = unique("refused");
     let config = test_config(&q).with_amqp_url("amqp://guest:hunter2@127.0.0.1:1/%2f");
     let err = App::new(config)
-        .consumer(ConsumerConfig::new(&q, "x.dlx", counting_ok(&Arc::new(AtomicUsize::new(0)))))
+        .consumer(ConsumerConfig::new(
+            &q,
+            "x.dlx",
+            counting_ok(&Arc::new(AtomicUsize::new(0))),
+        ))
         .start()
         .await
         .expect_err("no broker on port 1");

@@ -14,9 +14,9 @@ use std::time::Duration;
 
 use reliable_mq::Publisher;
 use reliable_mq_tests::fault::{
-    Ledger, Report, ServiceGuard, Worker, WorkerOptions, drain_ids, ensure_rabbit_up,
-    ensure_redis_up, log_lines, log_path, produce, rabbit_accepts, read_log, time_to_resume,
-    wait_settled, SCENARIO_LOCK,
+    Ledger, Report, SCENARIO_LOCK, ServiceGuard, Worker, WorkerOptions, drain_ids,
+    ensure_rabbit_up, ensure_redis_up, log_lines, log_path, produce, rabbit_accepts, read_log,
+    time_to_resume, wait_settled,
 };
 use reliable_mq_tests::{Broker, eventually, init_tracing, sh, test_config, unique};
 
@@ -117,10 +117,24 @@ where
         .delete_consumer_topology(&queue, &format!("{queue}.dlx"), &["1s", "2s", "4s"], &[])
         .await;
 
-    assert!(report.confirmed > MESSAGES / 2, "most publishes confirmed: {report:?}");
-    assert!(report.lost.is_empty(), "lost confirmed messages: {:?}", report.lost);
-    assert!(report.unexpected.is_empty(), "unexpected: {:?}", report.unexpected);
-    assert!(report.resume.is_some(), "consumption resumed after the fault");
+    assert!(
+        report.confirmed > MESSAGES / 2,
+        "most publishes confirmed: {report:?}"
+    );
+    assert!(
+        report.lost.is_empty(),
+        "lost confirmed messages: {:?}",
+        report.lost
+    );
+    assert!(
+        report.unexpected.is_empty(),
+        "unexpected: {:?}",
+        report.unexpected
+    );
+    assert!(
+        report.resume.is_some(),
+        "consumption resumed after the fault"
+    );
     report
 }
 
@@ -153,7 +167,10 @@ async fn broker_process_killed_and_restarted_mid_stream() {
         concurrency: 8,
     };
     let report = run(s, |ctx| async move {
-        assert!(sh("pkill -9 -f '[b]eam[.]smp.*rabbit'"), "killed the broker");
+        assert!(
+            sh("pkill -9 -f '[b]eam[.]smp.*rabbit'"),
+            "killed the broker"
+        );
         tokio::time::sleep(Duration::from_secs(1)).await;
         ensure_rabbit_up();
         ctx

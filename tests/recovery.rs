@@ -37,13 +37,19 @@ async fn consumer_resumes_after_the_broker_closes_its_connection() {
     let calls = Arc::new(AtomicUsize::new(0));
     let config = test_config(&q).with_connection_name(format!("test-{q}"));
     let app = App::new(config)
-        .consumer(ConsumerConfig::new(&q, &dlx, counter_handler(&calls, Duration::ZERO)))
+        .consumer(ConsumerConfig::new(
+            &q,
+            &dlx,
+            counter_handler(&calls, Duration::ZERO),
+        ))
         .start()
         .await
         .expect("start");
     assert!(app.health().await.is_ready());
 
-    broker.publish_json("", &q, &serde_json::json!(1), "before").await;
+    broker
+        .publish_json("", &q, &serde_json::json!(1), "before")
+        .await;
     assert!(eventually(WAIT, || async { calls.load(Ordering::SeqCst) == 1 }).await);
 
     let closed = close_connections_named(&format!("test-{q} (consumer"));
@@ -58,11 +64,15 @@ async fn consumer_resumes_after_the_broker_closes_its_connection() {
     );
     assert!(eventually(WAIT, || async { app.health().await.is_ready() }).await);
 
-    broker.publish_json("", &q, &serde_json::json!(2), "after").await;
+    broker
+        .publish_json("", &q, &serde_json::json!(2), "after")
+        .await;
     assert!(eventually(WAIT, || async { calls.load(Ordering::SeqCst) == 2 }).await);
     app.shutdown().await.expect("clean shutdown");
     assert_eq!(broker.ready_count(&q).await, Some(0));
-    broker.delete_consumer_topology(&q, &dlx, &["1s", "2s", "4s"], &[]).await;
+    broker
+        .delete_consumer_topology(&q, &dlx, &["1s", "2s", "4s"], &[])
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -76,7 +86,11 @@ async fn in_flight_work_is_redelivered_not_acked_on_a_new_channel_and_dedup_abso
     // start, so a fixed sleep could let them finish and ack before the close).
     let release = Arc::new(tokio::sync::Notify::new());
     let released = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let (c, r, rd) = (Arc::clone(&calls), Arc::clone(&release), Arc::clone(&released));
+    let (c, r, rd) = (
+        Arc::clone(&calls),
+        Arc::clone(&release),
+        Arc::clone(&released),
+    );
     let handler = handler_fn(move |_n: u64| {
         let (c, r, rd) = (Arc::clone(&c), Arc::clone(&r), Arc::clone(&rd));
         async move {
@@ -98,10 +112,17 @@ async fn in_flight_work_is_redelivered_not_acked_on_a_new_channel_and_dedup_abso
         .await
         .expect("start");
     for i in 0..4u64 {
-        broker.publish_json("", &q, &serde_json::json!(i), &format!("m-{i}")).await;
+        broker
+            .publish_json("", &q, &serde_json::json!(i), &format!("m-{i}"))
+            .await;
     }
     // All four handlers are running when the connection dies under them.
-    assert!(eventually(WAIT, || async { app.stats(&q).is_some_and(|s| s.received == 4) }).await);
+    assert!(
+        eventually(WAIT, || async {
+            app.stats(&q).is_some_and(|s| s.received == 4)
+        })
+        .await
+    );
     assert_eq!(close_connections_named(&format!("test-{q} (consumer")), 1);
     released.store(true, Ordering::SeqCst);
     release.notify_waiters();
@@ -118,8 +139,14 @@ async fn in_flight_work_is_redelivered_not_acked_on_a_new_channel_and_dedup_abso
     );
     assert_eq!(calls.load(Ordering::SeqCst), 4, "each side effect ran once");
     app.shutdown().await.expect("clean shutdown");
-    assert_eq!(broker.ready_count(&q).await, Some(0), "nothing left unacked");
-    broker.delete_consumer_topology(&q, &dlx, &["1s", "2s", "4s"], &[]).await;
+    assert_eq!(
+        broker.ready_count(&q).await,
+        Some(0),
+        "nothing left unacked"
+    );
+    broker
+        .delete_consumer_topology(&q, &dlx, &["1s", "2s", "4s"], &[])
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -130,7 +157,11 @@ async fn a_queue_deleted_under_the_consumer_is_redeclared_and_consumption_resume
     let dlx = format!("{q}.dlx");
     let calls = Arc::new(AtomicUsize::new(0));
     let app = App::new(test_config(&q))
-        .consumer(ConsumerConfig::new(&q, &dlx, counter_handler(&calls, Duration::ZERO)))
+        .consumer(ConsumerConfig::new(
+            &q,
+            &dlx,
+            counter_handler(&calls, Duration::ZERO),
+        ))
         .start()
         .await
         .expect("start");
@@ -150,10 +181,14 @@ async fn a_queue_deleted_under_the_consumer_is_redeclared_and_consumption_resume
         app.stats(&q)
     );
     assert!(broker.queue_exists(&q).await, "queue declared again");
-    broker.publish_json("", &q, &serde_json::json!(7), "after-cancel").await;
+    broker
+        .publish_json("", &q, &serde_json::json!(7), "after-cancel")
+        .await;
     assert!(eventually(WAIT, || async { calls.load(Ordering::SeqCst) == 1 }).await);
     app.shutdown().await.expect("clean shutdown");
-    broker.delete_consumer_topology(&q, &dlx, &["1s", "2s", "4s"], &[]).await;
+    broker
+        .delete_consumer_topology(&q, &dlx, &["1s", "2s", "4s"], &[])
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -169,12 +204,20 @@ async fn several_broker_addresses_fail_over_to_one_that_answers() {
         reliable_mq_tests::amqp_url()
     );
     let app = App::new(test_config(&q).with_amqp_url(urls))
-        .consumer(ConsumerConfig::new(&q, &dlx, counter_handler(&calls, Duration::ZERO)))
+        .consumer(ConsumerConfig::new(
+            &q,
+            &dlx,
+            counter_handler(&calls, Duration::ZERO),
+        ))
         .start()
         .await
         .expect("start through the second address");
-    broker.publish_json("", &q, &serde_json::json!(1), "one").await;
+    broker
+        .publish_json("", &q, &serde_json::json!(1), "one")
+        .await;
     assert!(eventually(WAIT, || async { calls.load(Ordering::SeqCst) == 1 }).await);
     app.shutdown().await.expect("clean shutdown");
-    broker.delete_consumer_topology(&q, &dlx, &["1s", "2s", "4s"], &[]).await;
+    broker
+        .delete_consumer_topology(&q, &dlx, &["1s", "2s", "4s"], &[])
+        .await;
 }

@@ -50,7 +50,9 @@ pub fn ensure_rabbit_up() {
 /// Start Redis if it is not running and wait for it.
 pub fn ensure_redis_up() {
     if !redis_up() {
-        sh("redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save '' --appendonly no >/dev/null 2>&1");
+        sh(
+            "redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save '' --appendonly no >/dev/null 2>&1",
+        );
         for _ in 0..50 {
             if redis_up() {
                 break;
@@ -169,14 +171,19 @@ pub async fn produce(
         let (publisher, queue, ledger) = (publisher.clone(), queue.to_owned(), Arc::clone(ledger));
         tasks.spawn(async move {
             let outcome = publisher
-                .publish_with("", &queue, &(i as u64), PublishOptions::with_message_id(id.clone()))
+                .publish_with(
+                    "",
+                    &queue,
+                    &(i as u64),
+                    PublishOptions::with_message_id(id.clone()),
+                )
                 .await;
             if let Ok(mut l) = ledger.lock() {
                 match outcome {
                     Ok(_) => l.confirmed.insert(id),
-                    Err(PublishError::ConfirmTimeout { .. } | PublishError::ConnectionLost { .. }) => {
-                        l.unknown.insert(id)
-                    }
+                    Err(
+                        PublishError::ConfirmTimeout { .. } | PublishError::ConnectionLost { .. },
+                    ) => l.unknown.insert(id),
                     Err(_) => l.failed.insert(id),
                 };
             }
@@ -340,8 +347,14 @@ pub async fn wait_settled(
     while t0.elapsed() < within {
         let calls = read_log(log);
         let dead = broker.ready_count(&dlq).await.unwrap_or(0) as usize;
-        let confirmed = ledger.lock().map(|l| l.confirmed.clone()).unwrap_or_default();
-        let missing = confirmed.iter().filter(|id| !calls.contains_key(*id)).count();
+        let confirmed = ledger
+            .lock()
+            .map(|l| l.confirmed.clone())
+            .unwrap_or_default();
+        let missing = confirmed
+            .iter()
+            .filter(|id| !calls.contains_key(*id))
+            .count();
         let waiting = broker.ready_count(queue).await.unwrap_or(0);
         if missing <= dead && waiting == 0 {
             return;

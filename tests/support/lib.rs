@@ -18,8 +18,7 @@ pub mod fault;
 
 /// The broker of this machine (or `AMQP_URL`).
 pub fn amqp_url() -> String {
-    std::env::var("AMQP_URL")
-        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
+    std::env::var("AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
 }
 
 /// The Redis of this machine (or `REDIS_URL`).
@@ -127,7 +126,10 @@ impl Broker {
         let ch = self.fresh_channel().await;
         ch.queue_declare(
             queue.into(),
-            QueueDeclareOptions { passive: true, ..Default::default() },
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
             FieldTable::default(),
         )
         .await
@@ -140,7 +142,10 @@ impl Broker {
         let q = ch
             .queue_declare(
                 queue.into(),
-                QueueDeclareOptions { passive: true, ..Default::default() },
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
                 FieldTable::default(),
             )
             .await
@@ -169,10 +174,7 @@ impl Broker {
     pub async fn get(&self, queue: &str) -> Option<Got> {
         let msg = self
             .channel
-            .basic_get(
-                queue.into(),
-                BasicGetOptions { no_ack: true },
-            )
+            .basic_get(queue.into(), BasicGetOptions { no_ack: true })
             .await
             .expect("basic.get")?;
         let d = msg.delivery;
@@ -323,7 +325,12 @@ pub fn close_connections_named(name_part: &str) -> usize {
             continue;
         };
         let ok = std::process::Command::new("rabbitmqctl")
-            .args(["-q", "close_connection", pid, "closed by a reliable-mq test"])
+            .args([
+                "-q",
+                "close_connection",
+                pid,
+                "closed by a reliable-mq test",
+            ])
             .status()
             .map(|s| s.success())
             .unwrap_or(false);
@@ -341,8 +348,10 @@ pub fn message_total(queue: &str) -> Option<u64> {
         .args(["-q", "list_queues", "name", "messages"])
         .output()
         .ok()?;
-    String::from_utf8_lossy(&out.stdout).lines().find_map(|line| {
-        let mut parts = line.split_whitespace();
-        (parts.next()? == queue).then(|| parts.next()?.parse().ok())?
-    })
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|line| {
+            let mut parts = line.split_whitespace();
+            (parts.next()? == queue).then(|| parts.next()?.parse().ok())?
+        })
 }
