@@ -147,68 +147,31 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         "publishing 10 orders (each publish returns after the broker's confirm);\n\
          the consumers handle them as they arrive:"
     );
+    let order = |id: u64, sku: &str, qty: u32| Order {
+        id,
+        sku: sku.to_owned(),
+        qty,
+    };
+    let mut batch: Vec<Order> = (1..=6)
+        .map(|id| order(id, &format!("SKU-{}", 100 + id), 1 + (id as u32 % 3)))
+        .collect();
+    batch.extend([
+        // The same order sent twice (a producer retry): handled once.
+        order(1, "SKU-101", 2),
+        // A transient failure: retried after 500ms, then handled.
+        order(7, "FLAKY", 1),
+        // A permanently invalid order: straight to the dead-letter queue.
+        order(8, "SKU-108", 0),
+    ]);
     let mut published = 0;
-    for id in 1..=6 {
-        let order = Order {
-            id,
-            sku: format!("SKU-{}", 100 + id),
-            qty: 1 + (id as u32 % 3),
-        };
+    for o in &batch {
+        // The order id is the message id: a resend of the same order is a duplicate.
+        let id = PublishOptions::with_message_id(format!("order-{}", o.id));
         publisher
-            .publish_with(
-                EXCHANGE,
-                "order.created",
-                &order,
-                PublishOptions::with_message_id(format!("order-{id}")),
-            )
+            .publish_with(EXCHANGE, "order.created", o, id)
             .await?;
         published += 1;
     }
-    // The same order sent twice (a producer retry): handled once.
-    let dup = Order {
-        id: 1,
-        sku: "SKU-101".into(),
-        qty: 2,
-    };
-    publisher
-        .publish_with(
-            EXCHANGE,
-            "order.created",
-            &dup,
-            PublishOptions::with_message_id("order-1"),
-        )
-        .await?;
-    published += 1;
-    // A transient failure: retried after 500ms, then handled.
-    let flaky = Order {
-        id: 7,
-        sku: "FLAKY".into(),
-        qty: 1,
-    };
-    publisher
-        .publish_with(
-            EXCHANGE,
-            "order.created",
-            &flaky,
-            PublishOptions::with_message_id("order-7"),
-        )
-        .await?;
-    published += 1;
-    // A permanently invalid order: straight to the dead-letter queue.
-    let empty = Order {
-        id: 8,
-        sku: "SKU-108".into(),
-        qty: 0,
-    };
-    publisher
-        .publish_with(
-            EXCHANGE,
-            "order.created",
-            &empty,
-            PublishOptions::with_message_id("order-8"),
-        )
-        .await?;
-    published += 1;
     // A malformed message from a misbehaving producer.
     let props = BasicProperties::default()
         .with_content_type("application/json".into())

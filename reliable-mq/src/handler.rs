@@ -81,6 +81,25 @@ fn is_json(content_type: &str) -> bool {
         || essence.to_ascii_lowercase().ends_with("+json")
 }
 
+/// Decode the body, then start `f` on the payload; a decode failure never reaches `f`.
+fn decode_then<T, Fut, R>(
+    delivery: Arc<Delivery>,
+    f: impl FnOnce(T, Arc<Delivery>) -> Fut,
+) -> HandlerFuture
+where
+    T: Payload,
+    Fut: Future<Output = R> + Send + 'static,
+    R: IntoHandlerResult,
+{
+    match decode::<T>(&delivery) {
+        Ok(payload) => {
+            let fut = f(payload, delivery);
+            Box::pin(async move { fut.await.into_handler_result() })
+        }
+        Err(e) => Box::pin(std::future::ready(Err(e))),
+    }
+}
+
 /// A [`Handler`] made from a closure `Fn(T) -> impl Future<Output = Result<(), E>>`.
 pub struct FnHandler<T, F> {
     f: F,
@@ -118,13 +137,7 @@ where
     R: IntoHandlerResult,
 {
     fn call(&self, delivery: Arc<Delivery>) -> HandlerFuture {
-        match decode::<T>(&delivery) {
-            Ok(payload) => {
-                let fut = (self.f)(payload);
-                Box::pin(async move { fut.await.into_handler_result() })
-            }
-            Err(e) => Box::pin(std::future::ready(Err(e))),
-        }
+        decode_then(delivery, |payload, _| (self.f)(payload))
     }
 }
 
@@ -156,13 +169,7 @@ where
     R: IntoHandlerResult,
 {
     fn call(&self, delivery: Arc<Delivery>) -> HandlerFuture {
-        match decode::<T>(&delivery) {
-            Ok(payload) => {
-                let fut = (self.f)(payload, delivery);
-                Box::pin(async move { fut.await.into_handler_result() })
-            }
-            Err(e) => Box::pin(std::future::ready(Err(e))),
-        }
+        decode_then(delivery, |payload, delivery| (self.f)(payload, delivery))
     }
 }
 

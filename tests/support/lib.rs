@@ -123,17 +123,7 @@ impl Broker {
 
     /// Whether `queue` exists (passive declare on a throwaway channel).
     pub async fn queue_exists(&self, queue: &str) -> bool {
-        let ch = self.fresh_channel().await;
-        ch.queue_declare(
-            queue.into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .is_ok()
+        self.ready_count(queue).await.is_some()
     }
 
     /// Number of ready messages in `queue` (passive declare), `None` if it does not exist.
