@@ -1,35 +1,61 @@
 //! What every benchmark mode shares: arguments, the broker, timing and the table.
 
+use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-use lapin::options::{QueueDeclareOptions, QueueDeleteOptions, QueuePurgeOptions};
+use lapin::options::{
+    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeleteOptions, QueueDeclareOptions,
+    QueueDeleteOptions, QueuePurgeOptions,
+};
 use lapin::types::FieldTable;
-use lapin::{Channel, Connection, ConnectionProperties};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use reliable_mq::ConsumerConfig;
+use reliable_mq::topology::Topology;
 
 pub const USAGE: &str = "usage: bench <mode> [options]
 modes:
   publish   persistent 256-byte messages with confirms: raw lapin pipelined, raw lapin
             one confirm at a time, reliable_mq::Publisher
+  consume   drain a pre-filled durable queue of persistent 256-byte JSON messages: raw
+            lapin (manual ack, prefetch 100), reliable_mq at concurrency 1 and 16, and
+            idempotent with RedisStore at concurrency 1 and 16
+  latency   publish at a fixed rate with Publisher, measure publish -> handler
+            (p50/p90/p99/max), against raw lapin publish -> raw consumer
+  rss       peak RSS of a consumer process (slow handler, prefetch 100) with a shallow
+            and a deep backlog
+  all       every mode above, one after the other
 options:
-  --n N              messages per repetition (default 20000)
-  --reps R           repetitions; the table shows medians (default 5)
+  --n N              messages per repetition (publish: 20000, consume: 50000)
+  --reps R           repetitions; the table shows medians (publish: 5, consume: 3)
   --window W         outstanding confirms of the pipelined raw publisher (default 1000)
   --one-by-one-n N   messages for the one-confirm-at-a-time run (default 2000)
   --concurrency C    publishes in flight through Publisher (default 1000)
   --size B           body size in bytes (default 256)
-environment: AMQP_URL (default amqp://guest:guest@127.0.0.1:5672/%2f)";
+  --rate R           latency: messages per second (default 1000)
+  --seconds S        latency: seconds per variant (default 10)
+  --depth-small N    rss: first backlog (default 100000)
+  --depth-large N    rss: second backlog (default 1000000)
+  --rss-seconds S    rss: seconds the consumer runs at each depth (default 5)
+environment: AMQP_URL (default amqp://guest:guest@127.0.0.1:5672/%2f),
+             REDIS_URL (default redis://127.0.0.1:6379)";
 
 /// Command-line arguments shared by all modes.
 #[derive(Debug, Clone)]
 pub struct Args {
     pub mode: String,
-    pub n: usize,
-    pub reps: usize,
+    n: Option<usize>,
+    reps: Option<usize>,
     pub window: usize,
     pub one_by_one_n: usize,
     pub concurrency: usize,
     pub size: usize,
+    pub rate: usize,
+    pub seconds: usize,
+    pub depth_small: usize,
+    pub depth_large: usize,
+    pub rss_seconds: usize,
     pub amqp_url: String,
+    pub redis_url: String,
 }
 
 impl Args {
@@ -37,14 +63,21 @@ impl Args {
         let mode = args.next().ok_or("missing mode")?;
         let mut parsed = Self {
             mode,
-            n: 20_000,
-            reps: 5,
+            n: None,
+            reps: None,
             window: 1000,
             one_by_one_n: 2000,
             concurrency: 1000,
             size: 256,
+            rate: 1000,
+            seconds: 10,
+            depth_small: 100_000,
+            depth_large: 1_000_000,
+            rss_seconds: 5,
             amqp_url: std::env::var("AMQP_URL")
                 .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned()),
+            redis_url: std::env::var("REDIS_URL")
+                .unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned()),
         };
         while let Some(flag) = args.next() {
             let value = args.next().ok_or_else(|| format!("{flag} needs a value"))?;
@@ -55,16 +88,31 @@ impl Args {
                 return Err(format!("{flag} must be positive"));
             }
             match flag.as_str() {
-                "--n" => parsed.n = number,
-                "--reps" => parsed.reps = number,
+                "--n" => parsed.n = Some(number),
+                "--reps" => parsed.reps = Some(number),
                 "--window" => parsed.window = number,
                 "--one-by-one-n" => parsed.one_by_one_n = number,
                 "--concurrency" => parsed.concurrency = number,
                 "--size" => parsed.size = number,
+                "--rate" => parsed.rate = number,
+                "--seconds" => parsed.seconds = number,
+                "--depth-small" => parsed.depth_small = number,
+                "--depth-large" => parsed.depth_large = number,
+                "--rss-seconds" => parsed.rss_seconds = number,
                 _ => return Err(format!("unknown option {flag}")),
             }
         }
         Ok(parsed)
+    }
+
+    /// `--n`, or the mode's default.
+    pub fn n_or(&self, default: usize) -> usize {
+        self.n.unwrap_or(default)
+    }
+
+    /// `--reps`, or the mode's default.
+    pub fn reps_or(&self, default: usize) -> usize {
+        self.reps.unwrap_or(default)
     }
 }
 
@@ -118,6 +166,121 @@ impl Raw {
             .queue_delete(name.into(), QueueDeleteOptions::default())
             .await;
     }
+}
+
+impl Raw {
+    /// Declare what `consumer` declares (work queue with its dead-letter arguments, DLX,
+    /// DLQ, wait queues), so raw lapin and reliable_mq drain queues of the same shape.
+    pub async fn declare_consumer_topology(&self, consumer: &ConsumerConfig) -> Result<(), String> {
+        Topology::of(consumer)
+            .declare(&self.connection)
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    /// Delete everything [`Raw::declare_consumer_topology`] declared.
+    pub async fn delete_consumer_topology(&self, consumer: &ConsumerConfig) {
+        let topology = Topology::of(consumer);
+        self.delete_queue(&topology.queue).await;
+        self.delete_queue(&topology.dlq).await;
+        for (tier, _) in topology.wait_queues() {
+            self.delete_queue(&tier).await;
+        }
+        let _ = self
+            .channel
+            .exchange_delete(
+                topology.dlx.as_str().into(),
+                ExchangeDeleteOptions::default(),
+            )
+            .await;
+    }
+
+    /// Messages ready in `queue` (not counting unacked ones).
+    pub async fn depth(&self, queue: &str) -> Result<u32, String> {
+        self.channel
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map(|q| q.message_count())
+            .map_err(|e| format!("inspect {queue}: {e}"))
+    }
+
+    /// Publish `n` persistent JSON messages of `size` bytes (each with a `message_id` and
+    /// `content_type = application/json`, so idempotent consumers accept them) to
+    /// `queue`, pipelined with up to 5000 confirms outstanding, on a channel of its own.
+    /// Sequence numbers start at `first`.
+    pub async fn fill(&self, queue: &str, first: u64, n: usize, size: usize) -> Result<(), String> {
+        let channel = self
+            .connection
+            .create_channel()
+            .await
+            .map_err(|e| e.to_string())?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(|e| e.to_string())?;
+        let run = uuid::Uuid::new_v4().simple().to_string();
+        let mut outstanding = VecDeque::with_capacity(FILL_WINDOW);
+        for seq in first..first + n as u64 {
+            let properties = BasicProperties::default()
+                .with_delivery_mode(2)
+                .with_content_type("application/json".into())
+                .with_message_id(format!("{run}-{seq}").into());
+            let confirm = channel
+                .basic_publish(
+                    "".into(),
+                    queue.into(),
+                    BasicPublishOptions::default(),
+                    &json_body(seq, 0, size),
+                    properties,
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+            outstanding.push_back(confirm);
+            if outstanding.len() >= FILL_WINDOW
+                && let Some(oldest) = outstanding.pop_front()
+            {
+                oldest.await.map_err(|e| e.to_string())?;
+            }
+        }
+        for confirm in outstanding {
+            confirm.await.map_err(|e| e.to_string())?;
+        }
+        let _ = channel.close(200, "filled".into()).await;
+        Ok(())
+    }
+}
+
+const FILL_WINDOW: usize = 5000;
+
+/// The message every consume/latency/rss variant decodes.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct BenchMessage {
+    pub seq: u64,
+    /// Unix time in nanoseconds when it was sent (latency mode), else 0.
+    pub sent_ns: u64,
+    pub pad: String,
+}
+
+/// A JSON `BenchMessage` padded to exactly `size` bytes (when `size` leaves room).
+pub fn json_body(seq: u64, sent_ns: u64, size: usize) -> Vec<u8> {
+    let bare = format!(r#"{{"seq":{seq},"sent_ns":{sent_ns},"pad":""}}"#);
+    let pad = "x".repeat(size.saturating_sub(bare.len()));
+    format!(r#"{{"seq":{seq},"sent_ns":{sent_ns},"pad":"{pad}"}}"#).into_bytes()
+}
+
+/// Nanoseconds since the Unix epoch.
+pub fn unix_nanos() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
 }
 
 /// A queue name unique to this run.

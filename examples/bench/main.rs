@@ -2,16 +2,23 @@
 //! queues and message sizes. Ratios matter, not absolute numbers: the machine is shared.
 //!
 //! ```text
+//! cargo run --release --example bench -- all        # every mode, a few minutes
 //! cargo run --release --example bench -- publish [--n 20000] [--reps 5] [--window 1000]
 //!                                               [--one-by-one-n 2000] [--concurrency 1000]
+//! cargo run --release --example bench -- consume [--n 50000] [--reps 3]
+//! cargo run --release --example bench -- latency [--rate 1000] [--seconds 10]
+//! cargo run --release --example bench -- rss [--depth-small 100000] [--depth-large 1000000]
+//!                                           [--rss-seconds 5]
 //! ```
 //!
-//! Modes are functions in their own module (`publish.rs`); add `consume`, `latency` or
-//! `rss` the same way: a module with `run(&Args)` and a line in `main`'s dispatch.
+//! Each mode is a module with `run(&Args)` and a line in `main`'s dispatch.
 //! Results are written up in BENCHMARKS.md.
 
 mod common;
+mod consume;
+mod latency;
 mod publish;
+mod rss;
 
 use common::Args;
 
@@ -30,10 +37,23 @@ async fn main() {
             Ok(())
         }
         "publish" => publish::run(&args).await,
+        "consume" => consume::run(&args).await,
+        "latency" => latency::run(&args).await,
+        "rss" => rss::run(&args).await,
+        "rss-child" => rss::run_child(&args).await,
+        "all" => all(&args).await,
         other => Err(format!("unknown mode {other:?}\n\n{}", common::USAGE)),
     };
     if let Err(e) = result {
         eprintln!("bench failed: {e}");
         std::process::exit(1);
     }
+}
+
+/// Every mode, one after the other, with each mode's defaults (or the given options).
+async fn all(args: &Args) -> Result<(), String> {
+    publish::run(args).await?;
+    consume::run(args).await?;
+    latency::run(args).await?;
+    rss::run(args).await
 }

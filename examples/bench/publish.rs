@@ -23,6 +23,7 @@ pub async fn run(args: &Args) -> Result<(), String> {
 }
 
 async fn measure(args: &Args, raw: &Raw, queue: &str) -> Result<(), String> {
+    let (n, reps) = (args.n_or(20_000), args.reps_or(5));
     let config = Config::default()
         .with_amqp_url(args.amqp_url.clone())
         .with_connection_name("bench");
@@ -36,22 +37,22 @@ async fn measure(args: &Args, raw: &Raw, queue: &str) -> Result<(), String> {
 
     println!(
         "publish: {} x {} persistent {}-byte messages with confirms to durable queue {queue}",
-        args.reps, args.n, args.size
+        reps, n, args.size
     );
     let mut pipelined = Vec::new();
     let mut one_by_one = Vec::new();
     let mut ours = Vec::new();
-    for rep in 1..=args.reps {
+    for rep in 1..=reps {
         raw.purge(queue).await?;
-        let r = timed(args.n, || {
-            raw_publish(&confirm_channel, queue, args.n, args.window, &raw_body)
+        let r = timed(n, || {
+            raw_publish(&confirm_channel, queue, n, args.window, &raw_body)
         })
         .await?;
         pipelined.push(r);
 
         raw.purge(queue).await?;
-        let o = timed(args.n, || {
-            publisher_publish(&publisher, queue, args.n, args.concurrency, &json_body)
+        let o = timed(n, || {
+            publisher_publish(&publisher, queue, n, args.concurrency, &json_body)
         })
         .await?;
         ours.push(o);
@@ -72,7 +73,7 @@ async fn measure(args: &Args, raw: &Raw, queue: &str) -> Result<(), String> {
     let rows = [
         Row {
             name: "raw lapin, pipelined (window of confirms)",
-            messages: args.n,
+            messages: n,
             runs: pipelined.clone(),
         },
         Row {
@@ -82,14 +83,14 @@ async fn measure(args: &Args, raw: &Raw, queue: &str) -> Result<(), String> {
         },
         Row {
             name: "reliable_mq::Publisher, concurrent publishes",
-            messages: args.n,
+            messages: n,
             runs: ours.clone(),
         },
     ];
     print_table(
         &format!(
             "publish (medians of {} reps; window {}, Publisher concurrency {})",
-            args.reps, args.window, args.concurrency
+            reps, args.window, args.concurrency
         ),
         &rows,
     );
