@@ -221,3 +221,59 @@ async fn several_broker_addresses_fail_over_to_one_that_answers() {
         .delete_consumer_topology(&q, &dlx, &["1s", "2s", "4s"], &[])
         .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_exchange_deleted_under_the_consumer_is_redeclared_and_nothing_is_lost() {
+    init_tracing();
+    let broker = Broker::connect().await;
+    let q = unique("dlx-gone");
+    let dlx = format!("{q}.dlx");
+    let calls = Arc::new(AtomicUsize::new(0));
+    let c = Arc::clone(&calls);
+    let handler = handler_fn(move |n: u64| {
+        let c = Arc::clone(&c);
+        async move {
+            c.fetch_add(1, Ordering::SeqCst);
+            Err::<(), _>(HandlerError::reject(format!("order {n} is invalid")))
+        }
+    });
+    let app = App::new(test_config(&q))
+        .consumer(ConsumerConfig::new(&q, &dlx, handler))
+        .start()
+        .await
+        .expect("start");
+    // Someone deletes the DLX (and with it the DLQ's binding) while the consumer runs.
+    broker.delete(&[], &[&dlx]).await;
+    broker
+        .publish_json("", &q, &serde_json::json!(5), "doomed")
+        .await;
+
+    // The dead-letter copy is refused; the session ends, the next one declares the DLX
+    // again, the unacked original comes back and is dead-lettered properly.
+    let dead = broker
+        .get_within(&format!("{q}.dlq"), WAIT)
+        .await
+        .expect("dead-lettered after the topology came back");
+    assert_eq!(dead.message_id().as_deref(), Some("doomed"));
+    assert_eq!(dead.header("x-error-kind").as_deref(), Some("rejected"));
+    let stats = app.stats(&q).expect("stats");
+    assert!(stats.sessions >= 2, "reconnected to redeclare: {stats:?}");
+    assert!(
+        calls.load(Ordering::SeqCst) >= 2,
+        "handled again after the redeclare"
+    );
+    app.shutdown().await.expect("clean shutdown");
+    assert_eq!(
+        broker.ready_count(&q).await,
+        Some(0),
+        "original acked in the end"
+    );
+    assert_eq!(
+        broker.ready_count(&format!("{q}.dlq")).await,
+        Some(0),
+        "exactly one dead letter"
+    );
+    broker
+        .delete_consumer_topology(&q, &dlx, &["1s", "2s", "4s"], &[])
+        .await;
+}

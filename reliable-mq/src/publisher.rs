@@ -375,7 +375,39 @@ impl Publisher {
         exchange: &str,
         routing_key: &str,
         body: Vec<u8>,
+        properties: BasicProperties,
+    ) -> Result<(), PublishError> {
+        self.publish_bytes(
+            exchange,
+            routing_key,
+            body,
+            properties,
+            Some(self.inner.config.max_body_size),
+        )
+        .await
+    }
+
+    /// A retry or dead-letter copy of a message the broker already accepted: the body
+    /// limit does not apply (the broker took this body once; refusing the copy would leave
+    /// the original with nowhere to go).
+    pub(crate) async fn publish_copy(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: Vec<u8>,
+        properties: BasicProperties,
+    ) -> Result<(), PublishError> {
+        self.publish_bytes(exchange, routing_key, body, properties, None)
+            .await
+    }
+
+    async fn publish_bytes(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: Vec<u8>,
         mut properties: BasicProperties,
+        max_body_size: Option<usize>,
     ) -> Result<(), PublishError> {
         let message_id = match properties.message_id() {
             Some(id) => id.to_string(),
@@ -393,8 +425,9 @@ impl Publisher {
             outcome = tracing::field::Empty,
             retries = tracing::field::Empty,
         );
-        let max = self.inner.config.max_body_size;
-        if body.len() > max {
+        if let Some(max) = max_body_size
+            && body.len() > max
+        {
             // Never sent: a body over the broker's limit would close the shared channel.
             span.record("outcome", "too_large");
             return Err(PublishError::TooLarge {

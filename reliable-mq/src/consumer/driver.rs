@@ -17,7 +17,7 @@ use std::sync::atomic::Ordering;
 use futures_util::StreamExt;
 use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinSet;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
@@ -32,6 +32,22 @@ use crate::shutdown::ShutdownHandle;
 use crate::spec::ConsumerConfig;
 use crate::topology::Topology;
 use crate::{Config, Delivery, Error};
+
+/// Resolves when the session's connection or channel is no longer usable.
+async fn link_lost(conn: &lapin::Connection, channel: &lapin::Channel) -> String {
+    loop {
+        if !conn.status().connected() {
+            return "connection lost".into();
+        }
+        if !channel.status().connected() {
+            return "channel closed".into();
+        }
+        tokio::time::sleep(LINK_CHECK_EVERY).await;
+    }
+}
+
+/// How often a session with every slot busy checks that its link is still up.
+const LINK_CHECK_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// Longest wait between claim attempts while the dedup store is down.
 const DEDUP_RETRY_MAX_DELAY: std::time::Duration = std::time::Duration::from_secs(5);
@@ -119,6 +135,7 @@ impl ConsumerRuntime {
 
         let slots = Arc::new(Semaphore::new(usize::from(self.consumer.concurrency)));
         let mut in_flight = JoinSet::new();
+        let (topology_broken, mut broken) = mpsc::channel::<String>(1);
         let mut signal = self.shutdown.signal();
 
         let end = loop {
@@ -127,6 +144,10 @@ impl ConsumerRuntime {
             let permit = tokio::select! {
                 biased;
                 _ = signal.cancelled() => break SessionEnd::Shutdown,
+                Some(reason) = broken.recv() => break SessionEnd::Broken(reason),
+                // With every slot busy the delivery stream is not polled, so watch the
+                // link directly: a broker restart must not go unnoticed behind slow handlers.
+                reason = link_lost(&conn, &channel) => break SessionEnd::Broken(reason),
                 permit = Arc::clone(&slots).acquire_owned() => match permit {
                     Ok(p) => p,
                     Err(_) => break SessionEnd::Broken("slot semaphore closed".into()),
@@ -135,6 +156,7 @@ impl ConsumerRuntime {
             let next = tokio::select! {
                 biased;
                 _ = signal.cancelled() => break SessionEnd::Shutdown,
+                Some(reason) = broken.recv() => break SessionEnd::Broken(reason),
                 next = deliveries.next() => next,
             };
             let raw = match next {
@@ -149,8 +171,9 @@ impl ConsumerRuntime {
             // Reap finished tasks so the set does not grow with the session.
             while in_flight.try_join_next().is_some() {}
             let this = Arc::clone(self);
+            let topology_broken = topology_broken.clone();
             in_flight.spawn(async move {
-                this.process(raw).await;
+                this.process(raw, topology_broken).await;
                 drop(permit);
             });
         };
@@ -185,8 +208,9 @@ impl ConsumerRuntime {
     }
 
     /// Claim `delivery`; while the store does not answer, hold it (unacked, slot kept) and
-    /// retry with capped backoff. `None` if shutdown came first.
-    async fn claim(&self, delivery: &Delivery) -> Option<ClaimDecision> {
+    /// retry with capped backoff. `None` if shutdown came first or the delivery's channel
+    /// died meanwhile (the broker is redelivering it: running it here would be a duplicate).
+    async fn claim(&self, delivery: &Delivery, acker: &lapin::Acker) -> Option<ClaimDecision> {
         let mut backoff: Option<Backoff> = None;
         let mut signal = self.shutdown.signal();
         loop {
@@ -221,11 +245,16 @@ impl ConsumerRuntime {
                     return None;
                 }
             }
+            if !acker.usable() {
+                self.stats.paused.fetch_sub(1, Ordering::Relaxed);
+                debug!("channel gone while paused on the dedup store; the broker redelivers");
+                return None;
+            }
         }
     }
 
     /// One delivery through claim -> handler -> settle.
-    async fn process(&self, raw: lapin::message::Delivery) {
+    async fn process(&self, raw: lapin::message::Delivery, topology_broken: mpsc::Sender<String>) {
         ConsumerStats::bump(&self.stats.received);
         let lapin::message::Delivery {
             delivery_tag,
@@ -259,10 +288,11 @@ impl ConsumerRuntime {
                 topology: &self.topology,
                 publisher: &self.publisher,
                 stats: &self.stats,
+                topology_broken: &topology_broken,
             };
-            let Some(decision) = self.claim(&delivery).await else {
-                // Shutdown while paused on the dedup store: leave it unacked; the broker
-                // gets it back when the channel closes.
+            let Some(decision) = self.claim(&delivery, &acker).await else {
+                // Shutdown, or the channel died, while paused on the dedup store: leave it
+                // unacked; the broker gets it back when the channel closes.
                 return;
             };
             let outcome = match decision {

@@ -12,7 +12,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::consumer::ConsumerStats;
 use crate::failure::{self, FailureKind, header};
-use crate::publisher::Publisher;
+use crate::publisher::{PublishError, Publisher};
 use crate::topology::Topology;
 use crate::{Delivery, HandlerError};
 
@@ -53,6 +53,9 @@ pub(crate) struct Settler<'a> {
     pub(crate) topology: &'a Topology,
     pub(crate) publisher: &'a Publisher,
     pub(crate) stats: &'a ConsumerStats,
+    /// Tells the session its topology is broken (a copy was unroutable or refused): the
+    /// session ends and the next one declares everything again.
+    pub(crate) topology_broken: &'a tokio::sync::mpsc::Sender<String>,
 }
 
 impl Settler<'_> {
@@ -70,12 +73,16 @@ impl Settler<'_> {
                         ConsumerStats::bump(&self.stats.retried);
                     }
                     None => {
-                        // With no retries configured the failure itself is the reason;
-                        // otherwise say the ladder ran out, and what failed last.
-                        let (kind, last) = if self.topology.ladder.max_retries() == 0 {
-                            (kind, None)
-                        } else {
-                            (FailureKind::RetriesExhausted, Some(kind))
+                        // With no retries configured a timeout or panic is the reason in
+                        // itself; otherwise the ladder ran out (`x-last-error-kind` says
+                        // what failed last).
+                        let (kind, last) = match kind {
+                            FailureKind::Timeout | FailureKind::Panic
+                                if self.topology.ladder.max_retries() == 0 =>
+                            {
+                                (kind, None)
+                            }
+                            _ => (FailureKind::RetriesExhausted, Some(kind)),
                         };
                         let headers = failure_headers(delivery, kind, &message, attempt, last);
                         self.dead_letter(acker, delivery, headers).await;
@@ -93,8 +100,11 @@ impl Settler<'_> {
                     put_back(acker, PUT_BACK_DELAY).await;
                     return;
                 };
-                // Not a failure: the retry state (`x-attempts`, ...) travels unchanged.
+                // Not a failure: the retry state (`x-attempts`, ...) travels unchanged. The
+                // copy comes back through the default exchange, so record where it was
+                // first published, or a later failure would report `""` as its origin.
                 let mut headers = copied_headers(delivery, &[]);
+                keep_origin(&mut headers, delivery);
                 failure::set_str(
                     &mut headers,
                     header::DEDUP_REQUEUE,
@@ -139,10 +149,16 @@ impl Settler<'_> {
         routing_key: &str,
         headers: FieldTable,
     ) -> bool {
+        if !acker.usable() {
+            // The channel died (the session is reconnecting): the broker is redelivering
+            // the original, so a copy now would start a second lineage of it.
+            debug!("channel gone before settling; no copy, the broker redelivers");
+            return false;
+        }
         let properties = copy_properties(&delivery.properties, headers);
         match self
             .publisher
-            .publish_raw(exchange, routing_key, delivery.body.clone(), properties)
+            .publish_copy(exchange, routing_key, delivery.body.clone(), properties)
             .await
         {
             Ok(()) => {
@@ -154,6 +170,18 @@ impl Settler<'_> {
                 }
                 ack(acker).await;
                 true
+            }
+            Err(
+                e @ (PublishError::Unroutable { .. }
+                | PublishError::Refused { .. }
+                | PublishError::TooLarge { .. }),
+            ) => {
+                // Retrying cannot help until the topology is declared again (a tier, the
+                // DLX or its binding was deleted under us): end the session. The original
+                // stays unacked and comes back to the next session, which redeclares.
+                error!(error = %e, exchange, routing_key, "the broker cannot take the settle copy; reconnecting to redeclare the topology (the original stays unacked)");
+                let _ = self.topology_broken.try_send(e.to_string());
+                false
             }
             Err(e) => {
                 error!(error = %e, exchange, routing_key, "cannot publish the settle copy; the original goes back to the queue");
@@ -259,10 +287,26 @@ fn copy_properties(original: &BasicProperties, headers: FieldTable) -> BasicProp
     p
 }
 
+/// Record where a message was first published, unless it already says.
+fn keep_origin(headers: &mut FieldTable, delivery: &Delivery) {
+    for (key, value) in [
+        (header::ORIGINAL_EXCHANGE, delivery.exchange()),
+        (header::ORIGINAL_ROUTING_KEY, delivery.routing_key()),
+        (header::ORIGINAL_QUEUE, delivery.queue()),
+    ] {
+        if failure::header_str(Some(headers), key).is_none() {
+            let value = value.to_owned();
+            failure::set_str(headers, key, &value);
+        }
+    }
+}
+
 pub(crate) async fn ack(acker: &Acker) {
-    if let Err(e) = acker.ack(BasicAckOptions::default()).await {
+    match acker.ack(BasicAckOptions::default()).await {
+        Ok(true) => {}
         // The channel is gone: the broker redelivers the message (dedup absorbs it).
-        warn!(error = %e, "ack failed; the broker will redeliver");
+        Ok(false) => debug!("ack not sent: the channel is gone; the broker will redeliver"),
+        Err(e) => warn!(error = %e, "ack failed; the broker will redeliver"),
     }
 }
 
