@@ -33,8 +33,10 @@ pub struct Config {
     pub publish_retries: u32,
     /// Largest body a publish accepts (checked before sending).
     pub max_body_size: usize,
-    /// AMQP heartbeat.
+    /// AMQP heartbeat (rounded up to whole seconds; zero disables heartbeats).
     pub heartbeat: Duration,
+    /// How long opening one connection may take before the next address is tried.
+    pub connect_timeout: Duration,
     /// Longest wait between reconnection attempts.
     pub max_reconnect_delay: Duration,
     /// Prefix of dedup keys (`{prefix}:{queue}:{message_id}`).
@@ -56,6 +58,7 @@ impl Default for Config {
             publish_retries: 5,
             max_body_size: 16 * 1024 * 1024,
             heartbeat: Duration::from_secs(20),
+            connect_timeout: Duration::from_secs(10),
             max_reconnect_delay: Duration::from_secs(30),
             dedup_prefix: "reliable-mq".to_owned(),
             blocked_timeout: Duration::from_secs(30),
@@ -133,6 +136,12 @@ impl Config {
     /// Set the AMQP heartbeat interval.
     pub fn with_heartbeat(mut self, heartbeat: Duration) -> Self {
         self.heartbeat = heartbeat;
+        self
+    }
+
+    /// Set how long opening one connection may take.
+    pub fn with_connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
         self
     }
 

@@ -48,13 +48,19 @@ async fn open_one(config: &Config, raw_url: &str, role: &str) -> Result<Connecti
             "AMQP_URL {url} is not a valid AMQP URL ({e}); expected amqp://user:password@host:5672/vhost"
         ))
     })?;
-    let heartbeat = u16::try_from(config.heartbeat.as_secs()).unwrap_or(u16::MAX);
+    // Round up: a sub-second heartbeat must not become 0, which disables heartbeats.
+    let secs = config.heartbeat.as_millis().div_ceil(1000);
+    let heartbeat = u16::try_from(secs).unwrap_or(u16::MAX);
     uri.query.heartbeat = Some(heartbeat);
     let props = ConnectionProperties::default()
         .with_connection_name(format!("{} ({role})", config.connection_name).into());
-    Connection::connect_uri(uri, props)
-        .await
-        .map_err(|source| Error::Connect { url, source })
+    match tokio::time::timeout(config.connect_timeout, Connection::connect_uri(uri, props)).await {
+        Ok(connected) => connected.map_err(|source| Error::Connect { url, source }),
+        Err(_) => Err(Error::ConnectTimeout {
+            url,
+            timeout: config.connect_timeout,
+        }),
+    }
 }
 
 /// Capped exponential backoff: 100ms, 200ms, 400ms, ... up to `max`.

@@ -129,6 +129,16 @@ pub enum Error {
         #[source]
         source: lapin::Error,
     },
+    /// The broker did not complete the connection in time.
+    #[error(
+        "connecting to RabbitMQ at {url} took longer than {timeout:?}; is the address reachable (a firewall dropping packets looks like this)?"
+    )]
+    ConnectTimeout {
+        /// The URL, password removed.
+        url: String,
+        /// The configured connect timeout.
+        timeout: std::time::Duration,
+    },
     /// An existing broker object was declared with other arguments.
     #[error(
         "{object} already exists on the broker with different settings: {reason}. \

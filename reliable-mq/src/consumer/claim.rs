@@ -20,7 +20,7 @@ pub(crate) enum ClaimDecision {
     HeldElsewhere,
     /// Idempotent consumer, no `message_id`: dead-letter.
     MissingMessageId,
-    /// The store did not answer: leave the message to the broker and pause.
+    /// The store did not answer: the driver holds the delivery and claims again later.
     StoreDown(DedupError),
 }
 

@@ -36,7 +36,8 @@ pub struct StatsSnapshot {
     pub retried: u64,
     /// Messages sent to the DLQ.
     pub dead_lettered: u64,
-    /// Deliveries put back (claim held elsewhere, dedup store down, settle failure).
+    /// Deliveries put back: claim held elsewhere (sent to the requeue tier) or a settle
+    /// copy that could not be published.
     pub requeued: u64,
     /// Broker sessions opened (1 + reconnects).
     pub sessions: u64,

@@ -17,16 +17,39 @@ enum Entry {
 
 /// A [`DedupStore`] in this process's memory. Expired entries are dropped as they are met
 /// and swept every 1024 claims.
-#[derive(Debug, Default)]
+///
+/// Memory is bounded: past `max_entries` (default [`MemoryStore::DEFAULT_MAX_ENTRIES`]) the
+/// oldest tenth of the `done` marks is forgotten early (never a live claim), with a
+/// warning; a copy of one of those ids arriving later would run again.
+#[derive(Debug)]
 pub struct MemoryStore {
     entries: Mutex<HashMap<String, Entry>>,
     claims: std::sync::atomic::AtomicU64,
+    max_entries: usize,
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        Self::with_max_entries(Self::DEFAULT_MAX_ENTRIES)
+    }
 }
 
 impl MemoryStore {
+    /// Default bound on remembered ids (about 100 MB with short ids).
+    pub const DEFAULT_MAX_ENTRIES: usize = 1_000_000;
+
     /// An empty store.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// An empty store remembering at most `max_entries` ids (at least 10).
+    pub fn with_max_entries(max_entries: usize) -> Self {
+        Self {
+            entries: Mutex::new(HashMap::new()),
+            claims: std::sync::atomic::AtomicU64::new(0),
+            max_entries: max_entries.max(10),
+        }
     }
 
     fn with<T>(
@@ -50,6 +73,35 @@ impl MemoryStore {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+}
+
+/// Keep the map under `max`: drop expired entries, then, if still full, the oldest tenth of
+/// the `done` marks (their TTLs are alike, so the earliest expiry is the oldest).
+fn make_room(map: &mut HashMap<String, Entry>, now: Instant, max: usize) {
+    if map.len() < max {
+        return;
+    }
+    map.retain(|_, e| !expired(e, now));
+    if map.len() < max {
+        return;
+    }
+    let mut done: Vec<Instant> = map
+        .values()
+        .filter_map(|e| match e {
+            Entry::Done { until } => Some(*until),
+            Entry::Claimed { .. } => None,
+        })
+        .collect();
+    if done.is_empty() {
+        return;
+    }
+    let nth = (max / 10).clamp(1, done.len()) - 1;
+    let cutoff = *done.select_nth_unstable(nth).1;
+    map.retain(|_, e| !matches!(e, Entry::Done { until } if *until <= cutoff));
+    tracing::warn!(
+        max,
+        "in-memory dedup store is full; forgot the oldest done marks early (set REDIS_URL for a real store)"
+    );
 }
 
 fn expired(entry: &Entry, now: Instant) -> bool {
@@ -80,6 +132,7 @@ impl DedupStore for MemoryStore {
                     Entry::Claimed { .. } => Claim::Held,
                 },
                 _ => {
+                    make_room(map, now, self.max_entries);
                     map.insert(
                         key.to_owned(),
                         Entry::Claimed {
@@ -233,5 +286,23 @@ mod tests {
         assert_eq!(s.complete("k", "t1", TTL).await.ok(), Some(true));
         tokio::time::advance(TTL + Duration::from_millis(1)).await;
         assert_eq!(s.claim("k", "t2", LEASE).await.ok(), Some(Claim::Acquired));
+    }
+
+    #[tokio::test]
+    async fn memory_is_bounded_and_live_claims_survive_eviction() {
+        let s = MemoryStore::with_max_entries(100);
+        assert_eq!(
+            s.claim("live", "t", LEASE).await.ok(),
+            Some(Claim::Acquired)
+        );
+        for i in 0..1000 {
+            let k = format!("k{i}");
+            assert_eq!(s.claim(&k, "t", LEASE).await.ok(), Some(Claim::Acquired));
+            assert_eq!(s.complete(&k, "t", TTL).await.ok(), Some(true));
+        }
+        assert!(s.len() <= 100, "bounded: {}", s.len());
+        assert_eq!(s.claim("live", "t2", LEASE).await.ok(), Some(Claim::Held));
+        // The newest done marks are still remembered.
+        assert_eq!(s.claim("k999", "t", LEASE).await.ok(), Some(Claim::Done));
     }
 }

@@ -10,7 +10,7 @@
 //! | nothing | runs the handler; success turns the claim into `done` for `dedup_ttl` (compare-and-set on the token), then acks; failure deletes the claim (compare-and-delete), then retries or dead-letters |
 //! | `done` | is acked without a handler call (a duplicate) |
 //! | another claim | is copied to the consumer's requeue tier (a delayed wait queue) and acked there; it comes back after `retry_delay` and finds `done` (acked), nothing (it runs: the other copy failed) or the claim still held (requeued again) |
-//! | no answer | is put back unacked and the consumer pauses until the store answers: nothing is acked or dead-lettered because the store was down |
+//! | no answer | keeps its slot and stays unacked while the claim is retried with capped backoff (the consumer is paused in place): nothing is acked, dead-lettered or handed back because the store was down |
 //!
 //! A claim that never finished (a crash) expires with its lease: a message is never
 //! skipped because of a claim that did not finish, it is only delayed by at most the
@@ -36,7 +36,9 @@
 //! without persistence (or a failover to a replica that had not received the latest
 //! writes) forgets `done` marks and claims, so a copy arriving after that runs again. Give
 //! Redis AOF or replication with `WAIT` if that matters. Every script touches one key,
-//! so Redis Cluster works.
+//! so the protocol itself suits Redis Cluster, but [`RedisStore`] talks to one node (or a
+//! proxy in front of a cluster); for Cluster or Sentinel, implement [`DedupStore`] over a
+//! cluster client with the same four scripts.
 //!
 //! # The window no broker-side design closes
 //!
@@ -109,7 +111,15 @@ pub trait DedupStore: Send + Sync + 'static {
 }
 
 /// The dedup key of a message on a queue.
+///
+/// A `:` or `%` in the queue name is percent-encoded, so the queue and the id cannot run
+/// into each other (`a:b` + `c` and `a` + `b:c` are different keys).
 pub fn key(prefix: &str, queue: &str, message_id: &str) -> String {
+    let queue = if queue.contains([':', '%']) {
+        std::borrow::Cow::Owned(queue.replace('%', "%25").replace(':', "%3A"))
+    } else {
+        std::borrow::Cow::Borrowed(queue)
+    };
     format!("{prefix}:{queue}:{message_id}")
 }
 
@@ -121,4 +131,16 @@ pub fn lease_for(timeout: Duration) -> Duration {
 
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
+}
+
+#[cfg(test)]
+mod key_tests {
+    use super::key;
+
+    #[test]
+    fn queue_and_id_cannot_run_into_each_other() {
+        assert_eq!(key("p", "orders", "m-1"), "p:orders:m-1");
+        assert_ne!(key("p", "a:b", "c"), key("p", "a", "b:c"));
+        assert_eq!(key("p", "a:b%", "c"), "p:a%3Ab%25:c");
+    }
 }
