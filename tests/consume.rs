@@ -12,7 +12,7 @@ use lapin::types::{AMQPValue, FieldTable};
 use reliable_mq::{
     App, ConsumerConfig, Error, ExchangeKind, HandlerError, RetryBackoff, handler_fn,
 };
-use reliable_mq_tests::{Broker, eventually, init_tracing, test_config, unique};
+use reliable_mq_tests::{Broker, Cleanup, eventually, init_tracing, test_config, unique};
 use serde::Deserialize;
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -40,6 +40,7 @@ async fn declares_every_derived_object_and_binds_the_exchange() {
     let broker = Broker::connect().await;
     let q = unique("decl");
     let (dlx, ex) = (format!("{q}.dlx"), format!("{q}.shop"));
+    let _cleanup = Cleanup::consumer(&q, &["1s", "2s"], &[&ex]);
     let handled = Arc::new(AtomicUsize::new(0));
     let consumer = ConsumerConfig::new(&q, &dlx, counting_ok(&handled))
         .with_exchange(&ex, ExchangeKind::Topic, "order.*")
@@ -84,9 +85,6 @@ async fn declares_every_derived_object_and_binds_the_exchange() {
     assert!(eventually(WAIT, || async { handled.load(Ordering::SeqCst) == 1 }).await);
 
     app.shutdown().await.expect("clean shutdown");
-    broker
-        .delete_consumer_topology(&q, &dlx, &["1s", "2s"], &[&ex])
-        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -95,6 +93,7 @@ async fn acks_after_success_and_leaves_nothing_behind() {
     let broker = Broker::connect().await;
     let q = unique("ack");
     let dlx = format!("{q}.dlx");
+    let _cleanup = Cleanup::consumer(&q, &["1s", "2s", "4s"], &[]);
     let handled = Arc::new(AtomicUsize::new(0));
     let app = App::new(test_config(&q))
         .consumer(ConsumerConfig::new(&q, &dlx, counting_ok(&handled)).with_concurrency(4))
@@ -119,9 +118,6 @@ async fn acks_after_success_and_leaves_nothing_behind() {
     // Acked: nothing comes back after the consumer is gone.
     assert_eq!(broker.ready_count(&q).await, Some(0));
     assert_eq!(broker.ready_count(&format!("{q}.dlq")).await, Some(0));
-    broker
-        .delete_consumer_topology(&q, &dlx, &["1s", "2s", "4s"], &[])
-        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -130,6 +126,7 @@ async fn undecodable_bodies_go_to_the_dlq_with_the_reason() {
     let broker = Broker::connect().await;
     let q = unique("decode");
     let dlx = format!("{q}.dlx");
+    let _cleanup = Cleanup::consumer(&q, &["1s", "2s", "4s"], &[]);
     let dlq = format!("{q}.dlq");
     let handled = Arc::new(AtomicUsize::new(0));
     let app = App::new(test_config(&q))
@@ -219,9 +216,6 @@ async fn undecodable_bodies_go_to_the_dlq_with_the_reason() {
         Some(0),
         "no requeue loop: originals acked"
     );
-    broker
-        .delete_consumer_topology(&q, &dlx, &["1s", "2s", "4s"], &[])
-        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -230,6 +224,7 @@ async fn rejected_and_panicking_handlers_dead_letter_and_the_consumer_keeps_goin
     let broker = Broker::connect().await;
     let q = unique("reject");
     let dlx = format!("{q}.dlx");
+    let _cleanup = Cleanup::consumer(&q, &[], &[]);
     let dlq = format!("{q}.dlq");
     let calls = Arc::new(AtomicUsize::new(0));
     let c = Arc::clone(&calls);
@@ -301,7 +296,6 @@ async fn rejected_and_panicking_handlers_dead_letter_and_the_consumer_keeps_goin
     assert_eq!(stats.dead_lettered, 2);
     assert_eq!(stats.sessions, 1, "the panic did not cost a reconnect");
     app.shutdown().await.expect("clean shutdown");
-    broker.delete_consumer_topology(&q, &dlx, &[], &[]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -310,6 +304,7 @@ async fn an_existing_queue_with_other_arguments_stops_start_up_and_is_not_delete
     let broker = Broker::connect().await;
     let q = unique("mismatch");
     let dlx = format!("{q}.dlx");
+    let _cleanup = Cleanup::consumer(&q, &[], &[]);
     // Someone declared the queue before us with another dead-letter exchange and left a
     // message in it.
     let mut args = FieldTable::default();
@@ -353,7 +348,6 @@ async fn an_existing_queue_with_other_arguments_stops_start_up_and_is_not_delete
         "queue and its message untouched"
     );
     assert_eq!(handled.load(Ordering::SeqCst), 0);
-    broker.delete_consumer_topology(&q, &dlx, &[], &[]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -362,6 +356,7 @@ async fn graceful_shutdown_finishes_in_flight_handlers_and_loses_nothing() {
     let broker = Broker::connect().await;
     let q = unique("shutdown");
     let dlx = format!("{q}.dlx");
+    let _cleanup = Cleanup::consumer(&q, &["1s", "2s", "4s"], &[]);
     let started = Arc::new(AtomicUsize::new(0));
     let finished = Arc::new(AtomicUsize::new(0));
     let (s, f) = (Arc::clone(&started), Arc::clone(&finished));
@@ -411,9 +406,6 @@ async fn graceful_shutdown_finishes_in_flight_handlers_and_loses_nothing() {
         30,
         "handled {finished}, waiting {waiting}"
     );
-    broker
-        .delete_consumer_topology(&q, &dlx, &["1s", "2s", "4s"], &[])
-        .await;
 }
 
 #[tokio::test]

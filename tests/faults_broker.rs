@@ -18,7 +18,7 @@ use reliable_mq_tests::fault::{
     ensure_rabbit_up, ensure_redis_up, log_lines, log_path, produce, rabbit_accepts, read_log,
     time_to_resume, wait_settled,
 };
-use reliable_mq_tests::{Broker, eventually, init_tracing, sh, test_config, unique};
+use reliable_mq_tests::{Broker, Cleanup, eventually, init_tracing, sh, test_config, unique};
 
 /// Messages per scenario.
 const MESSAGES: usize = 3000;
@@ -55,13 +55,17 @@ where
 {
     init_tracing();
     let _serial = SCENARIO_LOCK.lock().await;
+    let queue = unique(&format!("fault-{}", s.name));
+    // Dropped last: the services are back (the guard below) before anything is deleted.
+    let _cleanup = Cleanup::consumer(&queue, &["1s", "2s", "4s"], &[])
+        .redis_keys(&format!("rmq-test:{queue}"))
+        .redis_keys(&format!("reliable-mq:{queue}"));
     let _restore = ServiceGuard;
     ensure_rabbit_up();
     ensure_redis_up();
     assert!(eventually(Duration::from_secs(60), rabbit_accepts).await);
 
     let broker = Broker::connect().await;
-    let queue = unique(&format!("fault-{}", s.name));
     let log = log_path(&queue);
     let options = WorkerOptions {
         bin: env!("CARGO_BIN_EXE_fault_worker").into(),
@@ -113,9 +117,6 @@ where
     };
     report.publish();
     publisher.close().await;
-    broker
-        .delete_consumer_topology(&queue, &format!("{queue}.dlx"), &["1s", "2s", "4s"], &[])
-        .await;
 
     assert!(
         report.confirmed > MESSAGES / 2,

@@ -11,7 +11,7 @@ use std::time::Duration;
 use lapin::options::QueueDeleteOptions;
 use reliable_mq::{App, ConsumerConfig, HandlerError, handler_fn};
 use reliable_mq_tests::{
-    Broker, close_connections_named, eventually, init_tracing, test_config, unique,
+    Broker, Cleanup, close_connections_named, eventually, init_tracing, test_config, unique,
 };
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -34,6 +34,7 @@ async fn consumer_resumes_after_the_broker_closes_its_connection() {
     let broker = Broker::connect().await;
     let q = unique("recover");
     let dlx = format!("{q}.dlx");
+    let _cleanup = Cleanup::consumer(&q, &["1s", "2s", "4s"], &[]);
     let calls = Arc::new(AtomicUsize::new(0));
     let config = test_config(&q).with_connection_name(format!("test-{q}"));
     let app = App::new(config)
@@ -70,9 +71,6 @@ async fn consumer_resumes_after_the_broker_closes_its_connection() {
     assert!(eventually(WAIT, || async { calls.load(Ordering::SeqCst) == 2 }).await);
     app.shutdown().await.expect("clean shutdown");
     assert_eq!(broker.ready_count(&q).await, Some(0));
-    broker
-        .delete_consumer_topology(&q, &dlx, &["1s", "2s", "4s"], &[])
-        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -81,6 +79,7 @@ async fn in_flight_work_is_redelivered_not_acked_on_a_new_channel_and_dedup_abso
     let broker = Broker::connect().await;
     let q = unique("inflight");
     let dlx = format!("{q}.dlx");
+    let _cleanup = Cleanup::consumer(&q, &["1s", "2s", "4s"], &[]);
     let calls = Arc::new(AtomicUsize::new(0));
     // Handlers hold until the test has seen the connection closed (rabbitmqctl is slow to
     // start, so a fixed sleep could let them finish and ack before the close).
@@ -144,9 +143,6 @@ async fn in_flight_work_is_redelivered_not_acked_on_a_new_channel_and_dedup_abso
         Some(0),
         "nothing left unacked"
     );
-    broker
-        .delete_consumer_topology(&q, &dlx, &["1s", "2s", "4s"], &[])
-        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -155,6 +151,7 @@ async fn a_queue_deleted_under_the_consumer_is_redeclared_and_consumption_resume
     let broker = Broker::connect().await;
     let q = unique("cancelled");
     let dlx = format!("{q}.dlx");
+    let _cleanup = Cleanup::consumer(&q, &["1s", "2s", "4s"], &[]);
     let calls = Arc::new(AtomicUsize::new(0));
     let app = App::new(test_config(&q))
         .consumer(ConsumerConfig::new(
@@ -186,9 +183,6 @@ async fn a_queue_deleted_under_the_consumer_is_redeclared_and_consumption_resume
         .await;
     assert!(eventually(WAIT, || async { calls.load(Ordering::SeqCst) == 1 }).await);
     app.shutdown().await.expect("clean shutdown");
-    broker
-        .delete_consumer_topology(&q, &dlx, &["1s", "2s", "4s"], &[])
-        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -197,6 +191,7 @@ async fn several_broker_addresses_fail_over_to_one_that_answers() {
     let broker = Broker::connect().await;
     let q = unique("failover");
     let dlx = format!("{q}.dlx");
+    let _cleanup = Cleanup::consumer(&q, &["1s", "2s", "4s"], &[]);
     let calls = Arc::new(AtomicUsize::new(0));
     // The first "node" refuses connections; the second is the real broker.
     let urls = format!(
@@ -217,9 +212,6 @@ async fn several_broker_addresses_fail_over_to_one_that_answers() {
         .await;
     assert!(eventually(WAIT, || async { calls.load(Ordering::SeqCst) == 1 }).await);
     app.shutdown().await.expect("clean shutdown");
-    broker
-        .delete_consumer_topology(&q, &dlx, &["1s", "2s", "4s"], &[])
-        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -228,6 +220,7 @@ async fn a_dead_letter_exchange_deleted_under_the_consumer_is_redeclared_and_not
     let broker = Broker::connect().await;
     let q = unique("dlx-gone");
     let dlx = format!("{q}.dlx");
+    let _cleanup = Cleanup::consumer(&q, &["1s", "2s", "4s"], &[]);
     let calls = Arc::new(AtomicUsize::new(0));
     let c = Arc::clone(&calls);
     let handler = handler_fn(move |n: u64| {
@@ -273,7 +266,4 @@ async fn a_dead_letter_exchange_deleted_under_the_consumer_is_redeclared_and_not
         Some(0),
         "exactly one dead letter"
     );
-    broker
-        .delete_consumer_topology(&q, &dlx, &["1s", "2s", "4s"], &[])
-        .await;
 }

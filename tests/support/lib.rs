@@ -345,3 +345,81 @@ pub fn message_total(queue: &str) -> Option<u64> {
             (parts.next()? == queue).then(|| parts.next()?.parse().ok())?
         })
 }
+
+/// Deletes a test's broker objects (and Redis keys) when dropped, so a failing assertion
+/// leaves nothing behind on the shared broker. Create it right after choosing the names.
+#[derive(Debug, Default)]
+pub struct Cleanup {
+    queues: Vec<String>,
+    exchanges: Vec<String>,
+    redis_prefixes: Vec<String>,
+}
+
+impl Cleanup {
+    /// Everything a consumer of `queue` declares: the queue, `{queue}.dlq`, `{queue}.dlx`,
+    /// the retry tiers `{queue}.retry.{t}` for `tiers`, and `extra_exchanges`.
+    pub fn consumer(queue: &str, tiers: &[&str], extra_exchanges: &[&str]) -> Self {
+        let mut queues = vec![queue.to_owned(), format!("{queue}.dlq")];
+        queues.extend(tiers.iter().map(|t| format!("{queue}.retry.{t}")));
+        let mut exchanges = vec![format!("{queue}.dlx")];
+        exchanges.extend(extra_exchanges.iter().map(|e| (*e).to_owned()));
+        Self {
+            queues,
+            exchanges,
+            redis_prefixes: Vec::new(),
+        }
+    }
+
+    /// Also delete the Redis keys under `prefix:`.
+    pub fn redis_keys(mut self, prefix: &str) -> Self {
+        self.redis_prefixes.push(prefix.to_owned());
+        self
+    }
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let (queues, exchanges) = (
+            std::mem::take(&mut self.queues),
+            std::mem::take(&mut self.exchanges),
+        );
+        for prefix in &self.redis_prefixes {
+            sh(&format!(
+                "redis-cli -h 127.0.0.1 -p 6379 --scan --pattern '{prefix}:*' | xargs -r redis-cli -h 127.0.0.1 -p 6379 del >/dev/null 2>&1"
+            ));
+        }
+        // Drop cannot await: delete from a short-lived runtime on its own thread (this also
+        // works while the test's runtime is unwinding).
+        let _ = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            rt.block_on(async {
+                let Ok(connection) =
+                    Connection::connect(&amqp_url(), ConnectionProperties::default()).await
+                else {
+                    return;
+                };
+                for q in &queues {
+                    if let Ok(ch) = connection.create_channel().await {
+                        let _ = ch
+                            .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+                            .await;
+                    }
+                }
+                for e in &exchanges {
+                    if let Ok(ch) = connection.create_channel().await {
+                        let _ = ch
+                            .exchange_delete(e.as_str().into(), ExchangeDeleteOptions::default())
+                            .await;
+                    }
+                }
+                let _ = connection.close(200, "cleaned up".into()).await;
+            });
+        })
+        .join();
+    }
+}
