@@ -13,7 +13,9 @@ use deadpool_redis::redis;
 use lapin::BasicProperties;
 use reliable_mq::dedup::{self, Claim, DedupStore, RedisStore};
 use reliable_mq::{App, ConsumerConfig, HandlerError, RetryBackoff, handler_fn};
-use reliable_mq_tests::{Broker, eventually, init_tracing, redis_url, test_config, unique};
+use reliable_mq_tests::{
+    Broker, Cleanup, eventually, init_tracing, redis_url, test_config, unique,
+};
 
 const WAIT: Duration = Duration::from_secs(15);
 const LEASE: Duration = Duration::from_secs(30);
@@ -347,6 +349,8 @@ async fn the_same_message_id_twice_runs_the_handler_once_and_acks_both() {
     let (broker, redis) = (Broker::connect().await, Inspector::new());
     let q = unique("dedup-twice");
     let dlx = format!("{q}.dlx");
+    let _cleanup = Cleanup::consumer(&q, &["200ms", "1s", "2s", "4s"], &[])
+        .redis_keys(&format!("rmq-test:{q}"));
     let config = test_config(&q);
     let prefix = config.dedup_prefix.clone();
     let calls = Arc::new(Mutex::new(HashMap::new()));
@@ -399,6 +403,8 @@ async fn a_handler_that_fails_once_runs_again_and_is_never_skipped() {
     let (broker, redis) = (Broker::connect().await, Inspector::new());
     let q = unique("dedup-retry");
     let dlx = format!("{q}.dlx");
+    let _cleanup = Cleanup::consumer(&q, &["200ms", "1s", "2s", "4s"], &[])
+        .redis_keys(&format!("rmq-test:{q}"));
     let config = test_config(&q);
     let prefix = config.dedup_prefix.clone();
     let calls = Arc::new(AtomicUsize::new(0));
@@ -478,6 +484,8 @@ async fn a_handler_failing_for_good_releases_its_claim() {
     let (broker, redis) = (Broker::connect().await, Inspector::new());
     let q = unique("dedup-reject");
     let dlx = format!("{q}.dlx");
+    let _cleanup = Cleanup::consumer(&q, &["200ms", "1s", "2s", "4s"], &[])
+        .redis_keys(&format!("rmq-test:{q}"));
     let config = test_config(&q);
     let prefix = config.dedup_prefix.clone();
     let calls = Arc::new(AtomicUsize::new(0));
@@ -532,6 +540,8 @@ async fn two_instances_receiving_one_id_at_once_run_the_handler_once() {
     let (broker, redis) = (Broker::connect().await, Inspector::new());
     let q = unique("dedup-race");
     let dlx = format!("{q}.dlx");
+    let _cleanup = Cleanup::consumer(&q, &["200ms", "1s", "2s", "4s"], &[])
+        .redis_keys(&format!("rmq-test:{q}"));
     let config = test_config(&q);
     let prefix = config.dedup_prefix.clone();
     let calls = Arc::new(Mutex::new(HashMap::new()));
@@ -597,6 +607,8 @@ async fn done_keys_are_namespaced_with_the_configured_prefix_and_expire() {
     let (broker, redis) = (Broker::connect().await, Inspector::new());
     let q = unique("dedup-keys");
     let dlx = format!("{q}.dlx");
+    let _cleanup = Cleanup::consumer(&q, &["200ms", "1s", "2s", "4s"], &[])
+        .redis_keys(&format!("rmq-test:{q}"));
     let prefix = unique("rmq-test-custom");
     // The store chosen from the configured Redis URL, as `REDIS_URL` would.
     let config = test_config(&q)
@@ -642,6 +654,8 @@ async fn a_message_without_message_id_is_dead_lettered_with_the_reason() {
     let (broker, redis) = (Broker::connect().await, Inspector::new());
     let q = unique("dedup-noid");
     let dlx = format!("{q}.dlx");
+    let _cleanup = Cleanup::consumer(&q, &["200ms", "1s", "2s", "4s"], &[])
+        .redis_keys(&format!("rmq-test:{q}"));
     let dlq = format!("{q}.dlq");
     let config = test_config(&q);
     let prefix = config.dedup_prefix.clone();

@@ -450,8 +450,18 @@ async fn many_tasks_publishing_at_once_are_all_confirmed_and_all_arrive() {
     assert_eq!(confirmed.len(), total, "distinct ids");
     let got = drain(&broker, &q, total).await;
     let arrived: BTreeSet<_> = got.iter().filter_map(Got::message_id).collect();
-    assert_eq!(got.len(), total, "no duplicates");
-    assert_eq!(arrived, confirmed);
+    assert_eq!(
+        arrived, confirmed,
+        "every confirmed id arrived, nothing else"
+    );
+    // A copy beyond one per id can only come from a republish (a confirm that timed out on
+    // a loaded machine); without one there must be no duplicate at all.
+    let republished = republishes_mentioning(&q);
+    assert!(
+        got.len() == total || (republished > 0 && got.len() <= total + republished),
+        "{} messages for {total} ids with {republished} republishes",
+        got.len()
+    );
 
     publisher.close().await;
     broker.delete(&[&q], &[]).await;
