@@ -18,7 +18,10 @@ use proc_macro::TokenStream;
 
 /// Turns an `async fn` into a reliable RabbitMQ consumer.
 ///
-/// ```ignore
+/// (The example below is compiled and run as `tests/ui/pass/doc_example.rs`; a proc-macro
+/// crate cannot doc-test its own expansion against the runtime crate.)
+///
+/// ```text
 /// use reliable_mq::{consumer, HandlerError};
 ///
 /// #[derive(serde::Deserialize)]
