@@ -168,14 +168,15 @@ impl ConsumerRuntime {
                     );
                 }
             };
+            let (delivery, acker, span) = self.receive(raw);
             // Reap finished tasks so the set does not grow with the session.
             while in_flight.try_join_next().is_some() {}
             let this = Arc::clone(self);
             let topology_broken = topology_broken.clone();
-            in_flight.spawn(async move {
-                this.process(raw, topology_broken).await;
-                drop(permit);
-            });
+            in_flight.spawn(
+                async move { this.process(delivery, acker, permit, topology_broken).await }
+                    .instrument(span),
+            );
         };
 
         self.stats.attached.store(false, Ordering::Relaxed);
@@ -253,8 +254,11 @@ impl ConsumerRuntime {
         }
     }
 
-    /// One delivery through claim -> handler -> settle.
-    async fn process(&self, raw: lapin::message::Delivery, topology_broken: mpsc::Sender<String>) {
+    /// Take a delivery apart into what the handler sees, its acker and its span.
+    fn receive(
+        &self,
+        raw: lapin::message::Delivery,
+    ) -> (Arc<Delivery>, lapin::Acker, tracing::Span) {
         ConsumerStats::bump(&self.stats.received);
         let lapin::message::Delivery {
             delivery_tag,
@@ -283,66 +287,80 @@ impl ConsumerRuntime {
             redelivered,
             attempt = delivery.attempt(),
         );
-        async {
-            let settler = Settler {
-                topology: &self.topology,
-                publisher: &self.publisher,
-                stats: &self.stats,
-                topology_broken: &topology_broken,
-            };
-            let Some(decision) = self.claim(&delivery, &acker).await else {
-                // Shutdown, or the channel died, while paused on the dedup store: leave it
-                // unacked; the broker gets it back when the channel closes.
-                return;
-            };
-            let outcome = match decision {
-                ClaimDecision::Run(guard) => {
-                    let handler = self.consumer.handler.as_ref();
-                    let call = invoke(handler, Arc::clone(&delivery), self.consumer.timeout);
-                    let result = match &guard {
-                        Some(g) => g.renew_while(call).await,
-                        None => call.await,
-                    };
-                    match result {
-                        Ok(()) => {
-                            if let Some(g) = guard {
-                                g.complete(self.consumer.dedup_ttl).await;
-                            }
-                            ConsumerStats::bump(&self.stats.handled);
-                            debug!("handled");
-                            SettleOutcome::Ack
+        (delivery, acker, span)
+    }
+
+    /// One delivery through claim -> handler -> settle. `slot` is given back as soon as
+    /// the handler returns: settling (the `done` mark, the ack, a retry or dead-letter
+    /// copy) does not hold up the next handler. Unsettled deliveries stay bounded by the
+    /// prefetch window.
+    async fn process(
+        &self,
+        delivery: Arc<Delivery>,
+        acker: lapin::Acker,
+        slot: tokio::sync::OwnedSemaphorePermit,
+        topology_broken: mpsc::Sender<String>,
+    ) {
+        let mut slot = Some(slot);
+        let settler = Settler {
+            topology: &self.topology,
+            publisher: &self.publisher,
+            stats: &self.stats,
+            topology_broken: &topology_broken,
+        };
+        let Some(decision) = self.claim(&delivery, &acker).await else {
+            // Shutdown, or the channel died, while paused on the dedup store: leave it
+            // unacked; the broker gets it back when the channel closes.
+            return;
+        };
+        let outcome = match decision {
+            ClaimDecision::Run(guard) => {
+                let handler = self.consumer.handler.as_ref();
+                let call = invoke(handler, Arc::clone(&delivery), self.consumer.timeout);
+                let result = match &guard {
+                    Some(g) => g.renew_while(call).await,
+                    None => call.await,
+                };
+                // The handler is done: its slot goes to the next delivery while this settles.
+                slot = None;
+                match result {
+                    Ok(()) => {
+                        if let Some(g) = guard {
+                            g.complete(self.consumer.dedup_ttl).await;
                         }
-                        Err(e) => {
-                            if let Some(g) = guard {
-                                g.release().await;
-                            }
-                            warn!(error = %e, "handler failed");
-                            SettleOutcome::from_error(e)
+                        ConsumerStats::bump(&self.stats.handled);
+                        debug!("handled");
+                        SettleOutcome::Ack
+                    }
+                    Err(e) => {
+                        if let Some(g) = guard {
+                            g.release().await;
                         }
+                        warn!(error = %e, "handler failed");
+                        SettleOutcome::from_error(e)
                     }
                 }
-                ClaimDecision::Duplicate => {
-                    ConsumerStats::bump(&self.stats.duplicates);
-                    debug!("duplicate of a handled message; acking without a handler call");
-                    SettleOutcome::Ack
-                }
-                ClaimDecision::HeldElsewhere => {
-                    debug!("another delivery holds the claim; requeueing with a delay");
-                    SettleOutcome::RequeueHeld
-                }
-                ClaimDecision::MissingMessageId => SettleOutcome::DeadLetter {
-                    kind: crate::FailureKind::MissingMessageId,
-                    message: "idempotent consumer received a message without message_id; publish with a message_id (reliable_mq::Publisher sets one)".into(),
-                },
-                ClaimDecision::StoreDown(e) => {
-                    // Unreachable: `Self::claim` only returns once the store answered.
-                    error!(error = %e, "dedup store down at claim time; putting the message back");
-                    SettleOutcome::PutBack
-                }
-            };
-            settler.settle(&acker, &delivery, outcome).await;
-        }
-        .instrument(span)
-        .await;
+            }
+            ClaimDecision::Duplicate => {
+                ConsumerStats::bump(&self.stats.duplicates);
+                debug!("duplicate of a handled message; acking without a handler call");
+                SettleOutcome::Ack
+            }
+            ClaimDecision::HeldElsewhere => {
+                debug!("another delivery holds the claim; requeueing with a delay");
+                SettleOutcome::RequeueHeld
+            }
+            ClaimDecision::MissingMessageId => SettleOutcome::DeadLetter {
+                kind: crate::FailureKind::MissingMessageId,
+                message: "idempotent consumer received a message without message_id; publish with a message_id (reliable_mq::Publisher sets one)".into(),
+            },
+            ClaimDecision::StoreDown(e) => {
+                // Unreachable: `Self::claim` only returns once the store answered.
+                error!(error = %e, "dedup store down at claim time; putting the message back");
+                SettleOutcome::PutBack
+            }
+        };
+        drop(slot);
+        settler.settle(&acker, &delivery, outcome).await;
     }
 }
