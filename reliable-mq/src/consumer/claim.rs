@@ -32,6 +32,9 @@ pub(crate) struct ClaimGuard {
     key: String,
     token: String,
     lease: Duration,
+    /// When the claim was taken: renewals count from here, not from the handler's start
+    /// (a claimed delivery may wait for a slot first).
+    claimed_at: tokio::time::Instant,
     settled: bool,
 }
 
@@ -51,12 +54,14 @@ pub(crate) async fn claim(
     let key = dedup::key(prefix, delivery.queue(), message_id);
     let token = uuid::Uuid::new_v4().to_string();
     let lease = dedup::lease_for(timeout);
+    let claimed_at = tokio::time::Instant::now();
     match store.claim(&key, &token, lease).await {
         Ok(Claim::Acquired) => ClaimDecision::Run(Some(ClaimGuard {
             store: Arc::clone(store),
             key,
             token,
             lease,
+            claimed_at,
             settled: false,
         })),
         Ok(Claim::Done) => ClaimDecision::Duplicate,
@@ -87,10 +92,12 @@ fn release_in_background(store: Arc<dyn DedupStore>, key: String, token: String)
 }
 
 impl ClaimGuard {
-    /// Run `fut`, renewing the lease every third of it until `fut` finishes.
+    /// Run `fut`, renewing the lease every third of it, counted from the claim (so a
+    /// claim that waited for a slot is renewed at once if it is that old), until `fut`
+    /// finishes.
     pub(crate) async fn renew_while<F: Future>(&self, fut: F) -> F::Output {
         let every = self.lease / 3;
-        let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        let mut ticker = tokio::time::interval_at(self.claimed_at + every, every);
         tokio::pin!(fut);
         loop {
             tokio::select! {
@@ -270,6 +277,24 @@ mod tests {
             decide(&store, "m").await,
             ClaimDecision::Duplicate
         ));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_claim_that_waited_for_a_slot_is_renewed_counting_from_the_claim() {
+        // The driver claims ahead, while the delivery waits for a slot.
+        let (_, store) = memory();
+        let lease = dedup::lease_for(TIMEOUT);
+        let ClaimDecision::Run(Some(guard)) = decide(&store, "m").await else {
+            panic!("first copy runs");
+        };
+        tokio::time::sleep(lease * 9 / 10).await;
+        let probe = Arc::clone(&store);
+        let handler = async move {
+            tokio::time::sleep(lease / 5).await;
+            // Past the first lease since the claim: still held, renewed when the handler began.
+            probe.claim("p:orders:m", "other", lease).await.ok()
+        };
+        assert_eq!(guard.renew_while(handler).await, Some(Claim::Held));
     }
 
     #[tokio::test]

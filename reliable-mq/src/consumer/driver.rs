@@ -139,20 +139,6 @@ impl ConsumerRuntime {
         let mut signal = self.shutdown.signal();
 
         let end = loop {
-            // Take a slot first, so at most `concurrency` handlers run; the rest of the
-            // prefetch window waits in the client buffer, unacked.
-            let permit = tokio::select! {
-                biased;
-                _ = signal.cancelled() => break SessionEnd::Shutdown,
-                Some(reason) = broken.recv() => break SessionEnd::Broken(reason),
-                // With every slot busy the delivery stream is not polled, so watch the
-                // link directly: a broker restart must not go unnoticed behind slow handlers.
-                reason = link_lost(&conn, &channel) => break SessionEnd::Broken(reason),
-                permit = Arc::clone(&slots).acquire_owned() => match permit {
-                    Ok(p) => p,
-                    Err(_) => break SessionEnd::Broken("slot semaphore closed".into()),
-                },
-            };
             let next = tokio::select! {
                 biased;
                 _ = signal.cancelled() => break SessionEnd::Shutdown,
@@ -169,13 +155,43 @@ impl ConsumerRuntime {
                 }
             };
             let (delivery, acker, span) = self.receive(raw);
+            // Claim ahead: an idempotent delivery starts its claim now, while it waits for a
+            // slot, so the store's round trip overlaps the handlers still running (at
+            // concurrency 1: the previous one). It waits at most one handler call for a
+            // slot, and its lease is renewed counting from the claim
+            // (`ClaimGuard::renew_while`).
+            let claim = self.dedup.is_some().then(|| {
+                let (this, delivery, acker) =
+                    (Arc::clone(self), Arc::clone(&delivery), acker.clone());
+                tokio::spawn(
+                    async move { this.claim(&delivery, &acker).await }.instrument(span.clone()),
+                )
+            });
+            // At most `concurrency` handlers run; the rest of the prefetch window waits in
+            // the client buffer, unacked. Slots go out in delivery order.
+            let permit = tokio::select! {
+                biased;
+                _ = signal.cancelled() => break SessionEnd::Shutdown,
+                Some(reason) = broken.recv() => break SessionEnd::Broken(reason),
+                // A free slot first: the link watch (a timer) is only armed when none is.
+                permit = Arc::clone(&slots).acquire_owned() => match permit {
+                    Ok(p) => p,
+                    Err(_) => break SessionEnd::Broken("slot semaphore closed".into()),
+                },
+                // With every slot busy the delivery stream is not polled, so watch the
+                // link directly: a broker restart must not go unnoticed behind slow handlers.
+                reason = link_lost(&conn, &channel) => break SessionEnd::Broken(reason),
+            };
             // Reap finished tasks so the set does not grow with the session.
             while in_flight.try_join_next().is_some() {}
             let this = Arc::clone(self);
             let topology_broken = topology_broken.clone();
             in_flight.spawn(
-                async move { this.process(delivery, acker, permit, topology_broken).await }
-                    .instrument(span),
+                async move {
+                    this.process(delivery, acker, claim, permit, topology_broken)
+                        .await
+                }
+                .instrument(span),
             );
         };
 
@@ -290,7 +306,8 @@ impl ConsumerRuntime {
         (delivery, acker, span)
     }
 
-    /// One delivery through claim -> handler -> settle. `slot` is given back as soon as
+    /// One delivery through claim (started by the driver for idempotent consumers) ->
+    /// handler -> settle. `slot` is given back as soon as
     /// the handler returns: settling (the `done` mark, the ack, a retry or dead-letter
     /// copy) does not hold up the next handler. Unsettled deliveries stay bounded by the
     /// prefetch window.
@@ -298,6 +315,7 @@ impl ConsumerRuntime {
         &self,
         delivery: Arc<Delivery>,
         acker: lapin::Acker,
+        claim: Option<tokio::task::JoinHandle<Option<ClaimDecision>>>,
         slot: tokio::sync::OwnedSemaphorePermit,
         topology_broken: mpsc::Sender<String>,
     ) {
@@ -308,7 +326,11 @@ impl ConsumerRuntime {
             stats: &self.stats,
             topology_broken: &topology_broken,
         };
-        let Some(decision) = self.claim(&delivery, &acker).await else {
+        let decision = match claim {
+            Some(task) => task.await.ok().flatten(),
+            None => self.claim(&delivery, &acker).await,
+        };
+        let Some(decision) = decision else {
             // Shutdown, or the channel died, while paused on the dedup store: leave it
             // unacked; the broker gets it back when the channel closes.
             return;
