@@ -190,9 +190,14 @@ async fn one_rep(
     // time, in an order rotated each repetition so no variant always goes first.
     let queues: Vec<String> = VARIANTS.iter().map(|_| unique("bench-consume")).collect();
     let mut fills = tokio::task::JoinSet::new();
+    let mut declared = Ok(());
     for (variant, queue) in VARIANTS.iter().zip(&queues) {
-        raw.declare_consumer_topology(&consumer_config(queue, *variant, Done::new(0)))
-            .await?;
+        declared = raw
+            .declare_consumer_topology(&consumer_config(queue, *variant, Done::new(0)))
+            .await;
+        if declared.is_err() {
+            break;
+        }
         let (url, queue, size) = (args.amqp_url.clone(), queue.clone(), args.size);
         fills.spawn(async move {
             let filler = Raw::connect(&url).await?;
@@ -209,7 +214,7 @@ async fn one_rep(
         }
     }
     let fill_elapsed = fill_start.elapsed();
-    let mut result = fill_result;
+    let mut result = declared.and(fill_result);
     let mut line = format!(
         "  rep {}: filled {} queues in {:.1}s;",
         rep + 1,
