@@ -257,6 +257,8 @@ async fn raw_child(url: &str, queue: &str, run_for: Duration) -> Result<u64, Str
             .map_err(|e| e.to_string())?;
         handled += 1;
     }
-    let _ = connection.close(200, "done".into()).await;
+    // Bounded: seen once to wait minutes for close-ok with a 1M backlog on this broker.
+    let _ =
+        tokio::time::timeout(Duration::from_secs(5), connection.close(200, "done".into())).await;
     Ok(handled)
 }
