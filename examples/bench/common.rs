@@ -137,6 +137,28 @@ impl Raw {
         })
     }
 
+    /// Subscribe to `queue` with manual acks and `prefetch`, as a hand-written consumer does.
+    pub async fn consume(
+        &self,
+        queue: &str,
+        tag: &str,
+        prefetch: u16,
+    ) -> Result<lapin::Consumer, String> {
+        self.channel
+            .basic_qos(prefetch, lapin::options::BasicQosOptions::default())
+            .await
+            .map_err(|e| e.to_string())?;
+        self.channel
+            .basic_consume(
+                queue.into(),
+                tag.into(),
+                lapin::options::BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| e.to_string())
+    }
+
     pub async fn declare_durable_queue(&self, name: &str) -> Result<(), String> {
         self.channel
             .queue_declare(

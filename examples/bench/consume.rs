@@ -14,9 +14,7 @@ use std::time::{Duration, Instant};
 
 use deadpool_redis::redis;
 use futures_util::StreamExt;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
-use lapin::types::FieldTable;
-use lapin::{Connection, ConnectionProperties};
+use lapin::options::BasicAckOptions;
 use reliable_mq::{App, Config, ConsumerConfig, HandlerError, handler_fn};
 use tokio::sync::Notify;
 
@@ -307,26 +305,9 @@ async fn drain(
 /// The floor: what a hand-written lapin consumer does per message.
 pub async fn drain_raw(url: &str, queue: &str, n: usize) -> Result<Duration, String> {
     let start = Instant::now();
-    let connection = Connection::connect(url, ConnectionProperties::default())
-        .await
-        .map_err(|e| e.to_string())?;
-    let channel = connection
-        .create_channel()
-        .await
-        .map_err(|e| e.to_string())?;
-    channel
-        .basic_qos(PREFETCH, BasicQosOptions::default())
-        .await
-        .map_err(|e| e.to_string())?;
-    let mut consumer = channel
-        .basic_consume(
-            queue.into(),
-            "bench-raw".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .map_err(|e| e.to_string())?;
+    let raw = Raw::connect(url).await?;
+    let connection = &raw.connection;
+    let mut consumer = raw.consume(queue, "bench-raw", PREFETCH).await?;
     let mut handled = 0;
     while handled < n {
         let delivery = consumer

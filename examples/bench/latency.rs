@@ -11,11 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
-    ConfirmSelectOptions,
-};
-use lapin::types::FieldTable;
+use lapin::options::{BasicAckOptions, BasicPublishOptions, ConfirmSelectOptions};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use reliable_mq::{App, Config, ConsumerConfig, HandlerError, handler_fn};
 use tokio::time::MissedTickBehavior;
@@ -162,24 +158,9 @@ async fn run_ours(
 
 async fn run_raw(args: &Args, queue: &str, total: usize, samples: &Samples) -> Result<(), String> {
     let connect = || Connection::connect(&args.amqp_url, ConnectionProperties::default());
-    let consumer_conn = connect().await.map_err(|e| e.to_string())?;
-    let channel = consumer_conn
-        .create_channel()
-        .await
-        .map_err(|e| e.to_string())?;
-    channel
-        .basic_qos(PREFETCH, BasicQosOptions::default())
-        .await
-        .map_err(|e| e.to_string())?;
-    let mut deliveries = channel
-        .basic_consume(
-            queue.into(),
-            "bench-latency-raw".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .map_err(|e| e.to_string())?;
+    let raw = Raw::connect(&args.amqp_url).await?;
+    let consumer_conn = &raw.connection;
+    let mut deliveries = raw.consume(queue, "bench-latency-raw", PREFETCH).await?;
     let sink = Arc::clone(samples);
     let consumer = tokio::spawn(async move {
         while let Some(Ok(d)) = deliveries.next().await {

@@ -10,9 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
-use lapin::types::FieldTable;
-use lapin::{Connection, ConnectionProperties};
+use lapin::options::BasicAckOptions;
 use reliable_mq::{App, Config, ConsumerConfig, HandlerError, handler_fn};
 
 use crate::common::{Args, BenchMessage, Raw, unique};
@@ -226,26 +224,9 @@ pub async fn run_child(args: &Args) -> Result<(), String> {
 }
 
 async fn raw_child(url: &str, queue: &str, run_for: Duration) -> Result<u64, String> {
-    let connection = Connection::connect(url, ConnectionProperties::default())
-        .await
-        .map_err(|e| e.to_string())?;
-    let channel = connection
-        .create_channel()
-        .await
-        .map_err(|e| e.to_string())?;
-    channel
-        .basic_qos(PREFETCH, BasicQosOptions::default())
-        .await
-        .map_err(|e| e.to_string())?;
-    let mut deliveries = channel
-        .basic_consume(
-            queue.into(),
-            "bench-rss-raw".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .map_err(|e| e.to_string())?;
+    let raw = Raw::connect(url).await?;
+    let connection = &raw.connection;
+    let mut deliveries = raw.consume(queue, "bench-rss-raw", PREFETCH).await?;
     let deadline = tokio::time::Instant::now() + run_for;
     let mut handled = 0;
     while let Ok(Some(Ok(d))) = tokio::time::timeout_at(deadline, deliveries.next()).await {
