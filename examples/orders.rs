@@ -132,8 +132,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         )
         .init();
 
-    let app = App::from_env()?;
-    let config = reliable_mq::Config::from_env()?;
+    // Each run dedups under its own prefix: with REDIS_URL set, the ids of the last run are
+    // still remembered (24h), and this run's orders reuse them on purpose.
+    let config = reliable_mq::Config::from_env()?.with_dedup_prefix(format!(
+        "reliable-mq-demo:{}",
+        uuid::Uuid::now_v7().simple()
+    ));
+    let app = App::new(config.clone()).registered();
     if serve {
         println!("consuming demo.orders and demo.notifications until Ctrl-C");
         return Ok(app.run().await?);
