@@ -132,12 +132,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         )
         .init();
 
-    // Each run dedups under its own prefix: with REDIS_URL set, the ids of the last run are
-    // still remembered (24h), and this run's orders reuse them on purpose.
-    let config = reliable_mq::Config::from_env()?.with_dedup_prefix(format!(
-        "reliable-mq-demo:{}",
-        uuid::Uuid::now_v7().simple()
-    ));
+    let mut config = reliable_mq::Config::from_env()?;
+    if !serve {
+        // Each batch run dedups under its own prefix: with REDIS_URL set, the ids of the
+        // last run are still remembered (24h), and this run's orders reuse them on purpose.
+        let run = uuid::Uuid::now_v7().simple();
+        config = config.with_dedup_prefix(format!("reliable-mq-demo:{run}"));
+    }
     let app = App::new(config.clone()).registered();
     if serve {
         println!("consuming demo.orders and demo.notifications until Ctrl-C");
