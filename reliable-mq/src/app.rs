@@ -202,11 +202,14 @@ async fn dedup_from_config(
                 .map(|c| usize::from(c.concurrency))
                 .sum::<usize>()
                 .clamp(4, 256);
-            let store = RedisStore::new(url, pool_size)?;
+            let store: Arc<dyn DedupStore> = match crate::dedup::cluster_nodes(url) {
+                None => Arc::new(RedisStore::new(url, pool_size)?),
+                Some(nodes) => cluster_store(&nodes, pool_size)?,
+            };
             if let Err(e) = store.ping().await {
                 warn!(error = %e, "dedup store (Redis) does not answer yet; idempotent consumers stay paused until it does");
             }
-            Ok(Arc::new(store))
+            Ok(store)
         }
         None => {
             warn!(
@@ -216,6 +219,30 @@ async fn dedup_from_config(
             Ok(Arc::new(MemoryStore::new()))
         }
     }
+}
+
+/// The Redis Cluster store for the seed `nodes` of a `redis+cluster://` URL.
+#[cfg(feature = "redis-cluster")]
+fn cluster_store(nodes: &[String], pool_size: usize) -> Result<Arc<dyn DedupStore>, Error> {
+    if nodes.is_empty() {
+        return Err(Error::Config(
+            "REDIS_URL is redis+cluster:// without any node: list them as redis+cluster://host1:port1,host2:port2".into(),
+        ));
+    }
+    Ok(Arc::new(crate::dedup::RedisClusterStore::new(
+        nodes, pool_size,
+    )?))
+}
+
+/// Without the `redis-cluster` feature a cluster URL is a configuration error, not a
+/// silent fall-back to one node.
+#[cfg(not(feature = "redis-cluster"))]
+fn cluster_store(_nodes: &[String], _pool_size: usize) -> Result<Arc<dyn DedupStore>, Error> {
+    Err(Error::Config(
+        "REDIS_URL asks for a Redis Cluster (redis+cluster://), but reliable-mq was built \
+         without its `redis-cluster` feature: enable it (reliable-mq = { features = [\"redis-cluster\"] })"
+            .into(),
+    ))
 }
 
 /// A started app: consumers attached and running in the background.
@@ -337,5 +364,18 @@ impl RunningApp {
         self.publisher.close().await;
         info!("all consumers stopped");
         first_error
+    }
+}
+
+#[cfg(all(test, not(feature = "redis-cluster")))]
+mod cluster_feature_tests {
+    #[test]
+    fn a_cluster_url_without_the_feature_is_a_config_error() {
+        let err = super::cluster_store(&["redis://127.0.0.1:7000".to_owned()], 4).err();
+        assert!(
+            matches!(&err, Some(crate::Error::Config(m)) if m.contains("`redis-cluster` feature")),
+            "{:?}",
+            err.map(|e| e.to_string())
+        );
     }
 }

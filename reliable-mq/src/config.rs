@@ -4,7 +4,7 @@
 //! | variable | meaning | default |
 //! |---|---|---|
 //! | `AMQP_URL` | broker URL; several comma-separated URLs (cluster nodes) are tried in turn | `amqp://guest:guest@127.0.0.1:5672/%2f` |
-//! | `REDIS_URL` | dedup store; unset = in-process store (single instance only) | unset |
+//! | `REDIS_URL` | dedup store: `redis://host:port` (one node), or `redis+cluster://host1:port1,host2:port2` (Redis Cluster seed nodes; cargo feature `redis-cluster`); unset = in-process store (single instance only) | unset |
 //! | `RELIABLE_MQ_SHUTDOWN_GRACE` | how long in-flight handlers may finish after SIGINT/SIGTERM | `30s` |
 //! | `RELIABLE_MQ_CONFIRM_TIMEOUT` | how long a publish waits for the broker's confirm | `10s` |
 //! | `RELIABLE_MQ_HEARTBEAT` | AMQP heartbeat interval | `20s` |

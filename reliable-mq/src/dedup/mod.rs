@@ -36,9 +36,11 @@
 //! without persistence (or a failover to a replica that had not received the latest
 //! writes) forgets `done` marks and claims, so a copy arriving after that runs again. Give
 //! Redis AOF or replication with `WAIT` if that matters. Every script touches one key,
-//! so the protocol itself suits Redis Cluster, but [`RedisStore`] talks to one node (or a
-//! proxy in front of a cluster); for Cluster or Sentinel, implement [`DedupStore`] over a
-//! cluster client with the same four scripts.
+//! so the protocol suits Redis Cluster as it is: [`RedisStore`] talks to one node (or a
+//! proxy in front of a cluster), `RedisClusterStore` (cargo feature `redis-cluster`;
+//! `REDIS_URL=redis+cluster://host1:port,host2:port`) to a Redis Cluster with the same
+//! four scripts. Sentinel is not implemented yet: implement [`DedupStore`] over a
+//! Sentinel client with the same scripts.
 //!
 //! # The window no broker-side design closes
 //!
@@ -55,8 +57,11 @@
 //!
 //! [`Config::dedup_prefix`]: crate::Config::dedup_prefix
 
+#[cfg(feature = "redis-cluster")]
+mod cluster;
 mod memory;
 mod redis;
+mod scripts;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -64,6 +69,9 @@ use std::time::Duration;
 
 pub use memory::MemoryStore;
 pub use redis::RedisStore;
+
+#[cfg(feature = "redis-cluster")]
+pub use cluster::RedisClusterStore;
 
 /// What a claim attempt found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -123,6 +131,35 @@ pub fn key(prefix: &str, queue: &str, message_id: &str) -> String {
     format!("{prefix}:{queue}:{message_id}")
 }
 
+/// The seed node URLs of a `redis+cluster://` (or `rediss+cluster://`) URL, `None` for any
+/// other URL (one Redis node).
+///
+/// `redis+cluster://[user:password@]host1:port1,host2:port2[/...]` gives
+/// `redis://[user:password@]host1:port1[/...]`, `redis://[user:password@]host2:port2[/...]`:
+/// the credentials and the rest of the URL apply to every node.
+pub fn cluster_nodes(url: &str) -> Option<Vec<String>> {
+    let (scheme, rest) = if let Some(rest) = url.strip_prefix("redis+cluster://") {
+        ("redis", rest)
+    } else if let Some(rest) = url.strip_prefix("rediss+cluster://") {
+        ("rediss", rest)
+    } else {
+        return None;
+    };
+    let (authority, tail) = rest.split_at(rest.find(['/', '?']).unwrap_or(rest.len()));
+    let (userinfo, hosts) = match authority.rfind('@') {
+        Some(at) => authority.split_at(at + 1),
+        None => ("", authority),
+    };
+    Some(
+        hosts
+            .split(',')
+            .map(str::trim)
+            .filter(|h| !h.is_empty())
+            .map(|h| format!("{scheme}://{userinfo}{h}{tail}"))
+            .collect(),
+    )
+}
+
 /// A claim lease for a handler `timeout`: the timeout plus a margin, so a claim never
 /// expires while its handler may still be running (it is renewed besides).
 pub fn lease_for(timeout: Duration) -> Duration {
@@ -142,5 +179,30 @@ mod key_tests {
         assert_eq!(key("p", "orders", "m-1"), "p:orders:m-1");
         assert_ne!(key("p", "a:b", "c"), key("p", "a", "b:c"));
         assert_eq!(key("p", "a:b%", "c"), "p:a%3Ab%25:c");
+    }
+
+    #[test]
+    fn cluster_urls_list_their_seed_nodes() {
+        use super::cluster_nodes;
+        assert_eq!(cluster_nodes("redis://127.0.0.1:6379"), None);
+        assert_eq!(
+            cluster_nodes("redis+cluster://10.0.0.1:7000, 10.0.0.2:7001"),
+            Some(vec![
+                "redis://10.0.0.1:7000".to_owned(),
+                "redis://10.0.0.2:7001".to_owned()
+            ])
+        );
+        assert_eq!(
+            cluster_nodes("rediss+cluster://u:p@a:7000,b:7000/0?protocol=resp3"),
+            Some(vec![
+                "rediss://u:p@a:7000/0?protocol=resp3".to_owned(),
+                "rediss://u:p@b:7000/0?protocol=resp3".to_owned()
+            ])
+        );
+        assert_eq!(
+            cluster_nodes("redis+cluster://cfg.example:6379"),
+            Some(vec!["redis://cfg.example:6379".to_owned()])
+        );
+        assert_eq!(cluster_nodes("redis+cluster://"), Some(vec![]));
     }
 }

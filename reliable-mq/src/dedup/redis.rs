@@ -12,57 +12,19 @@
 use std::sync::Mutex;
 use std::time::Duration;
 
-use deadpool_redis::redis::Script;
+use deadpool_redis::redis::ScriptInvocation;
 use deadpool_redis::redis::aio::MultiplexedConnection;
 use deadpool_redis::{Config as PoolConfig, Connection, Pool, Runtime};
 
-use super::{Claim, DedupError, DedupFuture, DedupStore, millis};
-
-/// `0` acquired, `1` done, `2` held by another token.
-const CLAIM: &str = r#"
-local v = redis.call('GET', KEYS[1])
-if not v then
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-  return 0
-end
-if v == 'done' then return 1 end
-return 2
-"#;
-
-const RENEW: &str = r#"
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
-end
-return 0
-"#;
-
-/// Ours, or gone (our lease ran out and nobody claimed since): the work is done, say so.
-/// Held by another token, or already done: leave it.
-const COMPLETE: &str = r#"
-local v = redis.call('GET', KEYS[1])
-if v == ARGV[1] or not v then
-  redis.call('SET', KEYS[1], 'done', 'PX', ARGV[2])
-  return 1
-end
-return 0
-"#;
-
-const RELEASE: &str = r#"
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('DEL', KEYS[1])
-end
-return 0
-"#;
+use super::scripts::{Scripts, claim_outcome};
+use super::{Claim, DedupError, DedupFuture, DedupStore};
 
 /// A [`DedupStore`] on Redis, shared by every instance of a service.
 pub struct RedisStore {
     pool: Pool,
     /// The connection every operation clones; `None` until first use and after an error.
     shared: Mutex<Option<Connection>>,
-    claim: Script,
-    renew: Script,
-    complete: Script,
-    release: Script,
+    scripts: Scripts,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -92,10 +54,7 @@ impl RedisStore {
         Ok(Self {
             pool,
             shared: Mutex::new(None),
-            claim: Script::new(CLAIM),
-            renew: Script::new(RENEW),
-            complete: Script::new(COMPLETE),
-            release: Script::new(RELEASE),
+            scripts: Scripts::new(),
         })
     }
 
@@ -130,12 +89,8 @@ impl RedisStore {
         }
     }
 
-    async fn run(&self, script: &Script, key: &str, args: &[&str]) -> Result<i64, DedupError> {
+    async fn run(&self, invocation: ScriptInvocation<'_>) -> Result<i64, DedupError> {
         let mut conn = self.connection().await?;
-        let mut invocation = script.key(key);
-        for a in args {
-            invocation.arg(*a);
-        }
         invocation.invoke_async(&mut conn).await.map_err(|e| {
             self.forget_connection();
             DedupError(e.to_string())
@@ -151,20 +106,13 @@ impl DedupStore for RedisStore {
         lease: Duration,
     ) -> DedupFuture<'a, Claim> {
         Box::pin(async move {
-            let lease = millis(lease).to_string();
-            match self.run(&self.claim, key, &[token, &lease]).await? {
-                0 => Ok(Claim::Acquired),
-                1 => Ok(Claim::Done),
-                _ => Ok(Claim::Held),
-            }
+            let code = self.run(self.scripts.claim(key, token, lease)).await?;
+            Ok(claim_outcome(code))
         })
     }
 
     fn renew<'a>(&'a self, key: &'a str, token: &'a str, lease: Duration) -> DedupFuture<'a, bool> {
-        Box::pin(async move {
-            let lease = millis(lease).to_string();
-            Ok(self.run(&self.renew, key, &[token, &lease]).await? == 1)
-        })
+        Box::pin(async move { Ok(self.run(self.scripts.renew(key, token, lease)).await? == 1) })
     }
 
     fn complete<'a>(
@@ -173,14 +121,11 @@ impl DedupStore for RedisStore {
         token: &'a str,
         ttl: Duration,
     ) -> DedupFuture<'a, bool> {
-        Box::pin(async move {
-            let ttl = millis(ttl).to_string();
-            Ok(self.run(&self.complete, key, &[token, &ttl]).await? == 1)
-        })
+        Box::pin(async move { Ok(self.run(self.scripts.complete(key, token, ttl)).await? == 1) })
     }
 
     fn release<'a>(&'a self, key: &'a str, token: &'a str) -> DedupFuture<'a, bool> {
-        Box::pin(async move { Ok(self.run(&self.release, key, &[token]).await? == 1) })
+        Box::pin(async move { Ok(self.run(self.scripts.release(key, token)).await? == 1) })
     }
 
     fn ping(&self) -> DedupFuture<'_, ()> {
