@@ -36,7 +36,7 @@
 //! - When the broker folds several confirms into one `multiple` ack, lapin hands a
 //!   returned (unroutable) message to whichever of those publishes it resolves first, not
 //!   necessarily the one that was returned. We match returns to publishes by
-//!   `message_id` instead (see [`ReturnBook`]).
+//!   `message_id` instead (see `ReturnBook`).
 
 use std::collections::HashMap;
 use std::future::Future;

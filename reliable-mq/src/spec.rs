@@ -1,7 +1,7 @@
 //! What a consumer is: the static description the `#[consumer]` macro emits, the owned
 //! form the runtime works with, and the registry that collects every annotated function.
 //!
-//! The macro validates everything it can at compile time; [`ConsumerConfig::validate`]
+//! The macro validates everything it can at compile time; `topology::validate`
 //! repeats the same rules at start-up for consumers built by hand (tests, dynamic names).
 
 use std::sync::Arc;
