@@ -14,7 +14,7 @@ use std::time::Duration;
 use reliable_mq::dedup::RedisStore;
 use reliable_mq::{App, ConsumerConfig, HandlerError, RetryBackoff, handler_fn};
 use reliable_mq_tests::{
-    Broker, eventually, init_tracing, message_total, redis_url, sh, test_config, unique,
+    Broker, Cleanup, eventually, init_tracing, message_total, redis_url, sh, test_config, unique,
 };
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -113,6 +113,7 @@ async fn redis_down_mid_stream_pauses_the_consumer_and_loses_nothing() {
     let broker = Broker::connect().await;
     let q = unique("faults-redis");
     let dlx = format!("{q}.dlx");
+    let _cleanup = Cleanup::consumer(&q, &["200ms"], &[]);
     let config = test_config(&q);
     let prefix = config.dedup_prefix.clone();
     let calls: Calls = Arc::new(Mutex::new(HashMap::new()));
@@ -235,6 +236,7 @@ async fn redis_down_when_writing_done_acks_anyway_and_does_not_rerun() {
     let broker = Broker::connect().await;
     let q = unique("faults-redis-done");
     let dlx = format!("{q}.dlx");
+    let _cleanup = Cleanup::consumer(&q, &["200ms"], &[]);
     let config = test_config(&q);
     let prefix = config.dedup_prefix.clone();
     let calls: Calls = Arc::new(Mutex::new(HashMap::new()));
