@@ -159,6 +159,20 @@ impl Raw {
             .map_err(|e| e.to_string())
     }
 
+    /// A fresh channel of this connection in publisher-confirm mode.
+    pub async fn confirm_channel(&self) -> Result<Channel, String> {
+        let channel = self
+            .connection
+            .create_channel()
+            .await
+            .map_err(|e| e.to_string())?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(channel)
+    }
+
     pub async fn declare_durable_queue(&self, name: &str) -> Result<(), String> {
         self.channel
             .queue_declare(
@@ -238,15 +252,7 @@ impl Raw {
     /// `queue`, pipelined with up to 5000 confirms outstanding, on a channel of its own.
     /// Sequence numbers start at `first`.
     pub async fn fill(&self, queue: &str, first: u64, n: usize, size: usize) -> Result<(), String> {
-        let channel = self
-            .connection
-            .create_channel()
-            .await
-            .map_err(|e| e.to_string())?;
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await
-            .map_err(|e| e.to_string())?;
+        let channel = self.confirm_channel().await?;
         let run = uuid::Uuid::new_v4().simple().to_string();
         let mut outstanding = VecDeque::with_capacity(FILL_WINDOW);
         for seq in first..first + n as u64 {

@@ -6,7 +6,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::options::BasicPublishOptions;
 use lapin::{BasicProperties, Channel, Confirmation};
 use reliable_mq::{Config, Publisher};
 
@@ -30,7 +30,7 @@ async fn measure(args: &Args, raw: &Raw, queue: &str) -> Result<(), String> {
     let publisher = Publisher::from_config(&config)
         .await
         .map_err(|e| e.to_string())?;
-    let confirm_channel = confirm_channel(raw).await?;
+    let confirm_channel = raw.confirm_channel().await?;
     // Raw bodies are `size` bytes; ours is a JSON string of the same encoded size.
     let raw_body = vec![b'x'; args.size];
     let json_body = "x".repeat(args.size.saturating_sub(2));
@@ -104,19 +104,6 @@ async fn measure(args: &Args, raw: &Raw, queue: &str) -> Result<(), String> {
         o / s
     );
     Ok(())
-}
-
-async fn confirm_channel(raw: &Raw) -> Result<Channel, String> {
-    let channel = raw
-        .connection
-        .create_channel()
-        .await
-        .map_err(|e| e.to_string())?;
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await
-        .map_err(|e| e.to_string())?;
-    Ok(channel)
 }
 
 /// Publish `n` messages keeping at most `window` confirms outstanding (1 = wait for each
