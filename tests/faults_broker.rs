@@ -141,6 +141,9 @@ where
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_stop_app_and_start_app_mid_stream() {
+    if !reliable_mq_tests::faults_enabled("broker_stop_app_and_start_app_mid_stream") {
+        return;
+    }
     let s = Scenario {
         name: "broker-restart",
         idempotent: true,
@@ -161,6 +164,9 @@ async fn broker_stop_app_and_start_app_mid_stream() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_process_killed_and_restarted_mid_stream() {
+    if !reliable_mq_tests::faults_enabled("broker_process_killed_and_restarted_mid_stream") {
+        return;
+    }
     let s = Scenario {
         name: "broker-kill-9",
         idempotent: true,
@@ -182,6 +188,9 @@ async fn broker_process_killed_and_restarted_mid_stream() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn consumer_killed_mid_handler_and_restarted() {
+    if !reliable_mq_tests::faults_enabled("consumer_killed_mid_handler_and_restarted") {
+        return;
+    }
     let s = Scenario {
         name: "consumer-kill-9",
         idempotent: true,
@@ -204,6 +213,9 @@ async fn consumer_killed_mid_handler_and_restarted() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_restarted_mid_stream() {
+    if !reliable_mq_tests::faults_enabled("redis_restarted_mid_stream") {
+        return;
+    }
     let s = Scenario {
         name: "redis-restart",
         idempotent: true,
@@ -222,6 +234,9 @@ async fn redis_restarted_mid_stream() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn graceful_sigterm_with_handlers_in_flight() {
+    if !reliable_mq_tests::faults_enabled("graceful_sigterm_with_handlers_in_flight") {
+        return;
+    }
     let s = Scenario {
         name: "consumer-sigterm",
         idempotent: false,

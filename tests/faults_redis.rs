@@ -107,6 +107,11 @@ async fn delete_keys(prefix: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_down_mid_stream_pauses_the_consumer_and_loses_nothing() {
+    if !reliable_mq_tests::faults_enabled(
+        "redis_down_mid_stream_pauses_the_consumer_and_loses_nothing",
+    ) {
+        return;
+    }
     let _serial = SERIAL.lock().await;
     init_tracing();
     ensure_redis_up();
@@ -230,6 +235,11 @@ async fn redis_down_mid_stream_pauses_the_consumer_and_loses_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_down_when_writing_done_acks_anyway_and_does_not_rerun() {
+    if !reliable_mq_tests::faults_enabled(
+        "redis_down_when_writing_done_acks_anyway_and_does_not_rerun",
+    ) {
+        return;
+    }
     let _serial = SERIAL.lock().await;
     init_tracing();
     ensure_redis_up();

@@ -26,6 +26,41 @@ pub fn redis_url() -> String {
     std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
 }
 
+/// Whether the fault suites may run: they stop, kill and restart the machine's RabbitMQ,
+/// Redis and PostgreSQL, so they run only when `RELIABLE_MQ_FAULTS=1` is set (`.ci/run`
+/// sets it). Otherwise this prints one line saying the test was skipped and why, so the
+/// skip is never silent, and returns `false`.
+pub fn faults_enabled(test: &str) -> bool {
+    switch_enabled(
+        "RELIABLE_MQ_FAULTS",
+        test,
+        "it stops and restarts this machine's services",
+    )
+}
+
+/// Whether the cluster suites may run (`RELIABLE_MQ_CLUSTER=1`); prints a skip line if not.
+pub fn cluster_enabled(test: &str) -> bool {
+    switch_enabled(
+        "RELIABLE_MQ_CLUSTER",
+        test,
+        "it starts a private multi-node cluster",
+    )
+}
+
+fn switch_enabled(switch: &str, test: &str, why: &str) -> bool {
+    if std::env::var(switch).is_ok_and(|v| v == "1") {
+        return true;
+    }
+    // Written to stderr directly, not with `eprintln!`, which the test harness captures:
+    // the skip line shows in a plain `cargo test` run.
+    use std::io::Write as _;
+    let _ = writeln!(
+        std::io::stderr(),
+        "skipped {test}: {why}; set {switch}=1 to run it"
+    );
+    false
+}
+
 /// A runtime config for tests: fast confirms, short grace, unique dedup prefix.
 pub fn test_config(prefix: &str) -> Config {
     Config::default()
