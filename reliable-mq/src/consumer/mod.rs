@@ -23,7 +23,7 @@ pub struct ConsumerStats {
     pub(crate) attached: AtomicBool,
 }
 
-/// A copy of [`ConsumerStats`] at one moment.
+/// A consumer's counters at one moment ([`RunningApp::stats`](crate::RunningApp::stats)).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct StatsSnapshot {
     /// Deliveries received.
