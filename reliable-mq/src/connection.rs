@@ -63,10 +63,14 @@ async fn open_one(config: &Config, raw_url: &str, role: &str) -> Result<Connecti
     }
 }
 
-/// Capped exponential backoff: 100ms, 200ms, 400ms, ... up to `max`.
-#[derive(Debug, Clone)]
+/// Capped exponential backoff with jitter: about 100ms, 200ms, 400ms, ... up to `max`.
+///
+/// The jitter (each delay drawn between the nominal one and twice it, capped) keeps a fleet
+/// of instances from reconnecting in lockstep after a broker restart. Built on `backon`.
+#[derive(Debug)]
 pub(crate) struct Backoff {
-    next: Duration,
+    builder: backon::ExponentialBuilder,
+    delays: backon::ExponentialBackoff,
     max: Duration,
 }
 
@@ -74,21 +78,29 @@ impl Backoff {
     pub(crate) const FIRST: Duration = Duration::from_millis(100);
 
     pub(crate) fn new(max: Duration) -> Self {
+        use backon::BackoffBuilder as _;
+        let max = max.max(Self::FIRST);
+        let builder = backon::ExponentialBuilder::default()
+            .with_min_delay(Self::FIRST)
+            .with_max_delay(max)
+            .with_factor(2.0)
+            .with_jitter()
+            .without_max_times();
         Self {
-            next: Self::FIRST,
+            delays: builder.build(),
+            builder,
             max,
         }
     }
 
     /// The delay to wait now; the next one doubles, up to the cap.
     pub(crate) fn next_delay(&mut self) -> Duration {
-        let d = self.next;
-        self.next = (self.next * 2).min(self.max);
-        d
+        self.delays.next().unwrap_or(self.max).min(self.max)
     }
 
     pub(crate) fn reset(&mut self) {
-        self.next = Self::FIRST;
+        use backon::BackoffBuilder as _;
+        self.delays = self.builder.build();
     }
 }
 
@@ -97,11 +109,26 @@ mod tests {
     use super::*;
 
     #[test]
-    fn backoff_doubles_and_caps() {
+    fn backoff_doubles_with_jitter_and_caps() {
         let mut b = Backoff::new(Duration::from_millis(500));
-        let seen: Vec<_> = (0..5).map(|_| b.next_delay().as_millis()).collect();
-        assert_eq!(seen, vec![100, 200, 400, 500, 500]);
+        let seen: Vec<_> = (0..6).map(|_| b.next_delay().as_millis()).collect();
+        // Each delay lies between the nominal one (100, 200, 400, then the cap) and twice
+        // it, never above the cap.
+        for (delay, nominal) in seen.iter().zip([100, 200, 400, 500, 500, 500]) {
+            assert!(
+                (nominal..=(2 * nominal).min(500)).contains(delay),
+                "{seen:?}"
+            );
+        }
         b.reset();
-        assert_eq!(b.next_delay().as_millis(), 100);
+        assert!((100..200).contains(&b.next_delay().as_millis()));
+    }
+
+    #[test]
+    fn jitter_spreads_a_fleet() {
+        let firsts: std::collections::BTreeSet<_> = (0..20)
+            .map(|_| Backoff::new(Duration::from_secs(30)).next_delay())
+            .collect();
+        assert!(firsts.len() > 1, "twenty instances all waited {firsts:?}");
     }
 }
