@@ -129,6 +129,26 @@ pub enum Error {
         #[source]
         source: lapin::Error,
     },
+    /// A TLS problem: the handshake failed (untrusted CA, wrong host name, expired
+    /// certificate, client certificate refused), or one side of the connection speaks TLS
+    /// and the other does not. Never retried in plain text.
+    #[error("cannot connect to {url}: {reason}")]
+    Tls {
+        /// The URL, password removed.
+        url: String,
+        /// What failed and what to do about it.
+        reason: String,
+    },
+    /// The broker refused the login (ACCESS_REFUSED).
+    #[error(
+        "RabbitMQ at {url} refused the login: {reason}; check the user name and password in AMQP_URL, and that the user may access the vhost"
+    )]
+    AccessRefused {
+        /// The URL, password removed.
+        url: String,
+        /// The broker's reply.
+        reason: String,
+    },
     /// The broker did not complete the connection in time.
     #[error(
         "connecting to RabbitMQ at {url} took longer than {timeout:?}; is the address reachable (a firewall dropping packets looks like this)?"
