@@ -191,6 +191,8 @@ pub(crate) mod tls {
         let mut tcp_uri = uri.clone();
         tcp_uri.scheme = AMQPScheme::AMQP;
         tcp_uri.authority.host = host;
+        // Only the address is needed to dial; keep the credentials out of the closure.
+        tcp_uri.authority.userinfo = Default::default();
         let runtime = lapin::runtime::default_runtime()?;
         let conn = Connection::connector(
             uri,
@@ -327,7 +329,7 @@ pub(crate) mod tls {
         {
             format!(
                 "is port {port} a TLS listener? The server did not answer in TLS ({text}); \
-                 for a plain-text port use amqp:// or redis://"
+                 a plain-text port takes the URL without the `s` (amqp://, redis://)"
             )
         } else if let Some(at) = text.find("received fatal alert: ") {
             let alert = &text[at + "received fatal alert: ".len()..];

@@ -33,11 +33,28 @@ impl RedisClusterStore {
     /// URLs; one is enough, the client discovers the others), whose pool holds up to
     /// `pool_size` cluster connections (one serves all operations). Connects lazily: call
     /// [`DedupStore::ping`](super::DedupStore::ping) to check every primary answers.
+    ///
+    /// `rediss://` nodes connect with TLS, trusting the system's root certificates. The
+    /// TLS query parameters of a single node (`cacertfile`, `certfile`, `keyfile`) are not
+    /// supported here yet and are refused rather than ignored.
     pub fn new<S: AsRef<str>>(nodes: &[S], pool_size: usize) -> Result<Self, DedupError> {
         if nodes.is_empty() {
             return Err(DedupError("no Redis Cluster node given".into()));
         }
-        let urls: Vec<String> = nodes.iter().map(|n| n.as_ref().to_owned()).collect();
+        let mut urls = Vec::with_capacity(nodes.len());
+        for node in nodes {
+            let (url, tls) = crate::config::split_tls_params(node.as_ref(), "REDIS_URL")
+                .map_err(|e| DedupError(e.to_string()))?;
+            if !tls.is_empty() {
+                return Err(DedupError(format!(
+                    "REDIS_URL {}: cacertfile, certfile, keyfile and server_name_indication are \
+                     not supported for a Redis Cluster yet (the cluster client takes no \
+                     per-node TLS files); put the CA in the system trust store and drop them",
+                    crate::config::redact_url(node.as_ref())
+                )));
+            }
+            urls.push(url);
+        }
         let mut cfg = PoolConfig::from_urls(urls);
         cfg.pool = Some(super::scripts::pool_config(pool_size));
         let pool = cfg
@@ -61,3 +78,17 @@ impl ConnectionSource for Pool {
 }
 
 delegate_dedup_store!(RedisClusterStore);
+
+#[cfg(test)]
+mod tests {
+    use super::RedisClusterStore;
+
+    #[test]
+    fn tls_files_are_refused_not_ignored() {
+        let e = RedisClusterStore::new(&["rediss://u:secret@h1:7000/?cacertfile=/ca.pem"], 1)
+            .unwrap_err();
+        assert!(e.0.contains("not supported for a Redis Cluster"), "{e}");
+        assert!(!format!("{e} {e:?}").contains("secret"), "{e}");
+        assert!(RedisClusterStore::new(&["rediss://h1:7000"], 1).is_ok());
+    }
+}

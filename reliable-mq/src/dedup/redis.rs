@@ -12,7 +12,7 @@
 //! the cluster store.
 
 use deadpool_redis::redis::aio::MultiplexedConnection;
-use deadpool_redis::redis::{Client, ConnectionAddr, ConnectionInfo, IntoConnectionInfo};
+use deadpool_redis::redis::{ConnectionAddr, ConnectionInfo, IntoConnectionInfo};
 use deadpool_redis::{Connection, Manager, Pool, Runtime};
 
 use super::DedupError;
@@ -96,7 +96,7 @@ fn connection_info(
 
 #[cfg(feature = "tls")]
 fn tls_connection_info(url: &str, tls: &TlsParams) -> Result<ConnectionInfo, String> {
-    use deadpool_redis::redis::{ClientTlsConfig, TlsCertificates};
+    use deadpool_redis::redis::{Client, ClientTlsConfig, TlsCertificates};
     if tls.server_name_indication.is_some() {
         return Err(
             "server_name_indication is not supported for rediss:// (the Redis client verifies \
