@@ -3,12 +3,33 @@
 //!
 //! | variable | meaning | default |
 //! |---|---|---|
-//! | `AMQP_URL` | broker URL; several comma-separated URLs (cluster nodes) are tried in turn | `amqp://guest:guest@127.0.0.1:5672/%2f` |
-//! | `REDIS_URL` | dedup store: `redis://host:port` (one node), or `redis+cluster://host1:port1,host2:port2` (Redis Cluster seed nodes; cargo feature `redis-cluster`); unset = in-process store (single instance only) | unset |
+//! | `AMQP_URL` | broker URL, `amqp://` or `amqps://` (TLS, see below); several comma-separated URLs (cluster nodes) are tried in turn | `amqp://guest:guest@127.0.0.1:5672/%2f` |
+//! | `REDIS_URL` | dedup store: `redis://host:port` or `rediss://host:port` (TLS) for one node, or `redis+cluster://host1:port1,host2:port2` (`rediss+cluster://` with TLS; Redis Cluster seed nodes; cargo feature `redis-cluster`); unset = in-process store (single instance only) | unset |
 //! | `RELIABLE_MQ_SHUTDOWN_GRACE` | how long in-flight handlers may finish after SIGINT/SIGTERM | `30s` |
 //! | `RELIABLE_MQ_CONFIRM_TIMEOUT` | how long a publish waits for the broker's confirm | `10s` |
 //! | `RELIABLE_MQ_HEARTBEAT` | AMQP heartbeat interval | `20s` |
 //! | `RELIABLE_MQ_DEDUP_PREFIX` | namespace of dedup keys in Redis | `reliable-mq` |
+//!
+//! # TLS
+//!
+//! `amqps://` and `rediss://` (cargo feature `tls`, on by default: rustls) verify the
+//! server against the system's root certificates, or against the CAs of a `cacertfile`
+//! query parameter. RabbitMQ's URI parameters are read from the query of either URL:
+//!
+//! | parameter | meaning |
+//! |---|---|
+//! | `cacertfile` | PEM file of the CAs to trust instead of the system roots |
+//! | `certfile`, `keyfile` | PEM client certificate chain and key (mutual TLS); both or neither |
+//! | `server_name_indication` | name sent (SNI) and verified instead of the host (AMQP only) |
+//!
+//! There is no fall-back to plain text: a failed handshake is an
+//! [`Error::Tls`] naming the URL and the reason. TLS parameters on a
+//! plain-text URL are a configuration error.
+//!
+//! # Secrets
+//!
+//! `Debug` of [`Config`] (and of everything holding one) and every error show URLs through
+//! [`redact_url`]: the password becomes `***`.
 
 use std::time::Duration;
 
