@@ -333,6 +333,19 @@ async fn a_refused_login_says_to_check_the_credentials() {
         !format!("{text} {e:?}").contains("not-the-password"),
         "{text}"
     );
+
+    let vhost = unique("no-such-vhost");
+    let e = start_error(
+        test_config("tls").with_amqp_url(format!("amqp://guest:guest@127.0.0.1:5672/{vhost}")),
+    )
+    .await;
+    let text = e.to_string();
+    assert!(matches!(e, Error::AccessRefused { .. }), "{e:?}");
+    assert!(
+        text.contains(&vhost) && text.contains("the vhost exists"),
+        "{text}"
+    );
+    assert!(!text.contains("is the broker running"), "{text}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

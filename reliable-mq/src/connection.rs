@@ -8,7 +8,7 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
+use lapin::protocol::{AMQPErrorKind, AMQPHardError, AMQPSoftError};
 use lapin::uri::{AMQPScheme, AMQPUri};
 use lapin::{Connection, ConnectionProperties, ErrorKind};
 
@@ -128,17 +128,19 @@ fn classify(url: String, scheme: &AMQPScheme, port: u16, source: lapin::Error) -
     Error::Connect { url, source }
 }
 
-/// The broker's reply text when it refused the login: ACCESS_REFUSED (403) at
-/// connection.start-ok / open, or the authentication failure RabbitMQ reports by closing
-/// the connection with that code.
+/// The broker's reply text when it refused the login: ACCESS_REFUSED (403) after
+/// connection.start-ok (wrong user or password), or NOT_ALLOWED (530) at connection.open
+/// (no such vhost, or no permission on it).
 fn access_refused(e: &lapin::Error) -> Option<String> {
     let ErrorKind::ProtocolError(amqp) = e.kind() else {
         return None;
     };
-    // 403 is a "soft" code in the AMQP spec, also when it closes the connection.
+    // 403 is a "soft" code in the AMQP spec, also when it closes the connection; a vhost
+    // that does not exist or that the user may not use is 530 at connection.open.
     matches!(
         amqp.kind(),
         AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED)
+            | AMQPErrorKind::Hard(AMQPHardError::NOTALLOWED)
     )
     .then(|| amqp.to_string())
 }

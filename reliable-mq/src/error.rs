@@ -139,9 +139,10 @@ pub enum Error {
         /// What failed and what to do about it.
         reason: String,
     },
-    /// The broker refused the login (ACCESS_REFUSED).
+    /// The broker refused the login: wrong user or password (ACCESS_REFUSED), or a vhost
+    /// that does not exist or the user may not use (NOT_ALLOWED).
     #[error(
-        "RabbitMQ at {url} refused the login: {reason}; check the user name and password in AMQP_URL, and that the user may access the vhost"
+        "RabbitMQ at {url} refused the login: {reason}; check the user name and password in AMQP_URL, and that the vhost exists and the user may access it"
     )]
     AccessRefused {
         /// The URL, password removed.
