@@ -359,3 +359,64 @@ async fn nothing_listening_still_says_is_the_broker_running() {
     assert!(matches!(e, Error::Connect { .. }), "{e:?}");
     assert!(e.to_string().contains("is the broker running"), "{e}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_cluster_over_tls_with_client_certificates() {
+    use reliable_mq::dedup::{Claim, RedisClusterStore};
+    use reliable_mq_tests::tls::TlsRedisCluster;
+
+    init_tracing();
+    let certs = Certs::generate();
+    let cluster = tokio::task::block_in_place(|| TlsRedisCluster::start(&certs));
+    let hosts: Vec<String> = cluster
+        .ports
+        .iter()
+        .map(|p| format!("127.0.0.1:{p}"))
+        .collect();
+    let url = format!("rediss+cluster://{}/?{}", hosts.join(","), mutual(&certs));
+    let nodes = reliable_mq::dedup::cluster_nodes(&url).expect("a cluster URL");
+    let store = RedisClusterStore::new(&nodes, 2).expect("store");
+    store.ping().await.expect("every primary answers over TLS");
+    // Keys spread over the three primaries: the scripts run on each over TLS.
+    let prefix = unique("rmq-test:tls-cluster");
+    for i in 0..16 {
+        let key = reliable_mq::dedup::key(&prefix, "q", &format!("m-{i}"));
+        assert_eq!(
+            store
+                .claim(&key, "t", Duration::from_secs(30))
+                .await
+                .expect("claim"),
+            Claim::Acquired
+        );
+        assert!(
+            store
+                .complete(&key, "t", Duration::from_secs(60))
+                .await
+                .expect("complete")
+        );
+        assert_eq!(
+            store
+                .claim(&key, "t2", Duration::from_secs(30))
+                .await
+                .expect("claim"),
+            Claim::Done
+        );
+        assert!(
+            cluster
+                .cli(cluster.ports[0], &["get", &key])
+                .contains("done"),
+            "{key}"
+        );
+    }
+
+    // Without the client certificate the nodes refuse, and the error says so.
+    let url = format!(
+        "rediss+cluster://{}/?cacertfile={}",
+        hosts.join(","),
+        certs.path("ca.pem")
+    );
+    let nodes = reliable_mq::dedup::cluster_nodes(&url).expect("a cluster URL");
+    let store = RedisClusterStore::new(&nodes, 2).expect("store");
+    let e = store.ping().await.expect_err("no client certificate");
+    assert!(e.to_string().contains("certfile and keyfile"), "{e}");
+}
