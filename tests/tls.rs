@@ -358,6 +358,16 @@ async fn nothing_listening_still_says_is_the_broker_running() {
     .await;
     assert!(matches!(e, Error::Connect { .. }), "{e:?}");
     assert!(e.to_string().contains("is the broker running"), "{e}");
+
+    // A listener that never answers the TLS handshake: a timeout that says to check it.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = silent.local_addr().expect("addr").port();
+    let e = start_error(
+        test_config("tls").with_amqp_url(format!("amqps://guest:guest@127.0.0.1:{port}/%2f")),
+    )
+    .await;
+    assert!(matches!(e, Error::ConnectTimeout { .. }), "{e:?}");
+    assert!(e.to_string().contains("is a TLS listener"), "{e}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

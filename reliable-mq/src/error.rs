@@ -152,7 +152,8 @@ pub enum Error {
     },
     /// The broker did not complete the connection in time.
     #[error(
-        "connecting to RabbitMQ at {url} took longer than {timeout:?}; is the address reachable (a firewall dropping packets looks like this)?"
+        "connecting to RabbitMQ at {url} took longer than {timeout:?}; is the address reachable (a firewall dropping packets looks like this)?{}",
+        timeout_hint(.url)
     )]
     ConnectTimeout {
         /// The URL, password removed.
@@ -225,6 +226,15 @@ pub enum Error {
     /// Waiting for the signal handler failed.
     #[error("cannot listen for shutdown signals: {0}")]
     Signal(#[source] std::io::Error),
+}
+
+/// A TLS handshake with a server that waits for something else stalls rather than fails.
+fn timeout_hint(url: &str) -> &'static str {
+    if url.starts_with("amqps://") {
+        " With amqps://, also check that the port is a TLS listener."
+    } else {
+        ""
+    }
 }
 
 impl Error {

@@ -152,7 +152,7 @@ impl ConnectionSource for Source {
 
 /// A pool error in words that say what to do: a TLS failure or a TLS/plain-text port
 /// mismatch named as such, with the server's URL.
-pub(super) fn describe_pool_error(
+fn describe_pool_error(
     e: &(dyn std::error::Error + 'static),
     url: &str,
     port: u16,
