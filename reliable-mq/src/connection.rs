@@ -1,5 +1,11 @@
-//! Opening connections: heartbeat and connection name applied, errors that name the URL
-//! without its password, and the capped backoff every reconnect loop shares.
+//! Opening connections: heartbeat and connection name applied, TLS for `amqps://`, errors
+//! that name the URL without its password and say what to do (a TLS problem, a TLS/plain
+//! port mismatch and a refused login each get their own), and the capped backoff every
+//! reconnect loop shares.
+//!
+//! `amqps://` goes through our own rustls connector rather than lapin's: lapin's adds a
+//! `cacertfile` to the system roots instead of trusting only it, and cannot send a
+//! `server_name_indication` other than the host it dials.
 //!
 //! We do not use lapin's auto-recovery: each consumer and the publisher own their
 //! connection lifecycle (connect, declare, consume; on any error drop everything and start
