@@ -98,33 +98,8 @@ impl RedisClusterStore {
 
 #[cfg(feature = "tls")]
 fn tls_client(urls: Vec<String>, tls: &TlsParams) -> Result<ClusterClient, String> {
-    use deadpool_redis::redis::{ClientTlsConfig, TlsCertificates};
-    if tls.server_name_indication.is_some() {
-        return Err(
-            "server_name_indication is not supported for rediss:// (the Redis client \
-             verifies the host of each node): connect by names the certificates list"
-                .into(),
-        );
-    }
-    let read = |key: &str, path: &str| {
-        std::fs::read(path).map_err(|e| format!("{key} {path} cannot be read: {e}"))
-    };
-    let root_cert = match &tls.cacertfile {
-        Some(path) => Some(read("cacertfile", path)?),
-        None => None,
-    };
-    let client_tls = match (&tls.certfile, &tls.keyfile) {
-        (Some(cert), Some(key)) => Some(ClientTlsConfig {
-            client_cert: read("certfile", cert)?,
-            client_key: read("keyfile", key)?,
-        }),
-        _ => None,
-    };
     ClusterClient::builder(urls)
-        .certs(TlsCertificates {
-            client_tls,
-            root_cert,
-        })
+        .certs(super::redis::tls_certificates(tls)?)
         .connection_timeout(CREATE_TIMEOUT)
         .build()
         .map_err(|e| format!("the TLS settings are not usable: {e}"))

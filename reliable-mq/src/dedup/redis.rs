@@ -96,11 +96,22 @@ fn connection_info(
 
 #[cfg(feature = "tls")]
 fn tls_connection_info(url: &str, tls: &TlsParams) -> Result<ConnectionInfo, String> {
-    use deadpool_redis::redis::{Client, ClientTlsConfig, TlsCertificates};
+    let client = deadpool_redis::redis::Client::build_with_tls(url, tls_certificates(tls)?)
+        .map_err(|e| format!("the TLS settings are not usable: {e}"))?;
+    Ok(client.get_connection_info().clone())
+}
+
+/// The Redis client's TLS settings from RabbitMQ-style URI parameters, files read in.
+/// `server_name_indication` is refused: the Redis client always verifies the host it dials.
+#[cfg(feature = "tls")]
+pub(super) fn tls_certificates(
+    tls: &TlsParams,
+) -> Result<deadpool_redis::redis::TlsCertificates, String> {
+    use deadpool_redis::redis::{ClientTlsConfig, TlsCertificates};
     if tls.server_name_indication.is_some() {
         return Err(
             "server_name_indication is not supported for rediss:// (the Redis client verifies \
-             the host of the URL): connect by a name the certificate lists"
+             the host it connects to): connect by a name the certificate lists"
                 .into(),
         );
     }
@@ -118,15 +129,10 @@ fn tls_connection_info(url: &str, tls: &TlsParams) -> Result<ConnectionInfo, Str
         }),
         _ => None,
     };
-    let client = Client::build_with_tls(
-        url,
-        TlsCertificates {
-            client_tls,
-            root_cert,
-        },
-    )
-    .map_err(|e| format!("the TLS settings are not usable: {e}"))?;
-    Ok(client.get_connection_info().clone())
+    Ok(TlsCertificates {
+        client_tls,
+        root_cert,
+    })
 }
 
 #[cfg(not(feature = "tls"))]
