@@ -224,7 +224,7 @@ async fn the_documented_directives_keep_returned_bodies_out_of_the_logs() {
     // with the documented directives added.
     let (plain, quiet) = (Captured::default(), Captured::default());
     let mut filter = EnvFilter::new("trace");
-    for d in reliable_mq::config::QUIET_LAPIN_DIRECTIVES {
+    for d in reliable_mq::Config::QUIET_LAPIN_DIRECTIVES {
         filter = filter.add_directive(d.parse().expect("directive"));
     }
     let (w1, w2) = (plain.clone(), quiet.clone());

@@ -35,26 +35,6 @@ use std::time::Duration;
 
 use crate::Error;
 
-/// Log filter directives that keep message bodies out of the logs. lapin logs every
-/// message the broker returns (an unroutable `mandatory` publish), body included, at
-/// `warn` on the `lapin::returned_messages` target, and every frame (bodies too) at
-/// `trace` on `lapin::channels` and `lapin::frames`. reliable-mq reports returns itself
-/// (`PublishError::Unroutable`, without the body). Add these to your subscriber's filter;
-/// being more specific than a plain level or `lapin=trace`, they win over both:
-///
-/// ```
-/// # use tracing_subscriber::EnvFilter;
-/// let mut filter = EnvFilter::new("info");
-/// for d in reliable_mq::config::QUIET_LAPIN_DIRECTIVES {
-///     filter = filter.add_directive(d.parse().expect("a valid directive"));
-/// }
-/// ```
-pub const QUIET_LAPIN_DIRECTIVES: [&str; 3] = [
-    "lapin::returned_messages=error",
-    "lapin::channels=info",
-    "lapin::frames=info",
-];
-
 /// Default broker URL.
 pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
@@ -152,6 +132,26 @@ impl Default for Config {
 }
 
 impl Config {
+    /// Log filter directives that keep message bodies out of the logs. lapin logs every
+    /// message the broker returns (an unroutable `mandatory` publish), body included, at
+    /// `warn` on the `lapin::returned_messages` target, and every frame (bodies too) at
+    /// `trace` on `lapin::channels` and `lapin::frames`. reliable-mq reports returns itself
+    /// (`PublishError::Unroutable`, without the body). Add these to your subscriber's filter;
+    /// being more specific than a plain level or `lapin=trace`, they win over both:
+    ///
+    /// ```
+    /// # use tracing_subscriber::EnvFilter;
+    /// let mut filter = EnvFilter::new("info");
+    /// for d in reliable_mq::Config::QUIET_LAPIN_DIRECTIVES {
+    ///     filter = filter.add_directive(d.parse().expect("a valid directive"));
+    /// }
+    /// ```
+    pub const QUIET_LAPIN_DIRECTIVES: [&str; 3] = [
+        "lapin::returned_messages=error",
+        "lapin::channels=info",
+        "lapin::frames=info",
+    ];
+
     /// Read the environment (see the module docs), defaults for what is unset.
     pub fn from_env() -> Result<Self, Error> {
         let mut c = Self::default();

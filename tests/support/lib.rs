@@ -82,7 +82,7 @@ pub fn unique(base: &str) -> String {
 pub fn init_tracing() {
     if std::env::var_os("RUST_LOG").is_some() {
         let mut filter = tracing_subscriber::EnvFilter::from_default_env();
-        for d in reliable_mq::config::QUIET_LAPIN_DIRECTIVES {
+        for d in reliable_mq::Config::QUIET_LAPIN_DIRECTIVES {
             if let Ok(d) = d.parse() {
                 filter = filter.add_directive(d);
             }
