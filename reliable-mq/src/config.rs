@@ -368,14 +368,6 @@ pub struct TlsParams {
 }
 
 impl TlsParams {
-    /// The query keys this struct reads.
-    pub const KEYS: [&'static str; 4] = [
-        "cacertfile",
-        "certfile",
-        "keyfile",
-        "server_name_indication",
-    ];
-
     /// Whether any parameter is set.
     pub fn is_empty(&self) -> bool {
         *self == Self::default()

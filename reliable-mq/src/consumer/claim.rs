@@ -1,5 +1,6 @@
-//! The dedup claim around a handler call (DESIGN.md section 2): claim, then `done` on
-//! success or release on failure, with the lease renewed while the handler runs.
+//! The dedup claim around a handler call (`docs/architecture.md`, "The dedup claim"):
+//! claim, then `done` on success or release on failure, with the lease renewed while the
+//! handler runs.
 
 use std::future::Future;
 use std::sync::Arc;

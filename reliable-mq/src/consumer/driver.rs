@@ -61,6 +61,8 @@ pub(crate) struct ConsumerRuntime {
     pub(crate) dedup: Option<Arc<dyn DedupStore>>,
     pub(crate) stats: Arc<ConsumerStats>,
     pub(crate) shutdown: ShutdownHandle,
+    /// State registered with the app, handed to each delivery for `State<T>`.
+    pub(crate) states: Arc<crate::state::StateMap>,
 }
 
 /// Why a session ended.
@@ -97,7 +99,7 @@ impl ConsumerRuntime {
                         backoff.reset();
                     }
                     let delay = backoff.next_delay();
-                    warn!(queue = %self.consumer.queue, %reason, ?delay, "consumer session ended; reconnecting");
+                    warn!(queue = %self.consumer.queue(), %reason, ?delay, "consumer session ended; reconnecting");
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
                         _ = signal.cancelled() => return Ok(()),
@@ -108,7 +110,7 @@ impl ConsumerRuntime {
     }
 
     async fn session(self: &Arc<Self>) -> Result<SessionEnd, Error> {
-        let queue = &self.consumer.queue;
+        let queue = self.consumer.queue();
         let conn = connection::open(&self.config, &format!("consumer {queue}")).await?;
         self.topology.declare(&conn).await?;
         let channel = conn
@@ -116,13 +118,17 @@ impl ConsumerRuntime {
             .await
             .map_err(|e| Error::amqp("opening the consumer channel", e))?;
         channel
-            .basic_qos(self.consumer.prefetch, BasicQosOptions::default())
+            .basic_qos(self.consumer.prefetch(), BasicQosOptions::default())
             .await
             .map_err(|e| Error::amqp("setting prefetch", e))?;
-        let tag = format!("{}-{}", self.consumer.name, uuid::Uuid::new_v4().simple());
+        // Cut to fit an AMQP short string whatever the consumer's name.
+        let tag = reliable_mq_model::consumer_tag(
+            self.consumer.name(),
+            &uuid::Uuid::new_v4().simple().to_string(),
+        );
         let mut deliveries = channel
             .basic_consume(
-                queue.as_str().into(),
+                queue.into(),
                 tag.as_str().into(),
                 BasicConsumeOptions::default(),
                 FieldTable::default(),
@@ -131,9 +137,9 @@ impl ConsumerRuntime {
             .map_err(|e| Error::amqp(format!("subscribing to queue '{queue}'"), e))?;
         ConsumerStats::bump(&self.stats.sessions);
         self.stats.attached.store(true, Ordering::Relaxed);
-        info!(%queue, prefetch = self.consumer.prefetch, concurrency = self.consumer.concurrency, "consumer attached");
+        info!(%queue, prefetch = self.consumer.prefetch(), concurrency = self.consumer.concurrency(), "consumer attached");
 
-        let slots = Arc::new(Semaphore::new(usize::from(self.consumer.concurrency)));
+        let slots = Arc::new(Semaphore::new(usize::from(self.consumer.concurrency())));
         let mut in_flight = JoinSet::new();
         let (topology_broken, mut broken) = mpsc::channel::<String>(1);
         let mut signal = self.shutdown.signal();
@@ -234,7 +240,7 @@ impl ConsumerRuntime {
             let decision = claim(
                 self.dedup.as_ref(),
                 &self.config.dedup_prefix,
-                self.consumer.timeout,
+                self.consumer.timeout(),
                 delivery,
             )
             .await;
@@ -290,14 +296,15 @@ impl ConsumerRuntime {
             properties,
             exchange: exchange.to_string(),
             routing_key: routing_key.to_string(),
-            queue: self.consumer.queue.clone(),
+            queue: self.consumer.queue().to_owned(),
             redelivered,
             delivery_tag,
             publisher: Some(self.publisher.clone()),
+            states: Arc::clone(&self.states),
         });
         let span = info_span!(
             "delivery",
-            queue = %self.consumer.queue,
+            queue = %self.consumer.queue(),
             message_id = delivery.message_id().unwrap_or(""),
             delivery_tag,
             redelivered,
@@ -338,7 +345,7 @@ impl ConsumerRuntime {
         let outcome = match decision {
             ClaimDecision::Run(guard) => {
                 let handler = self.consumer.handler.as_ref();
-                let call = invoke(handler, Arc::clone(&delivery), self.consumer.timeout);
+                let call = invoke(handler, Arc::clone(&delivery), self.consumer.timeout());
                 let result = match &guard {
                     Some(g) => g.renew_while(call).await,
                     None => call.await,
@@ -348,7 +355,7 @@ impl ConsumerRuntime {
                 match result {
                     Ok(()) => {
                         if let Some(g) = guard {
-                            g.complete(self.consumer.dedup_ttl).await;
+                            g.complete(self.consumer.dedup_ttl()).await;
                         }
                         ConsumerStats::bump(&self.stats.handled);
                         debug!("handled");

@@ -162,6 +162,7 @@ impl Settler<'_> {
             .await
         {
             Ok(()) => {
+                #[cfg(feature = "testing")]
                 if crate::retry::crash_seam::fire(delivery.queue()) {
                     warn!(
                         "test crash seam: leaving the original unacked after the copy was confirmed"
