@@ -129,6 +129,8 @@ struct State {
     entries: HashMap<u64, Entry>,
     by_id: HashMap<String, u64>,
     deadlines: VecDeque<(Instant, u64)>,
+    /// Entries lapin has resolved, judged once the ready queue is empty.
+    resolved: Vec<(u64, Outcome)>,
 }
 
 /// The ledger of one channel.
@@ -266,6 +268,7 @@ impl Ledger {
         // The first poll numbers the publish and queues its frames, both synchronously:
         // under the state lock, so the numbering order is the wire order.
         self.advance(&mut state, key);
+        self.drain(&mut state);
         drop(state);
         Some(Ticket {
             ledger: Arc::clone(self),
@@ -274,16 +277,25 @@ impl Ledger {
         })
     }
 
-    /// Process every resolution lapin has signalled, in its order.
+    /// Process every resolution lapin has signalled, then judge the resolved entries.
+    ///
+    /// Judging waits until the ready queue is empty: lapin makes a confirm's result
+    /// visible a moment before it wakes the next one, so an entry can be found resolved
+    /// (polled for an older wake) while the wake of a confirm resolved before it, maybe
+    /// carrying its return, is still queued. Every confirm resolved before the ones found
+    /// here has queued its wake by now, so emptying the queue records its return first.
     fn drain(&self, state: &mut State) {
         loop {
             let keys = std::mem::take(&mut *lock(&self.shared.ready));
             if keys.is_empty() {
-                return;
+                break;
             }
             for key in keys {
                 self.advance(state, key);
             }
+        }
+        for (key, outcome) in std::mem::take(&mut state.resolved) {
+            self.finish(state, key, outcome);
         }
     }
 
@@ -323,11 +335,11 @@ impl Ledger {
                 }
             }
         };
-        // The return lapin attached here may be anyone's: record it under its owner first.
+        // The return lapin attached here may be anyone's: record it under its owner.
         if let Some(returned) = returned {
             self.attribute(state, &returned);
         }
-        self.finish(state, key, result);
+        state.resolved.push((key, result));
     }
 
     fn attribute(&self, state: &mut State, returned: &BasicReturnMessage) {
