@@ -206,6 +206,20 @@ pub struct PublishOptions {
     pub message_id: Option<String>,
     /// Headers to add.
     pub headers: FieldTable,
+    /// `content_type`, instead of `application/json`.
+    pub content_type: Option<String>,
+    /// The AMQP `type` property.
+    pub kind: Option<String>,
+    /// `app_id`.
+    pub app_id: Option<String>,
+    /// `correlation_id`.
+    pub correlation_id: Option<String>,
+    /// `reply_to`.
+    pub reply_to: Option<String>,
+    /// `expiration` (a per-message TTL in milliseconds, as a string).
+    pub expiration: Option<String>,
+    /// `user_id` (the broker checks it against the connection's user).
+    pub user_id: Option<String>,
     /// A header key given to [`PublishOptions::header`] over the short-string limit:
     /// reported by the publish as [`PublishError::Invalid`], never a panic here.
     bad_header_key: Option<String>,
@@ -431,9 +445,31 @@ impl Publisher {
             }
         };
         let body = serde_json::to_vec(value).map_err(|e| PublishError::Serialize(e.to_string()))?;
+        let content_type = match &options.content_type {
+            Some(v) => limits::short("content_type", v)?,
+            None => ShortString::from("application/json"),
+        };
         let mut properties = BasicProperties::default()
-            .with_content_type(ShortString::from("application/json"))
+            .with_content_type(content_type)
             .with_message_id(message_id);
+        if let Some(v) = &options.kind {
+            properties = properties.with_type(limits::short("type", v)?);
+        }
+        if let Some(v) = &options.app_id {
+            properties = properties.with_app_id(limits::short("app_id", v)?);
+        }
+        if let Some(v) = &options.correlation_id {
+            properties = properties.with_correlation_id(limits::short("correlation_id", v)?);
+        }
+        if let Some(v) = &options.reply_to {
+            properties = properties.with_reply_to(limits::short("reply_to", v)?);
+        }
+        if let Some(v) = &options.expiration {
+            properties = properties.with_expiration(limits::short("expiration", v)?);
+        }
+        if let Some(v) = &options.user_id {
+            properties = properties.with_user_id(limits::short("user_id", v)?);
+        }
         if !options.headers.inner().is_empty() {
             properties = properties.with_headers(options.headers);
         }
