@@ -27,9 +27,9 @@ modes:
 options:
   --n N              messages per repetition (publish: 20000, consume: 50000)
   --reps R           repetitions; the table shows medians (publish: 5, consume: 3)
-  --window W         outstanding confirms of the pipelined raw publisher (default 1000)
+  --window W         publish: publishes in flight, for raw lapin and Publisher alike (default 1000)
   --one-by-one-n N   messages for the one-confirm-at-a-time run (default 2000)
-  --concurrency C    publishes in flight through Publisher (default 1000)
+  --concurrency C    (unused by publish since both sides share --window)
   --size B           body size in bytes (default 256)
   --rate R           latency: messages per second (default 1000)
   --seconds S        latency: seconds per variant (default 10)
