@@ -85,7 +85,7 @@ struct Entry {
     waker: Waker,
     wake: Arc<EntryWake>,
     /// The id this entry is named by in `by_id`, when it carries no token.
-    holds_id: Option<String>,
+    holds_id: Option<Arc<str>>,
     returned: Option<(u16, String)>,
     outcome: Option<Outcome>,
     /// No caller will read the final outcome (cancelled, or already told it timed out).
@@ -127,7 +127,7 @@ struct Shared {
 struct State {
     next_key: u64,
     entries: HashMap<u64, Entry>,
-    by_id: HashMap<String, u64>,
+    by_id: HashMap<Arc<str>, u64>,
     deadlines: VecDeque<(Instant, u64)>,
     /// Entries lapin has resolved, judged once the ready queue is empty.
     resolved: Vec<(u64, Outcome)>,
@@ -225,8 +225,9 @@ impl Ledger {
             properties = properties.with_headers(headers);
             None
         } else {
-            state.by_id.insert(message_id.to_owned(), key);
-            Some(message_id.to_owned())
+            let id: Arc<str> = message_id.into();
+            state.by_id.insert(Arc::clone(&id), key);
+            Some(id)
         };
         let wake = Arc::new(EntryWake {
             key,

@@ -558,8 +558,11 @@ impl Publisher {
                 id
             }
         };
-        if let Some(mut headers) = properties.headers().clone()
-            && headers.inner().contains_key(ledger::TOKEN_HEADER)
+        if properties
+            .headers()
+            .as_ref()
+            .is_some_and(|h| h.inner().contains_key(ledger::TOKEN_HEADER))
+            && let Some(mut headers) = properties.headers().clone()
         {
             ledger::strip_token(&mut headers);
             properties = properties.with_headers(headers);
