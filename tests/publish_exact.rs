@@ -221,3 +221,124 @@ async fn every_outcome_is_the_publishs_own_under_adversarial_load() {
     );
     publisher.close().await;
 }
+
+// --- one lineage per failure ------------------------------------------------------------
+
+fn log_lines() -> &'static std::sync::Mutex<Vec<String>> {
+    static LINES: std::sync::OnceLock<std::sync::Mutex<Vec<String>>> = std::sync::OnceLock::new();
+    LINES.get_or_init(|| std::sync::Mutex::new(Vec::new()))
+}
+
+struct Capture;
+
+impl std::io::Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let text = String::from_utf8_lossy(buf).into_owned();
+        log_lines().lock().expect("log lock").push(text);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn late_copies_mentioning(needle: &str) -> usize {
+    log_lines()
+        .lock()
+        .expect("log lock")
+        .iter()
+        .filter(|l| l.contains("waiting for its own confirm") && l.contains(needle))
+        .count()
+}
+
+/// Copies whose confirms are late (a 1ms confirm timeout: a persistent copy to a durable
+/// queue takes longer) are never published a second time: every failed attempt leaves
+/// exactly one copy, so the handler runs `max_retries + 1` times per message and each
+/// message is dead-lettered once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_copy_confirm_never_starts_a_second_lineage() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(
+            "warn,reliable_mq::publisher=debug",
+        ))
+        .with_ansi(false)
+        .with_writer(|| Capture)
+        .try_init();
+    let q = unique("lineage");
+    let delay = Duration::from_millis(100);
+    let tier = "100ms";
+    let _cleanup = Cleanup::consumer(&q, &[tier], &[]);
+    let broker = Broker::connect().await;
+    let calls = std::sync::Arc::new(std::sync::Mutex::new(Vec::<(String, u32)>::new()));
+    let seen = std::sync::Arc::clone(&calls);
+    let handler = reliable_mq::delivery_handler_fn(
+        move |_v: serde_json::Value, d: std::sync::Arc<reliable_mq::Delivery>| {
+            seen.lock()
+                .expect("calls")
+                .push((d.message_id().unwrap_or_default().to_owned(), d.attempt()));
+            async move { Err::<(), _>(reliable_mq::HandlerError::retry("always down")) }
+        },
+    );
+    let max_retries = 2;
+    let consumer = reliable_mq::ConsumerConfig::new(&q, format!("{q}.dlx"), handler).with_retries(
+        max_retries,
+        delay,
+        reliable_mq::RetryBackoff::Fixed,
+    );
+    let config = test_config(&q).with_confirm_timeout(Duration::from_millis(1));
+    let app = reliable_mq::App::new(config)
+        .consumer(consumer)
+        .start()
+        .await
+        .expect("start");
+    let messages = 20;
+    for i in 0..messages {
+        broker
+            .publish_json("", &q, &serde_json::json!({"n": i}), &format!("{q}-{i}"))
+            .await;
+    }
+    let dlq = format!("{q}.dlq");
+    let expected = u32::try_from(messages).expect("fits");
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            broker.ready_count(&dlq).await == Some(expected)
+        })
+        .await,
+        "dead letters: {:?}",
+        broker.ready_count(&dlq).await
+    );
+    // A second copy of any attempt would show within one more trip through the tier.
+    tokio::time::sleep(delay * 5).await;
+    app.shutdown().await.expect("clean shutdown");
+
+    let calls = calls.lock().expect("calls").clone();
+    let late = late_copies_mentioning(&q);
+    eprintln!(
+        "lineage: {} handler calls for {messages} messages (expected {}), {} dead letters, {late} copies whose confirm was late",
+        calls.len(),
+        messages * (max_retries as usize + 1),
+        broker.ready_count(&dlq).await.unwrap_or(0),
+    );
+    assert!(late > 0, "the test must force late copy confirms");
+    assert_eq!(
+        calls.len(),
+        messages * (max_retries as usize + 1),
+        "{calls:?}"
+    );
+    for i in 0..messages {
+        let mut attempts: Vec<u32> = calls
+            .iter()
+            .filter(|(id, _)| *id == format!("{q}-{i}"))
+            .map(|(_, a)| *a)
+            .collect();
+        attempts.sort_unstable();
+        assert_eq!(attempts, [1, 2, 3], "message {i}");
+    }
+    assert_eq!(
+        broker.ready_count(&dlq).await,
+        Some(expected),
+        "one dead letter each"
+    );
+    assert_eq!(broker.ready_count(&q).await, Some(0));
+}
