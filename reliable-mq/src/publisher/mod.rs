@@ -567,7 +567,12 @@ impl Publisher {
             ledger::strip_token(&mut headers);
             properties = properties.with_headers(headers);
         }
-        limits::check_properties(&properties)?;
+        // A copy carries properties the broker already accepted (and lapin decoded with
+        // the same nesting); refusing it would send the original back to the queue again
+        // and again, never to the DLQ.
+        if patience == Patience::Republish {
+            limits::check_properties(&properties)?;
+        }
         let span = tracing::debug_span!(
             "publish",
             exchange,
