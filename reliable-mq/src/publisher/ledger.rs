@@ -265,6 +265,14 @@ impl Ledger {
                 self.shared.background.notify_one();
             }
             state.deadlines.push_back((at, key));
+            // Deadlines of settled publishes wait for their time to be dropped; keep
+            // them from outnumbering the live ones at high rates or long timeouts.
+            if state.deadlines.len() > 2 * state.entries.len() + 1024 {
+                let State {
+                    deadlines, entries, ..
+                } = &mut *state;
+                deadlines.retain(|(_, k)| entries.contains_key(k));
+            }
         }
         // The first poll numbers the publish and queues its frames, both synchronously:
         // under the state lock, so the numbering order is the wire order.
