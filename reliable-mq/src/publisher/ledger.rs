@@ -191,7 +191,8 @@ impl Ledger {
     }
 
     /// Send one publish on `link` and return the ticket to its outcome. Waits for room
-    /// first (at most until `deadline`; `None` means nothing was sent).
+    /// first, at most until `room_by` (`None`: no room, nothing was sent). The ticket
+    /// resolves as timed out at `deadline`, if given.
     #[allow(clippy::too_many_arguments)]
     pub(crate) async fn send(
         self: &Arc<Self>,
@@ -201,16 +202,14 @@ impl Ledger {
         body: Arc<Vec<u8>>,
         mut properties: BasicProperties,
         message_id: &str,
+        room_by: Instant,
         deadline: Option<Instant>,
     ) -> Option<Ticket> {
         let permit = match Arc::clone(&self.room).try_acquire_owned() {
             Ok(p) => p,
             Err(_) => {
                 let wait = Arc::clone(&self.room).acquire_owned();
-                match deadline {
-                    Some(at) => tokio::time::timeout_at(at, wait).await.ok()?.ok()?,
-                    None => wait.await.ok()?,
-                }
+                tokio::time::timeout_at(room_by, wait).await.ok()?.ok()?
             }
         };
         let mut state = lock(&self.state);

@@ -704,6 +704,7 @@ impl Publisher {
                 Arc::clone(&send.body),
                 send.properties.clone(),
                 &send.message_id,
+                deadline,
                 (send.patience == Patience::Republish).then_some(deadline),
             )
             .await
