@@ -54,7 +54,7 @@ pub const TOKEN_HEADER: &str = "x-publish-token";
 
 /// Publishes in flight per channel, at most (cancelled and timed-out ones included, until
 /// the broker answers for them).
-pub(crate) const MAX_IN_FLIGHT: usize = 16_384;
+pub const MAX_IN_FLIGHT: usize = 16_384;
 
 /// What became of one publish attempt.
 #[derive(Debug)]
