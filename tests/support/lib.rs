@@ -15,6 +15,7 @@ use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use reliable_mq::Config;
 
 pub mod fault;
+pub mod raw;
 
 /// The broker of this machine (or `AMQP_URL`).
 pub fn amqp_url() -> String {

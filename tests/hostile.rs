@@ -1,0 +1,211 @@
+//! Hostile frames on the real broker: messages that a well-behaved client never sends but
+//! RabbitMQ accepts and delivers (invalid UTF-8 in short strings, odd header tables, huge
+//! bodies, encodings we cannot read). They are published byte by byte with the raw client
+//! in `reliable_mq_tests::raw`. For each, the consumer keeps running on one session (no
+//! reconnect loop), the message lands in the DLQ with kind `decode` and the reason, and a
+//! valid message queued behind it is handled.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use reliable_mq::{App, ConsumerConfig, HandlerError, RunningApp, handler_fn};
+use reliable_mq_tests::raw::{self, Property, RawProperties};
+use reliable_mq_tests::{
+    Broker, Cleanup, Got, amqp_url, eventually, init_tracing, test_config, unique,
+};
+use serde::Deserialize;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+#[derive(Debug, Deserialize)]
+struct Order {
+    #[allow(dead_code)]
+    id: u64,
+}
+
+const VALID_BODY: &[u8] = br#"{"id":1}"#;
+
+/// What a hostile message left behind.
+struct Outcome {
+    dead_letter: Got,
+    handled: usize,
+    sessions: u64,
+    attached: bool,
+}
+
+/// Start a consumer on a fresh queue, publish `properties`/`body` raw, then a valid
+/// message behind it; wait for the valid one to be handled and the hostile one to be
+/// dead-lettered.
+async fn run_hostile(
+    base: &str,
+    properties: RawProperties,
+    body: Vec<u8>,
+    tune: impl FnOnce(ConsumerConfig) -> ConsumerConfig,
+) -> Outcome {
+    init_tracing();
+    let broker = Broker::connect().await;
+    let q = unique(base);
+    let dlx = format!("{q}.dlx");
+    let dlq = format!("{q}.dlq");
+    let _cleanup = Cleanup::consumer(&q, &["1s", "2s", "4s"], &[]);
+    let handled = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&handled);
+    let handler = handler_fn(move |_o: Order| {
+        let counter = Arc::clone(&counter);
+        async move {
+            counter.fetch_add(1, Ordering::SeqCst);
+            Ok::<_, HandlerError>(())
+        }
+    });
+    let app: RunningApp = App::new(test_config(&q))
+        .consumer(tune(ConsumerConfig::new(&q, &dlx, handler)))
+        .start()
+        .await
+        .expect("start");
+
+    raw::publish(&amqp_url(), "", q.as_bytes(), properties, body)
+        .await
+        .expect("the broker accepts the hostile message");
+    broker
+        .publish_json("", &q, &serde_json::json!({"id": 2}), "valid-behind")
+        .await;
+
+    let handled_behind = eventually(WAIT, || async {
+        app.stats(&q).is_some_and(|s| s.handled == 1)
+    })
+    .await;
+    let dead_letter = broker.get_within(&dlq, WAIT).await;
+    let stats = app.stats(&q).expect("stats");
+    app.shutdown().await.expect("clean shutdown");
+    assert!(
+        handled_behind,
+        "the valid message behind the hostile one was not handled: {stats:?}"
+    );
+    let dead_letter = dead_letter
+        .unwrap_or_else(|| panic!("the hostile message did not reach the DLQ: {stats:?}"));
+    assert_eq!(
+        broker.ready_count(&q).await,
+        Some(0),
+        "nothing left in the work queue"
+    );
+    Outcome {
+        dead_letter,
+        handled: handled.load(Ordering::SeqCst),
+        sessions: stats.sessions,
+        attached: stats.attached,
+    }
+}
+
+/// Every hostile input: one session (no reconnect loop), consumer attached until shutdown,
+/// only the valid message handled, a `decode` dead letter whose reason mentions `reason`.
+fn assert_dead_lettered(o: &Outcome, reason: &str) {
+    assert_eq!(
+        o.sessions, 1,
+        "the consumer reconnected: a hostile frame broke the session"
+    );
+    assert!(o.attached, "the consumer was still attached");
+    assert_eq!(o.handled, 1, "only the valid message reaches the handler");
+    let m = &o.dead_letter;
+    assert_eq!(
+        m.header("x-error-kind").as_deref(),
+        Some("decode"),
+        "{:?}",
+        m.headers()
+    );
+    let message = m.header("x-exception-message").unwrap_or_default();
+    assert!(
+        message.contains(reason),
+        "the reason `{message}` does not mention `{reason}`"
+    );
+}
+
+fn json_properties() -> RawProperties {
+    RawProperties::persistent().short(Property::ContentType, b"application/json")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_non_utf8_message_id_is_dead_lettered_without_a_reconnect_loop() {
+    // Idempotent, so the id would be the dedup key: it must never be claimed.
+    let props = json_properties().short(Property::MessageId, b"\xff\xfe");
+    let o = run_hostile("hostile-mid", props, VALID_BODY.to_vec(), |c| {
+        c.idempotent(Duration::from_secs(60))
+    })
+    .await;
+    assert_dead_lettered(&o, "message_id");
+    assert_eq!(o.dead_letter.body, VALID_BODY, "body kept as it was");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_non_utf8_content_type_is_dead_lettered() {
+    let props = RawProperties::persistent()
+        .short(Property::ContentType, b"application/\xc3\x28json")
+        .short(Property::MessageId, b"bad-content-type");
+    let o = run_hostile("hostile-ct", props, VALID_BODY.to_vec(), |c| c).await;
+    assert_dead_lettered(&o, "content_type");
+    assert_eq!(
+        o.dead_letter.message_id().as_deref(),
+        Some("bad-content-type")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_non_utf8_type_is_dead_lettered() {
+    let props = json_properties()
+        .short(Property::Type, b"order.\xffcreated")
+        .short(Property::MessageId, b"bad-type");
+    let o = run_hostile("hostile-type", props, VALID_BODY.to_vec(), |c| c).await;
+    assert_dead_lettered(&o, "type");
+    assert_eq!(o.dead_letter.message_id().as_deref(), Some("bad-type"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_header_key_with_invalid_bytes_is_dead_lettered() {
+    let headers = raw::table(&[
+        (b"tenant", raw::long_string_value(b"acme")),
+        (b"bad-\xff\xfe-key", raw::long_string_value(b"v")),
+    ]);
+    let props = json_properties()
+        .short(Property::MessageId, b"bad-header-key")
+        .headers(headers);
+    let o = run_hostile("hostile-hkey", props, VALID_BODY.to_vec(), |c| c).await;
+    assert_dead_lettered(&o, "header key");
+    assert_eq!(
+        o.dead_letter.header("tenant").as_deref(),
+        Some("acme"),
+        "other headers kept"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_header_table_nested_100_deep_is_dead_lettered() {
+    let props = json_properties()
+        .short(Property::MessageId, b"deep-headers")
+        .headers(raw::table(&[(
+            b"deep",
+            raw::table_value(raw::nested_table(100)),
+        )]));
+    let o = run_hostile("hostile-deep", props, VALID_BODY.to_vec(), |c| c).await;
+    assert_dead_lettered(&o, "nested");
+    assert_eq!(o.dead_letter.message_id().as_deref(), Some("deep-headers"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_100_mib_body_over_the_consumer_limit_is_dead_lettered() {
+    const SIZE: usize = 100 * 1024 * 1024;
+    let props = json_properties().short(Property::MessageId, b"huge-body");
+    let o = run_hostile("hostile-huge", props, vec![b' '; SIZE], |c| c).await;
+    assert_dead_lettered(&o, "over this consumer's");
+    assert_eq!(o.dead_letter.body.len(), SIZE, "the whole body is kept");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unsupported_content_encoding_is_dead_lettered() {
+    let props = json_properties()
+        .short(Property::ContentEncoding, b"gzip")
+        .short(Property::MessageId, b"gzipped");
+    // Not even gzip: the body must never be read, whatever it holds.
+    let o = run_hostile("hostile-enc", props, VALID_BODY.to_vec(), |c| c).await;
+    assert_dead_lettered(&o, "content_encoding `gzip`");
+    assert_eq!(o.dead_letter.body, VALID_BODY, "body kept as it was");
+}
