@@ -68,7 +68,7 @@ impl RawProperties {
 
     fn encode(&self) -> Vec<u8> {
         let mut fields = self.fields.clone();
-        fields.sort_by(|a, b| b.0.cmp(&a.0));
+        fields.sort_by_key(|f| std::cmp::Reverse(f.0));
         let flags = fields.iter().fold(0u16, |f, (p, _)| f | (1 << *p as u16));
         let mut out = flags.to_be_bytes().to_vec();
         for (_, bytes) in fields {

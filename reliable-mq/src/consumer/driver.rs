@@ -24,6 +24,7 @@ use tracing::{Instrument, debug, error, info, info_span, warn};
 use crate::connection::{self, Backoff};
 use crate::consumer::ConsumerStats;
 use crate::consumer::claim::{ClaimDecision, claim};
+use crate::consumer::inspect;
 use crate::consumer::invoke::invoke;
 use crate::consumer::settle::{SettleOutcome, Settler};
 use crate::dedup::DedupStore;
@@ -155,6 +156,18 @@ impl ConsumerRuntime {
                 }
             };
             let (delivery, acker, span) = self.receive(raw);
+            if let Some(reason) = inspect::refuse(&delivery, self.config.max_body_size) {
+                // Hostile input: to the DLQ without a slot, a claim or a handler call.
+                let (this, topology_broken) = (Arc::clone(self), topology_broken.clone());
+                in_flight.spawn(
+                    async move {
+                        this.refuse(&delivery, &acker, reason, &topology_broken)
+                            .await
+                    }
+                    .instrument(span),
+                );
+                continue;
+            }
             // Claim ahead: an idempotent delivery starts its claim now, while it waits for a
             // slot, so the store's round trip overlaps the handlers still running (at
             // concurrency 1: the previous one). It waits at most one handler call for a
@@ -304,6 +317,28 @@ impl ConsumerRuntime {
             attempt = delivery.attempt(),
         );
         (delivery, acker, span)
+    }
+
+    /// Dead-letter a delivery that failed the receive-side checks ([`inspect::refuse`]).
+    async fn refuse(
+        &self,
+        delivery: &Delivery,
+        acker: &lapin::Acker,
+        reason: String,
+        topology_broken: &mpsc::Sender<String>,
+    ) {
+        warn!(%reason, "refusing a delivery before decoding it");
+        let settler = Settler {
+            topology: &self.topology,
+            publisher: &self.publisher,
+            stats: &self.stats,
+            topology_broken,
+        };
+        let outcome = SettleOutcome::DeadLetter {
+            kind: crate::FailureKind::Decode,
+            message: reason,
+        };
+        settler.settle(acker, delivery, outcome).await;
     }
 
     /// One delivery through claim (started by the driver for idempotent consumers) ->

@@ -4,6 +4,7 @@
 
 pub(crate) mod claim;
 pub(crate) mod driver;
+pub(crate) mod inspect;
 pub(crate) mod invoke;
 pub(crate) mod settle;
 
