@@ -209,3 +209,28 @@ async fn an_unsupported_content_encoding_is_dead_lettered() {
     assert_dead_lettered(&o, "content_encoding `gzip`");
     assert_eq!(o.dead_letter.body, VALID_BODY, "body kept as it was");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_header_table_nested_to_the_frame_limit_neither_crashes_nor_loops() {
+    // 18 700 levels fill a 128 KiB frame. Parsed recursively, they overflowed the client's
+    // I/O thread stack and aborted the process; the failure record does not fit beside
+    // them in one frame, so the dead letter leaves the original headers out.
+    let props = json_properties()
+        .short(Property::MessageId, b"very-deep")
+        .headers(raw::table(&[
+            (b"tenant", raw::long_string_value(b"acme")),
+            (b"deep", raw::table_value(raw::nested_table(18_700))),
+        ]));
+    let o = run_hostile("hostile-vdeep", props, VALID_BODY.to_vec(), |c| c).await;
+    assert_dead_lettered(&o, "nested");
+    let m = &o.dead_letter;
+    let reason = m.header("x-exception-message").unwrap_or_default();
+    assert!(reason.contains("left out of this dead letter"), "{reason}");
+    assert_eq!(
+        m.header("tenant"),
+        None,
+        "the original headers were dropped"
+    );
+    assert_eq!(m.message_id().as_deref(), Some("very-deep"));
+    assert_eq!(m.body, VALID_BODY, "body kept as it was");
+}

@@ -121,12 +121,59 @@ pub fn parse_raw_value<I: ParsableInput>(
         AMQPType::DecimalValue => map(parse_decimal_value, AMQPValue::DecimalValue).parse(i),
         AMQPType::ShortString => map(parse_short_string, AMQPValue::ShortString).parse(i),
         AMQPType::LongString => map(parse_long_string, AMQPValue::LongString).parse(i),
-        AMQPType::FieldArray => map(parse_field_array, AMQPValue::FieldArray).parse(i),
+        AMQPType::FieldArray => parse_nested(i, parse_field_array, AMQPValue::FieldArray),
         AMQPType::Timestamp => map(parse_timestamp, AMQPValue::Timestamp).parse(i),
-        AMQPType::FieldTable => map(parse_field_table, AMQPValue::FieldTable).parse(i),
+        AMQPType::FieldTable => parse_nested(i, parse_field_table, AMQPValue::FieldTable),
         AMQPType::ByteArray => map(parse_byte_array, AMQPValue::ByteArray).parse(i),
         AMQPType::Void => Ok((i, AMQPValue::Void)),
     })
+}
+
+/// How many field tables and arrays may nest inside one another (not counting the
+/// outermost table) before the rest is kept unparsed; see [parse_raw_value].
+pub const MAX_NESTING_DEPTH: usize = 64;
+
+thread_local! {
+    /// Nesting depth of the value being parsed on this thread. Parsing never awaits, so a
+    /// thread-local follows one parse exactly.
+    static NESTING_DEPTH: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// One level of nesting, given back when dropped (on every return path).
+struct NestingLevel;
+
+impl NestingLevel {
+    fn enter() -> Option<Self> {
+        NESTING_DEPTH.with(|depth| {
+            let d = depth.get();
+            (d < MAX_NESTING_DEPTH).then(|| {
+                depth.set(d + 1);
+                Self
+            })
+        })
+    }
+}
+
+impl Drop for NestingLevel {
+    fn drop(&mut self) {
+        NESTING_DEPTH.with(|depth| depth.set(depth.get().saturating_sub(1)));
+    }
+}
+
+/// A nested table or array. Parsing one recurses, and a frame can hold thousands of levels
+/// (a peer can send an 18 000-deep table in a 128 KiB frame), which overflows the parsing
+/// thread's stack and aborts the process. Past [MAX_NESTING_DEPTH] levels the value is
+/// kept as a [ByteArray](../type.ByteArray.html) of its encoded contents instead: the
+/// frame stays readable and the bytes are kept (re-encoded, only the type tag differs).
+fn parse_nested<I: ParsableInput, T>(
+    i: I,
+    parser: fn(I) -> ParserResult<I, T>,
+    wrap: fn(T) -> AMQPValue,
+) -> ParserResult<I, AMQPValue> {
+    match NestingLevel::enter() {
+        Some(_level) => map(parser, wrap).parse(i),
+        None => map(parse_byte_array, AMQPValue::ByteArray).parse(i),
+    }
 }
 
 /// Parse an [AMQPValue](../type.AMQPValue.html)
@@ -526,6 +573,49 @@ mod test {
             parse_short_string(&all_invalid[..]),
             Ok((EMPTY, "\u{FFFD}".repeat(85).into()))
         );
+    }
+
+    fn nested_table_bytes(depth: usize) -> Vec<u8> {
+        // {"n": {"n": ... {}}}: each level is key "n", tag 'F', length, contents.
+        let mut t = vec![0, 0, 0, 0];
+        for _ in 0..depth {
+            let mut entry = vec![1, b'n', b'F'];
+            entry.extend(&t);
+            t = (entry.len() as u32).to_be_bytes().to_vec();
+            t.extend(entry);
+        }
+        t
+    }
+
+    fn depth_of(table: &FieldTable) -> usize {
+        match table.inner().get("n") {
+            Some(AMQPValue::FieldTable(t)) => 1 + depth_of(t),
+            _ => 0,
+        }
+    }
+
+    #[test]
+    fn test_parse_field_table_nesting_limit() {
+        let at_limit = nested_table_bytes(MAX_NESTING_DEPTH);
+        let (rest, table) = parse_field_table(&at_limit[..]).expect("parses");
+        assert!(rest.is_empty());
+        assert_eq!(depth_of(&table), MAX_NESTING_DEPTH);
+
+        let deep = nested_table_bytes(20_000);
+        let (_, table) = parse_field_table(&deep[..]).expect("parses");
+        assert_eq!(depth_of(&table), MAX_NESTING_DEPTH);
+        let mut innermost = &table;
+        while let Some(AMQPValue::FieldTable(t)) = innermost.inner().get("n") {
+            innermost = t;
+        }
+        assert!(matches!(
+            innermost.inner().get("n"),
+            Some(AMQPValue::ByteArray(b)) if b.len() > 100_000
+        ));
+        // The depth is given back: the next parse on this thread starts from zero.
+        let shallow = nested_table_bytes(3);
+        let (_, again) = parse_field_table(&shallow[..]).expect("parses");
+        assert_eq!(depth_of(&again), 3);
     }
 
     #[test]

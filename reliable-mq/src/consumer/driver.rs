@@ -134,6 +134,10 @@ impl ConsumerRuntime {
         self.stats.attached.store(true, Ordering::Relaxed);
         info!(%queue, prefetch = self.consumer.prefetch, concurrency = self.consumer.concurrency, "consumer attached");
 
+        let limits = inspect::Limits {
+            max_body_size: self.config.max_body_size,
+            frame_max: usize::try_from(conn.configuration().frame_max()).unwrap_or(usize::MAX),
+        };
         let slots = Arc::new(Semaphore::new(usize::from(self.consumer.concurrency)));
         let mut in_flight = JoinSet::new();
         let (topology_broken, mut broken) = mpsc::channel::<String>(1);
@@ -156,12 +160,12 @@ impl ConsumerRuntime {
                 }
             };
             let (delivery, acker, span) = self.receive(raw);
-            if let Some(reason) = inspect::refuse(&delivery, self.config.max_body_size) {
+            if let Some(refusal) = inspect::refuse(&delivery, limits) {
                 // Hostile input: to the DLQ without a slot, a claim or a handler call.
                 let (this, topology_broken) = (Arc::clone(self), topology_broken.clone());
                 in_flight.spawn(
                     async move {
-                        this.refuse(&delivery, &acker, reason, &topology_broken)
+                        this.refuse(delivery, &acker, refusal, &topology_broken)
                             .await
                     }
                     .instrument(span),
@@ -322,12 +326,23 @@ impl ConsumerRuntime {
     /// Dead-letter a delivery that failed the receive-side checks ([`inspect::refuse`]).
     async fn refuse(
         &self,
-        delivery: &Delivery,
+        mut delivery: Arc<Delivery>,
         acker: &lapin::Acker,
-        reason: String,
+        refusal: inspect::Refusal,
         topology_broken: &mpsc::Sender<String>,
     ) {
+        let inspect::Refusal {
+            reason,
+            drop_headers,
+        } = refusal;
         warn!(%reason, "refusing a delivery before decoding it");
+        if drop_headers {
+            // Nothing else holds a refused delivery yet (no claim, no handler).
+            match Arc::get_mut(&mut delivery) {
+                Some(d) => d.properties = d.properties.clone().with_headers(FieldTable::default()),
+                None => error!("a refused delivery is shared; its headers stay on the dead letter"),
+            }
+        }
         let settler = Settler {
             topology: &self.topology,
             publisher: &self.publisher,
@@ -338,7 +353,7 @@ impl ConsumerRuntime {
             kind: crate::FailureKind::Decode,
             message: reason,
         };
-        settler.settle(acker, delivery, outcome).await;
+        settler.settle(acker, &delivery, outcome).await;
     }
 
     /// One delivery through claim (started by the driver for idempotent consumers) ->

@@ -21,9 +21,64 @@ use crate::Delivery;
 /// level costs a recursion in each parse, copy and re-encode of the message.
 pub(crate) const MAX_HEADER_DEPTH: usize = 16;
 
-/// Why `delivery` must not reach a handler, or `None` when it may. `max_body_size` is the
-/// largest body accepted.
-pub(crate) fn refuse(delivery: &Delivery, max_body_size: usize) -> Option<String> {
+/// Room kept in a content-header frame for the failure record a retry or dead-letter copy
+/// adds (`x-exception-message` alone may take 2 KiB).
+const COPY_HEADROOM: usize = 4096;
+
+/// What a delivery is checked against.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Limits {
+    /// Largest body accepted.
+    pub(crate) max_body_size: usize,
+    /// The connection's negotiated frame size: a copy's properties must fit in one frame.
+    pub(crate) frame_max: usize,
+}
+
+/// Why a delivery must not reach a handler.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Refusal {
+    /// Written to the dead letter's `x-exception-message`.
+    pub(crate) reason: String,
+    /// The original headers are too big to travel on the dead letter together with the
+    /// failure record (the copy's content header would not fit in one frame): leave them
+    /// out, or the copy could never be published and the delivery would come back forever.
+    pub(crate) drop_headers: bool,
+}
+
+/// Why `delivery` must not reach a handler, or `None` when it may.
+pub(crate) fn refuse(delivery: &Delivery, limits: Limits) -> Option<Refusal> {
+    let headers_size = delivery
+        .properties
+        .headers()
+        .as_ref()
+        .map_or(0, encoded_size);
+    let budget = limits.frame_max.saturating_sub(COPY_HEADROOM);
+    let drop_headers = headers_size > budget;
+    let problem = problem(delivery, limits.max_body_size);
+    let reason = match (problem, drop_headers) {
+        (None, false) => return None,
+        (Some(p), false) => p,
+        (p, true) => {
+            let dropped = format!(
+                "the original headers ({headers_size} bytes) are left out of this dead letter: with the failure record they would not fit in one {}-byte frame",
+                limits.frame_max
+            );
+            match p {
+                Some(p) => format!("{p}; {dropped}"),
+                None => format!(
+                    "headers are {headers_size} bytes, too big for a retry or dead-letter copy; {dropped}"
+                ),
+            }
+        }
+    };
+    Some(Refusal {
+        reason,
+        drop_headers,
+    })
+}
+
+/// The first reason to refuse `delivery`, the size of its headers aside.
+fn problem(delivery: &Delivery, max_body_size: usize) -> Option<String> {
     let size = delivery.body.len();
     if size > max_body_size {
         return Some(format!(
@@ -37,6 +92,46 @@ pub(crate) fn refuse(delivery: &Delivery, max_body_size: usize) -> Option<String
     }
     let headers = delivery.properties.headers().as_ref()?;
     header_problem(headers)
+}
+
+/// The size of `table` on the wire (walked with an explicit stack).
+fn encoded_size(table: &FieldTable) -> usize {
+    let mut size = 0;
+    let mut tables = vec![table];
+    let mut values: Vec<&AMQPValue> = Vec::new();
+    loop {
+        if let Some(t) = tables.pop() {
+            size += 4;
+            for (key, value) in t.inner() {
+                size += 1 + key.as_str().len();
+                values.push(value);
+            }
+        } else if let Some(v) = values.pop() {
+            size += 1 + match v {
+                AMQPValue::Boolean(_)
+                | AMQPValue::ShortShortInt(_)
+                | AMQPValue::ShortShortUInt(_) => 1,
+                AMQPValue::ShortInt(_) | AMQPValue::ShortUInt(_) => 2,
+                AMQPValue::LongInt(_) | AMQPValue::LongUInt(_) | AMQPValue::Float(_) => 4,
+                AMQPValue::DecimalValue(_) => 5,
+                AMQPValue::LongLongInt(_) | AMQPValue::Double(_) | AMQPValue::Timestamp(_) => 8,
+                AMQPValue::ShortString(s) => 1 + s.as_str().len(),
+                AMQPValue::LongString(s) => 4 + s.len(),
+                AMQPValue::ByteArray(b) => 4 + b.len(),
+                AMQPValue::Void => 0,
+                AMQPValue::FieldTable(t) => {
+                    tables.push(t);
+                    0
+                }
+                AMQPValue::FieldArray(a) => {
+                    values.extend(a.as_slice());
+                    4
+                }
+            };
+        } else {
+            return size;
+        }
+    }
 }
 
 /// The first short-string property holding a replacement character.
@@ -118,6 +213,15 @@ mod tests {
     use super::*;
     use lapin::types::FieldArray;
 
+    const LIMITS: Limits = Limits {
+        max_body_size: 1024,
+        frame_max: 131_072,
+    };
+
+    fn reason(d: &Delivery) -> Option<String> {
+        refuse(d, LIMITS).map(|r| r.reason)
+    }
+
     fn nested(depth: usize) -> FieldTable {
         let mut t = FieldTable::default();
         t.insert("leaf".into(), AMQPValue::Boolean(true));
@@ -132,23 +236,31 @@ mod tests {
     #[test]
     fn a_plain_delivery_passes() {
         let d = Delivery::for_test(b"{}".to_vec()).with_message_id("m-1");
-        assert_eq!(refuse(&d, 1024), None);
+        assert_eq!(refuse(&d, LIMITS), None);
     }
 
     #[test]
     fn a_body_over_the_limit_is_refused() {
         let d = Delivery::for_test(vec![b' '; 11]);
-        assert!(refuse(&d, 10).is_some_and(|r| r.contains("11 bytes")));
-        assert_eq!(refuse(&d, 11), None);
+        let limits = Limits {
+            max_body_size: 10,
+            ..LIMITS
+        };
+        assert!(refuse(&d, limits).is_some_and(|r| r.reason.contains("11 bytes")));
+        let limits = Limits {
+            max_body_size: 11,
+            ..LIMITS
+        };
+        assert_eq!(refuse(&d, limits), None);
     }
 
     #[test]
     fn replacement_characters_mark_a_damaged_property() {
         let d = Delivery::for_test(b"{}".to_vec()).with_message_id("\u{FFFD}\u{FFFD}");
-        assert!(refuse(&d, 1024).is_some_and(|r| r.contains("`message_id`")));
+        assert!(reason(&d).is_some_and(|r| r.contains("`message_id`")));
         let mut d = Delivery::for_test(b"{}".to_vec());
         d.properties = d.properties.with_type("order.\u{FFFD}".into());
-        assert!(refuse(&d, 1024).is_some_and(|r| r.contains("`type`")));
+        assert!(reason(&d).is_some_and(|r| r.contains("`type`")));
     }
 
     #[test]
@@ -161,15 +273,15 @@ mod tests {
             AMQPValue::FieldArray(FieldArray::from(vec![AMQPValue::FieldTable(inner)])),
         );
         let d = Delivery::for_test(b"{}".to_vec()).with_headers(h);
-        assert!(refuse(&d, 1024).is_some_and(|r| r.contains("header key")));
+        assert!(reason(&d).is_some_and(|r| r.contains("header key")));
     }
 
     #[test]
     fn nesting_is_limited() {
         let ok = Delivery::for_test(b"{}".to_vec()).with_headers(nested(MAX_HEADER_DEPTH));
-        assert_eq!(refuse(&ok, 1024), None);
+        assert_eq!(refuse(&ok, LIMITS), None);
         let deep = Delivery::for_test(b"{}".to_vec()).with_headers(nested(MAX_HEADER_DEPTH + 1));
-        assert!(refuse(&deep, 1024).is_some_and(|r| r.contains("nested")));
+        assert!(reason(&deep).is_some_and(|r| r.contains("nested")));
         // x-death: a list of tables.
         let mut death = FieldTable::default();
         death.insert("count".into(), AMQPValue::LongLongInt(1));
@@ -179,6 +291,43 @@ mod tests {
             AMQPValue::FieldArray(FieldArray::from(vec![AMQPValue::FieldTable(death)])),
         );
         let d = Delivery::for_test(b"{}".to_vec()).with_headers(h);
-        assert_eq!(refuse(&d, 1024), None);
+        assert_eq!(refuse(&d, LIMITS), None);
+    }
+
+    #[test]
+    fn headers_too_big_for_a_copy_are_dropped_from_the_dead_letter() {
+        let mut h = FieldTable::default();
+        h.insert(
+            "blob".into(),
+            AMQPValue::LongString(vec![b'x'; 130_000].into()),
+        );
+        let d = Delivery::for_test(b"{}".to_vec()).with_headers(h);
+        let r = refuse(&d, LIMITS).expect("refused");
+        assert!(r.drop_headers);
+        assert!(
+            r.reason.contains("left out of this dead letter"),
+            "{}",
+            r.reason
+        );
+    }
+
+    #[test]
+    fn encoded_size_matches_the_wire() {
+        // {"s": S"xy", "a": A[I 7, F{"t": t1}], "d": D(2, 5), "v": V, "x": x"ab"}
+        let wire: Vec<u8> = [
+            &[0, 0, 0, 50][..],
+            &[1, b's', b'S', 0, 0, 0, 2, b'x', b'y'],
+            &[1, b'a', b'A', 0, 0, 0, 14, b'I', 0, 0, 0, 7],
+            &[b'F', 0, 0, 0, 4, 1, b't', b't', 1],
+            &[1, b'd', b'D', 2, 0, 0, 0, 5],
+            &[1, b'v', b'V'],
+            &[1, b'x', b'x', 0, 0, 0, 2, b'a', b'b'],
+        ]
+        .concat();
+        let (rest, table) =
+            lapin::types::parsing::parse_field_table(&wire[..]).expect("valid table");
+        assert!(rest.is_empty());
+        assert_eq!(table.inner().len(), 5);
+        assert_eq!(encoded_size(&table), wire.len());
     }
 }
