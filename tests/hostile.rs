@@ -234,3 +234,127 @@ async fn a_header_table_nested_to_the_frame_limit_neither_crashes_nor_loops() {
     assert_eq!(m.message_id().as_deref(), Some("very-deep"));
     assert_eq!(m.body, VALID_BODY, "body kept as it was");
 }
+
+/// A header whose value the corrupting proxy turns into an unknown type.
+const MARKER: &[u8] = b"x-hostile-marker";
+
+/// A consumer reaching the broker through a [`raw::CorruptingProxy`], and a marked message
+/// (which its client library cannot parse) with a valid one behind it.
+struct Unreadable {
+    broker: Broker,
+    proxy: raw::CorruptingProxy,
+    app: RunningApp,
+    queue: String,
+    _cleanup: Cleanup,
+}
+
+async fn start_unreadable(base: &str, quorum: bool) -> Unreadable {
+    init_tracing();
+    let broker = Broker::connect().await;
+    let proxy = raw::CorruptingProxy::start("127.0.0.1:5672", MARKER).expect("proxy");
+    let queue = unique(base);
+    let dlx = format!("{queue}.dlx");
+    let cleanup = Cleanup::consumer(&queue, &["1s", "2s", "4s"], &[]);
+    let handler = handler_fn(|_o: Order| async { Ok::<_, HandlerError>(()) });
+    let mut consumer = ConsumerConfig::new(&queue, &dlx, handler);
+    if quorum {
+        consumer = consumer.quorum(Some(2));
+    }
+    let config = test_config(&queue)
+        .with_amqp_url(format!("amqp://guest:guest@127.0.0.1:{}/%2f", proxy.port()));
+    let app = App::new(config)
+        .consumer(consumer)
+        .start()
+        .await
+        .expect("start");
+    let mut headers = lapin::types::FieldTable::default();
+    headers.insert(
+        String::from_utf8_lossy(MARKER).as_ref().into(),
+        lapin::types::AMQPValue::LongString("x".into()),
+    );
+    let props = lapin::BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_message_id("unreadable".into())
+        .with_headers(headers);
+    broker.publish_raw("", &queue, VALID_BODY, props).await;
+    broker
+        .publish_json("", &queue, &serde_json::json!({"id": 2}), "valid-behind")
+        .await;
+    Unreadable {
+        broker,
+        proxy,
+        app,
+        queue,
+        _cleanup: cleanup,
+    }
+}
+
+/// `reason` of the first `x-death` entry (the broker's own dead-lettering record).
+fn death_reason(m: &Got) -> Option<String> {
+    use lapin::types::AMQPValue;
+    let headers = m.properties.headers().as_ref()?;
+    let AMQPValue::FieldArray(deaths) = headers.inner().get("x-death")? else {
+        return None;
+    };
+    let AMQPValue::FieldTable(first) = deaths.as_slice().first()? else {
+        return None;
+    };
+    match first.inner().get("reason")? {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        _ => None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_frame_slows_reconnects_down_and_loses_nothing() {
+    let u = start_unreadable("hostile-unread", false).await;
+    assert!(
+        eventually(WAIT, || async { u.proxy.corrupted() >= 1 }).await,
+        "the proxy never saw the marked delivery"
+    );
+    // The client cannot read the delivery, so every session dies on it. Before: the
+    // backoff restarted at 100 ms after each (321 sessions in 40 s). Now it keeps growing
+    // (0.1 + 0.2 + 0.4 + 0.8 + 1.6 + 3.2 s): at most 8 sessions in 8 s.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let stats = u.app.stats(&u.queue).expect("stats");
+    u.app.shutdown().await.expect("clean shutdown");
+    assert!(
+        stats.sessions >= 2,
+        "the marked delivery did break a session: {stats:?}"
+    );
+    assert!(stats.sessions <= 8, "reconnect loop: {stats:?}");
+    assert_eq!(stats.handled, 0, "{stats:?}");
+    // Neither acked nor lost: both messages wait in the queue (a classic queue has no
+    // delivery limit; docs/error-handling.md says how to move such a message aside).
+    assert!(
+        eventually(WAIT, || async {
+            u.broker.ready_count(&u.queue).await == Some(2)
+        })
+        .await
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_frame_on_a_quorum_queue_is_dead_lettered_by_the_delivery_limit() {
+    let u = start_unreadable("hostile-unread-q", true).await;
+    let dlq = format!("{}.dlq", u.queue);
+    // The broker counts each session that died holding the delivery; past the limit it
+    // dead-letters the message itself, and the valid one behind it is handled.
+    let handled = eventually(Duration::from_secs(30), || async {
+        u.app.stats(&u.queue).is_some_and(|s| s.handled == 1)
+    })
+    .await;
+    let dead = u.broker.get_within(&dlq, WAIT).await;
+    let stats = u.app.stats(&u.queue).expect("stats");
+    u.app.shutdown().await.expect("clean shutdown");
+    assert!(handled, "the valid message was not handled: {stats:?}");
+    let dead = dead.expect("the unreadable message in the DLQ");
+    assert_eq!(dead.message_id().as_deref(), Some("unreadable"));
+    assert_eq!(
+        death_reason(&dead).as_deref(),
+        Some("delivery_limit"),
+        "dead-lettered by the broker's delivery limit: {:?}",
+        dead.headers()
+    );
+    assert!(stats.sessions <= 8, "reconnect loop: {stats:?}");
+}

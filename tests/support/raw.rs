@@ -364,3 +364,104 @@ pub async fn publish(
     .await
     .map_err(io::Error::other)?
 }
+
+/// A TCP proxy in front of the broker that breaks, on the way to the client, every
+/// content-header frame holding `marker`: the type tag of the field value that follows the
+/// marker (a header key) becomes `Z`, which no AMQP type uses. RabbitMQ itself refuses such
+/// a frame from a publisher, so this is how a test shows what a consumer does with a
+/// delivery its client library cannot parse at all. Stops when dropped.
+pub struct CorruptingProxy {
+    port: u16,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    corrupted: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl CorruptingProxy {
+    /// Listen on a free loopback port, forwarding to `upstream` (`host:port`).
+    pub fn start(upstream: &str, marker: &[u8]) -> io::Result<Self> {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        listener.set_nonblocking(true)?;
+        let port = listener.local_addr()?.port();
+        let stop = Arc::new(AtomicBool::new(false));
+        let corrupted = Arc::new(AtomicUsize::new(0));
+        let (upstream, marker) = (upstream.to_owned(), marker.to_vec());
+        let (stop_flag, count) = (Arc::clone(&stop), Arc::clone(&corrupted));
+        std::thread::spawn(move || {
+            while !stop_flag.load(Ordering::Relaxed) {
+                let client = match listener.accept() {
+                    Ok((client, _)) => client,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        std::thread::sleep(Duration::from_millis(10));
+                        continue;
+                    }
+                    Err(_) => return,
+                };
+                let Ok(server) = TcpStream::connect(&upstream) else {
+                    continue;
+                };
+                let _ = client.set_nonblocking(false);
+                let (Ok(mut c_in), Ok(mut s_out)) = (client.try_clone(), server.try_clone()) else {
+                    continue;
+                };
+                std::thread::spawn(move || {
+                    let _ = io::copy(&mut c_in, &mut s_out);
+                    let _ = s_out.shutdown(std::net::Shutdown::Both);
+                });
+                let (marker, count) = (marker.clone(), Arc::clone(&count));
+                std::thread::spawn(move || {
+                    let (mut server, mut client) = (server, client);
+                    let _ = relay_frames(&mut server, &mut client, &marker, &count);
+                    let _ = client.shutdown(std::net::Shutdown::Both);
+                });
+            }
+        });
+        Ok(Self {
+            port,
+            stop,
+            corrupted,
+        })
+    }
+
+    /// The proxy's port on 127.0.0.1.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// How many frames it broke so far.
+    pub fn corrupted(&self) -> usize {
+        self.corrupted.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl Drop for CorruptingProxy {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Copy frames from `server` to `client`, breaking content headers that hold `marker`.
+fn relay_frames(
+    server: &mut TcpStream,
+    client: &mut TcpStream,
+    marker: &[u8],
+    corrupted: &std::sync::atomic::AtomicUsize,
+) -> io::Result<()> {
+    loop {
+        let mut head = [0u8; 7];
+        server.read_exact(&mut head)?;
+        let size = u32::from_be_bytes([head[3], head[4], head[5], head[6]]) as usize;
+        let mut payload = vec![0u8; size + 1];
+        server.read_exact(&mut payload)?;
+        if head[0] == FRAME_HEADER
+            && let Some(at) = payload.windows(marker.len()).position(|w| w == marker)
+            && let Some(tag) = payload.get_mut(at + marker.len())
+        {
+            *tag = b'Z';
+            corrupted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        client.write_all(&head)?;
+        client.write_all(&payload)?;
+    }
+}

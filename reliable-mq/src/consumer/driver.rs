@@ -78,12 +78,13 @@ impl ConsumerRuntime {
     pub(crate) async fn run(self: Arc<Self>) -> Result<(), Error> {
         let mut backoff = Backoff::new(self.config.max_reconnect_delay);
         let mut signal = self.shutdown.signal();
+        let mut unreadable_frames = inspect::UnreadableFrames::default();
         loop {
             if signal.is_triggered() {
                 return Ok(());
             }
             let attached_before = self.stats.sessions.load(Ordering::Relaxed);
-            let end = match self.session().await {
+            let end = match self.session(unreadable_frames.narrow()).await {
                 Ok(end) => end,
                 Err(e @ Error::TopologyMismatch { .. }) => return Err(e),
                 Err(e) => SessionEnd::Broken(e.to_string()),
@@ -94,7 +95,11 @@ impl ConsumerRuntime {
                 SessionEnd::Broken(reason) => {
                     // A session that got as far as consuming was healthy: start the backoff
                     // over, so a week of rare disconnects never builds up to the cap.
-                    if self.stats.sessions.load(Ordering::Relaxed) > attached_before {
+                    // Unless it died of a frame the client cannot read, which the next
+                    // session receives again first.
+                    let unreadable = unreadable_frames.session_ended(&self.consumer.queue, &reason);
+                    if self.stats.sessions.load(Ordering::Relaxed) > attached_before && !unreadable
+                    {
                         backoff.reset();
                     }
                     let delay = backoff.next_delay();
@@ -108,7 +113,9 @@ impl ConsumerRuntime {
         }
     }
 
-    async fn session(self: &Arc<Self>) -> Result<SessionEnd, Error> {
+    /// One session. `narrow`: the last one died of a frame the client cannot read, so
+    /// this one starts with a window of one delivery (see [`inspect::UnreadableFrames`]).
+    async fn session(self: &Arc<Self>, mut narrow: bool) -> Result<SessionEnd, Error> {
         let queue = &self.consumer.queue;
         let conn = connection::open(&self.config, &format!("consumer {queue}")).await?;
         self.topology.declare(&conn).await?;
@@ -117,10 +124,13 @@ impl ConsumerRuntime {
             .await
             .map_err(|e| Error::amqp("opening the consumer channel", e))?;
         channel
-            .basic_qos(self.consumer.prefetch, BasicQosOptions::default())
+            .basic_qos(
+                if narrow { 1 } else { self.consumer.prefetch },
+                BasicQosOptions::default(),
+            )
             .await
             .map_err(|e| Error::amqp("setting prefetch", e))?;
-        let tag = format!("{}-{}", self.consumer.name, uuid::Uuid::new_v4().simple());
+        let mut tag = self.consumer_tag();
         let mut deliveries = channel
             .basic_consume(
                 queue.as_str().into(),
@@ -151,8 +161,17 @@ impl ConsumerRuntime {
                 next = deliveries.next() => next,
             };
             let raw = match next {
+                Some(Ok(d)) if narrow => {
+                    // Read fine, so the unreadable delivery is gone: full window again.
+                    narrow = false;
+                    match self.widen(&channel, &mut tag).await {
+                        Ok(stream) => deliveries = stream,
+                        Err(e) => break SessionEnd::Broken(e.to_string()),
+                    }
+                    d
+                }
                 Some(Ok(d)) => d,
-                Some(Err(e)) => break SessionEnd::Broken(e.to_string()),
+                Some(Err(e)) => break SessionEnd::Broken(inspect::stream_error(&e)),
                 None => {
                     break SessionEnd::Broken(
                         "the broker cancelled the subscription (queue deleted?)".into(),
@@ -321,6 +340,41 @@ impl ConsumerRuntime {
             attempt = delivery.attempt(),
         );
         (delivery, acker, span)
+    }
+
+    /// Re-subscribe with the full prefetch window (a consumer's prefetch is fixed when it
+    /// subscribes). Deliveries already received stay unacked on the channel and settle as
+    /// usual.
+    async fn widen(
+        &self,
+        channel: &lapin::Channel,
+        tag: &mut String,
+    ) -> Result<lapin::Consumer, Error> {
+        let queue = &self.consumer.queue;
+        channel
+            .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
+            .await
+            .map_err(|e| Error::amqp("widening the prefetch window", e))?;
+        // A fresh tag: RabbitMQ 3.10 crashes the channel when a quorum queue consumer
+        // subscribes again under the tag it just cancelled.
+        *tag = self.consumer_tag();
+        channel
+            .basic_qos(self.consumer.prefetch, BasicQosOptions::default())
+            .await
+            .map_err(|e| Error::amqp("setting prefetch", e))?;
+        channel
+            .basic_consume(
+                queue.as_str().into(),
+                tag.as_str().into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| Error::amqp(format!("subscribing to queue '{queue}'"), e))
+    }
+
+    fn consumer_tag(&self) -> String {
+        format!("{}-{}", self.consumer.name, uuid::Uuid::new_v4().simple())
     }
 
     /// Dead-letter a delivery that failed the receive-side checks ([`inspect::refuse`]).

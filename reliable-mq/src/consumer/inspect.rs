@@ -208,6 +208,64 @@ fn too_deep(depth: usize) -> Option<String> {
         .then(|| format!("headers are nested more than {MAX_HEADER_DEPTH} levels deep"))
 }
 
+/// Start of a session's end reason when the client library could not parse a frame.
+const UNREADABLE_FRAME: &str = "the client library cannot parse a frame from the broker";
+
+/// After this many sessions in a row ended on an unreadable frame, say so at error level.
+const UNREADABLE_ALERT_AFTER: u32 = 3;
+
+/// A session's end reason for an error of its delivery stream: marked when the client
+/// library could not parse a frame (see [`UnreadableFrames`]).
+pub(crate) fn stream_error(e: &lapin::Error) -> String {
+    match e.kind() {
+        lapin::ErrorKind::ParsingError(_) => format!("{UNREADABLE_FRAME}: {e}"),
+        _ => e.to_string(),
+    }
+}
+
+/// Sessions in a row that ended because the client library could not parse a frame.
+///
+/// Such a frame kills the connection, and the broker gives the message back to the queue
+/// (and its position): the next session receives it again and dies the same way. Reading
+/// it is impossible on the client, so the loop is slowed and handed to the broker:
+/// - while sessions keep dying of it the reconnect backoff is never reset (it grows to
+///   `Config::max_reconnect_delay`), and an error log says what is going on;
+/// - the next session subscribes with a prefetch of one, so only that message is
+///   delivered (and counted) again, not the whole window behind it; the first delivery it
+///   reads restores the full window;
+/// - a quorum queue's delivery limit then dead-letters the message after that many
+///   attempts. A classic queue has no such limit: the message waits, unacked by us, for
+///   an operator to move it (the error log says so).
+#[derive(Debug, Default)]
+pub(crate) struct UnreadableFrames {
+    in_a_row: u32,
+}
+
+impl UnreadableFrames {
+    /// Whether the next session should start with a window of one delivery.
+    pub(crate) fn narrow(&self) -> bool {
+        self.in_a_row > 0
+    }
+
+    /// Record how a session ended; `true` when it ended on an unreadable frame, in which
+    /// case the backoff must keep growing even though the session had attached.
+    pub(crate) fn session_ended(&mut self, queue: &str, reason: &str) -> bool {
+        if !reason.starts_with(UNREADABLE_FRAME) {
+            self.in_a_row = 0;
+            return false;
+        }
+        self.in_a_row += 1;
+        if self.in_a_row == UNREADABLE_ALERT_AFTER {
+            tracing::error!(
+                %queue,
+                sessions = self.in_a_row,
+                "the broker keeps delivering a message the client library cannot parse; reconnecting with growing delays. A quorum queue's delivery limit dead-letters it; on a classic queue, move it to the DLQ by hand (docs/error-handling.md, \"Hostile input\")"
+            );
+        }
+        true
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -329,5 +387,16 @@ mod tests {
         assert!(rest.is_empty());
         assert_eq!(table.inner().len(), 5);
         assert_eq!(encoded_size(&table), wire.len());
+    }
+
+    #[test]
+    fn only_unreadable_frames_keep_the_backoff_growing() {
+        let mut frames = UnreadableFrames::default();
+        let unreadable = format!("{UNREADABLE_FRAME}: failed to parse");
+        assert!(frames.session_ended("q", &unreadable));
+        assert!(frames.session_ended("q", &unreadable));
+        assert_eq!(frames.in_a_row, 2);
+        assert!(!frames.session_ended("q", "connection lost"));
+        assert_eq!(frames.in_a_row, 0);
     }
 }
