@@ -345,9 +345,37 @@ async fn an_unreadable_frame_on_a_quorum_queue_is_dead_lettered_by_the_delivery_
     })
     .await;
     let dead = u.broker.get_within(&dlq, WAIT).await;
+    // The window opens again: later messages flow on the same session.
+    for i in 0..5 {
+        u.broker
+            .publish_json(
+                "",
+                &u.queue,
+                &serde_json::json!({"id": i}),
+                &format!("after-{i}"),
+            )
+            .await;
+    }
+    let later = eventually(WAIT, || async {
+        u.app.stats(&u.queue).is_some_and(|s| s.handled == 6)
+    })
+    .await;
     let stats = u.app.stats(&u.queue).expect("stats");
     u.app.shutdown().await.expect("clean shutdown");
     assert!(handled, "the valid message was not handled: {stats:?}");
+    assert!(
+        later,
+        "messages after it were not all handled once: {stats:?}"
+    );
+    assert_eq!(
+        stats.handled, 6,
+        "each valid message handled once: {stats:?}"
+    );
+    assert_eq!(
+        u.broker.ready_count(&dlq).await,
+        Some(0),
+        "only the unreadable message was dead-lettered"
+    );
     let dead = dead.expect("the unreadable message in the DLQ");
     assert_eq!(dead.message_id().as_deref(), Some("unreadable"));
     assert_eq!(

@@ -131,6 +131,7 @@ impl ConsumerRuntime {
             .await
             .map_err(|e| Error::amqp("setting prefetch", e))?;
         let mut tag = self.consumer_tag();
+        let mut narrow_reads = 0u8;
         let mut deliveries = channel
             .basic_consume(
                 queue.as_str().into(),
@@ -162,11 +163,16 @@ impl ConsumerRuntime {
             };
             let raw = match next {
                 Some(Ok(d)) if narrow => {
-                    // Read fine, so the unreadable delivery is gone: full window again.
-                    narrow = false;
-                    match self.widen(&channel, &mut tag).await {
-                        Ok(stream) => deliveries = stream,
-                        Err(e) => break SessionEnd::Broken(e.to_string()),
+                    // With a prefetch of one, a second delivery means the first was settled
+                    // and both were readable: the unreadable one is gone (or behind, and
+                    // nothing unsettled is lost with the connection): full window again.
+                    narrow_reads += 1;
+                    if narrow_reads == 2 {
+                        narrow = false;
+                        match self.widen(&channel, &mut tag).await {
+                            Ok(stream) => deliveries = stream,
+                            Err(e) => break SessionEnd::Broken(e.to_string()),
+                        }
                     }
                     d
                 }

@@ -231,8 +231,9 @@ pub(crate) fn stream_error(e: &lapin::Error) -> String {
 /// - while sessions keep dying of it the reconnect backoff is never reset (it grows to
 ///   `Config::max_reconnect_delay`), and an error log says what is going on;
 /// - the next session subscribes with a prefetch of one, so only that message is
-///   delivered (and counted) again, not the whole window behind it; the first delivery it
-///   reads restores the full window;
+///   delivered (and counted) again, not the whole window behind it, and a message handled
+///   before it is settled before it arrives; the second delivery read fine restores the
+///   full window;
 /// - a quorum queue's delivery limit then dead-letters the message after that many
 ///   attempts. A classic queue has no such limit: the message waits, unacked by us, for
 ///   an operator to move it (the error log says so).
