@@ -97,7 +97,9 @@ impl ConsumerRuntime {
                     // over, so a week of rare disconnects never builds up to the cap.
                     // Unless it died of a frame the client cannot read, which the next
                     // session receives again first.
-                    let unreadable = unreadable_frames.session_ended(&self.consumer.queue, &reason);
+                    let unreadable = unreadable_frames
+                        .after_session(&self.config, &self.consumer, &reason)
+                        .await;
                     if self.stats.sessions.load(Ordering::Relaxed) > attached_before && !unreadable
                     {
                         backoff.reset();

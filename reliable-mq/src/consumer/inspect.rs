@@ -211,8 +211,9 @@ fn too_deep(depth: usize) -> Option<String> {
 /// Start of a session's end reason when the client library could not parse a frame.
 const UNREADABLE_FRAME: &str = "the client library cannot parse a frame from the broker";
 
-/// After this many sessions in a row ended on an unreadable frame, say so at error level.
-const UNREADABLE_ALERT_AFTER: u32 = 3;
+/// After this many sessions in a row ended on an unreadable frame (and again after each
+/// further as many), say so at error level and, on a classic queue, try the quarantine.
+const UNREADABLE_ACT_AFTER: u32 = 3;
 
 /// A session's end reason for an error of its delivery stream: marked when the client
 /// library could not parse a frame (see [`UnreadableFrames`]).
@@ -235,8 +236,9 @@ pub(crate) fn stream_error(e: &lapin::Error) -> String {
 ///   before it is settled before it arrives; the second delivery read fine restores the
 ///   full window;
 /// - a quorum queue's delivery limit then dead-letters the message after that many
-///   attempts. A classic queue has no such limit: the message waits, unacked by us, for
-///   an operator to move it (the error log says so).
+///   attempts. A classic queue has no such limit: after every third such session in a row
+///   the quarantine (`consumer::quarantine`) looks at the queue's first message over a
+///   separate raw connection and rejects it into the DLQ if lapin cannot parse it.
 #[derive(Debug, Default)]
 pub(crate) struct UnreadableFrames {
     in_a_row: u32,
@@ -250,18 +252,63 @@ impl UnreadableFrames {
 
     /// Record how a session ended; `true` when it ended on an unreadable frame, in which
     /// case the backoff must keep growing even though the session had attached.
-    pub(crate) fn session_ended(&mut self, queue: &str, reason: &str) -> bool {
-        if !reason.starts_with(UNREADABLE_FRAME) {
+    fn session_ended(&mut self, reason: &str) -> bool {
+        if reason.starts_with(UNREADABLE_FRAME) {
+            self.in_a_row += 1;
+            true
+        } else {
             self.in_a_row = 0;
+            false
+        }
+    }
+
+    /// Whether it is time to act (log, quarantine) on a run of unreadable sessions.
+    fn act_now(&self) -> bool {
+        self.in_a_row > 0 && self.in_a_row.is_multiple_of(UNREADABLE_ACT_AFTER)
+    }
+
+    /// Record how a session of `consumer` ended, and act on a run of unreadable frames;
+    /// `true` when it ended on an unreadable frame (the backoff must keep growing even
+    /// though the session had attached).
+    pub(crate) async fn after_session(
+        &mut self,
+        config: &crate::Config,
+        consumer: &crate::ConsumerConfig,
+        reason: &str,
+    ) -> bool {
+        if !self.session_ended(reason) {
             return false;
         }
-        self.in_a_row += 1;
-        if self.in_a_row == UNREADABLE_ALERT_AFTER {
+        if !self.act_now() {
+            return true;
+        }
+        let (queue, sessions) = (consumer.queue.as_str(), self.in_a_row);
+        if consumer.queue_type == crate::QueueKind::Quorum {
             tracing::error!(
                 %queue,
-                sessions = self.in_a_row,
-                "the broker keeps delivering a message the client library cannot parse; reconnecting with growing delays. A quorum queue's delivery limit dead-letters it; on a classic queue, move it to the DLQ by hand (docs/error-handling.md, \"Hostile input\")"
+                sessions,
+                delivery_limit = consumer.effective_delivery_limit(),
+                "the broker keeps delivering a message the client library cannot parse; reconnecting with growing delays until the queue's delivery limit dead-letters it"
             );
+            return true;
+        }
+        match crate::consumer::quarantine::reject_unreadable_head(config, queue).await {
+            Ok(crate::consumer::quarantine::Quarantine::Rejected) => tracing::error!(
+                %queue,
+                sessions,
+                "the broker kept delivering a message the client library cannot parse: rejected it into the DLQ (x-death reason `rejected`, original bytes)"
+            ),
+            Ok(crate::consumer::quarantine::Quarantine::NothingToDo) => tracing::error!(
+                %queue,
+                sessions,
+                "sessions keep dying of a frame the client library cannot parse, but the queue's first message is readable; reconnecting with growing delays (docs/error-handling.md, \"Hostile input\")"
+            ),
+            Err(e) => tracing::error!(
+                %queue,
+                sessions,
+                error = %e,
+                "the broker keeps delivering a message the client library cannot parse, and the quarantine failed; move it to the DLQ by hand (docs/error-handling.md, \"Hostile input\")"
+            ),
         }
         true
     }
@@ -394,10 +441,14 @@ mod tests {
     fn only_unreadable_frames_keep_the_backoff_growing() {
         let mut frames = UnreadableFrames::default();
         let unreadable = format!("{UNREADABLE_FRAME}: failed to parse");
-        assert!(frames.session_ended("q", &unreadable));
-        assert!(frames.session_ended("q", &unreadable));
-        assert_eq!(frames.in_a_row, 2);
-        assert!(!frames.session_ended("q", "connection lost"));
-        assert_eq!(frames.in_a_row, 0);
+        assert!(frames.session_ended(&unreadable));
+        assert!(frames.session_ended(&unreadable));
+        assert!(frames.narrow());
+        assert!(!frames.act_now());
+        assert!(frames.session_ended(&unreadable));
+        assert!(frames.act_now(), "the third in a row acts");
+        assert!(!frames.session_ended("connection lost"));
+        assert!(!frames.narrow());
+        assert!(!frames.act_now());
     }
 }
