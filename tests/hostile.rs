@@ -20,7 +20,6 @@ const WAIT: Duration = Duration::from_secs(20);
 
 #[derive(Debug, Deserialize)]
 struct Order {
-    #[allow(dead_code)]
     id: u64,
 }
 
@@ -245,17 +244,39 @@ struct Unreadable {
     proxy: raw::CorruptingProxy,
     app: RunningApp,
     queue: String,
+    /// Order ids in the order their handler calls finished.
+    seen: Arc<std::sync::Mutex<Vec<u64>>>,
     _cleanup: Cleanup,
 }
 
-async fn start_unreadable(base: &str, quorum: bool) -> Unreadable {
+/// How many handler calls for order `id` finished.
+fn calls(seen: &std::sync::Mutex<Vec<u64>>, id: u64) -> usize {
+    seen.lock()
+        .map_or(0, |s| s.iter().filter(|&&i| i == id).count())
+}
+
+/// `slow_before`: a valid message goes first, to a handler that takes that long, so the
+/// unreadable delivery arrives while every slot is busy.
+async fn start_unreadable(base: &str, quorum: bool, slow_before: Option<Duration>) -> Unreadable {
     init_tracing();
     let broker = Broker::connect().await;
     let proxy = raw::CorruptingProxy::start("127.0.0.1:5672", MARKER).expect("proxy");
     let queue = unique(base);
     let dlx = format!("{queue}.dlx");
     let cleanup = Cleanup::consumer(&queue, &["1s", "2s", "4s"], &[]);
-    let handler = handler_fn(|_o: Order| async { Ok::<_, HandlerError>(()) });
+    let pause = slow_before.unwrap_or_default();
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let record = Arc::clone(&seen);
+    let handler = handler_fn(move |o: Order| {
+        let record = Arc::clone(&record);
+        async move {
+            tokio::time::sleep(pause).await;
+            if let Ok(mut s) = record.lock() {
+                s.push(o.id);
+            }
+            Ok::<_, HandlerError>(())
+        }
+    });
     let mut consumer = ConsumerConfig::new(&queue, &dlx, handler);
     if quorum {
         consumer = consumer.quorum(Some(2));
@@ -276,6 +297,19 @@ async fn start_unreadable(base: &str, quorum: bool) -> Unreadable {
         .with_content_type("application/json".into())
         .with_message_id("unreadable".into())
         .with_headers(headers);
+    if slow_before.is_some() {
+        // Two: one runs, the other waits for the slot when the unreadable one arrives.
+        for id in [10, 11] {
+            broker
+                .publish_json(
+                    "",
+                    &queue,
+                    &serde_json::json!({ "id": id }),
+                    &format!("before-{id}"),
+                )
+                .await;
+        }
+    }
     broker.publish_raw("", &queue, VALID_BODY, props).await;
     broker
         .publish_json("", &queue, &serde_json::json!({"id": 2}), "valid-behind")
@@ -285,6 +319,7 @@ async fn start_unreadable(base: &str, quorum: bool) -> Unreadable {
         proxy,
         app,
         queue,
+        seen,
         _cleanup: cleanup,
     }
 }
@@ -307,7 +342,7 @@ fn death_reason(m: &Got) -> Option<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreadable_frame_on_a_classic_queue_is_quarantined_into_the_dlq() {
-    let u = start_unreadable("hostile-unread", false).await;
+    let u = start_unreadable("hostile-unread", false, None).await;
     let dlq = format!("{}.dlq", u.queue);
     // Every session dies on the delivery its client cannot read. The backoff keeps growing
     // (before: it restarted at 100 ms, 321 sessions in 40 s), the next sessions take one
@@ -349,7 +384,7 @@ async fn an_unreadable_frame_on_a_classic_queue_is_quarantined_into_the_dlq() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreadable_frame_on_a_quorum_queue_is_dead_lettered_by_the_delivery_limit() {
-    let u = start_unreadable("hostile-unread-q", true).await;
+    let u = start_unreadable("hostile-unread-q", true, None).await;
     let dlq = format!("{}.dlq", u.queue);
     // The broker counts each session that died holding the delivery; past the limit it
     // dead-letters the message itself, and the valid one behind it is handled.
@@ -398,4 +433,44 @@ async fn an_unreadable_frame_on_a_quorum_queue_is_dead_lettered_by_the_delivery_
         dead.headers()
     );
     assert!(stats.sessions <= 8, "reconnect loop: {stats:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_frame_arriving_while_every_slot_is_busy_is_quarantined_too() {
+    // The unreadable delivery arrives while the only slot is busy and the next delivery
+    // waits for it: the session then sees the dead connection through its link watch, not
+    // through the delivery stream, and must still count it as an unreadable frame.
+    let u = start_unreadable(
+        "hostile-unread-busy",
+        false,
+        Some(Duration::from_millis(700)),
+    )
+    .await;
+    let dlq = format!("{}.dlq", u.queue);
+    let dead = u.broker.get_within(&dlq, Duration::from_secs(30)).await;
+    let done = eventually(WAIT, || async {
+        [10, 11, 2].iter().all(|&id| calls(&u.seen, id) >= 1)
+    })
+    .await;
+    let stats = u.app.stats(&u.queue).expect("stats");
+    u.app.shutdown().await.expect("clean shutdown");
+    assert!(
+        done,
+        "the valid messages were not all handled: {:?} {stats:?}",
+        u.seen
+    );
+    // A message whose handler ran while the connection died lost its ack and came back
+    // (at-least-once; idempotent consumers absorb it): at most twice. The one behind the
+    // unreadable message runs once.
+    assert!(
+        calls(&u.seen, 10) <= 2 && calls(&u.seen, 11) <= 2,
+        "{:?}",
+        u.seen
+    );
+    assert_eq!(calls(&u.seen, 2), 1, "{:?}", u.seen);
+    let dead = dead.expect("the unreadable message in the DLQ");
+    assert_eq!(dead.message_id().as_deref(), Some("unreadable"));
+    assert_eq!(death_reason(&dead).as_deref(), Some("rejected"));
+    assert!(stats.sessions <= 6, "reconnect loop: {stats:?}");
+    assert_eq!(u.broker.ready_count(&u.queue).await, Some(0));
 }

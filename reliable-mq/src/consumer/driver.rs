@@ -125,11 +125,9 @@ impl ConsumerRuntime {
             .create_channel()
             .await
             .map_err(|e| Error::amqp("opening the consumer channel", e))?;
+        let prefetch = if narrow { 1 } else { self.consumer.prefetch };
         channel
-            .basic_qos(
-                if narrow { 1 } else { self.consumer.prefetch },
-                BasicQosOptions::default(),
-            )
+            .basic_qos(prefetch, BasicQosOptions::default())
             .await
             .map_err(|e| Error::amqp("setting prefetch", e))?;
         let mut tag = self.consumer_tag();
@@ -145,7 +143,7 @@ impl ConsumerRuntime {
             .map_err(|e| Error::amqp(format!("subscribing to queue '{queue}'"), e))?;
         ConsumerStats::bump(&self.stats.sessions);
         self.stats.attached.store(true, Ordering::Relaxed);
-        info!(%queue, prefetch = self.consumer.prefetch, concurrency = self.consumer.concurrency, "consumer attached");
+        info!(%queue, prefetch, concurrency = self.consumer.concurrency, "consumer attached");
 
         let limits = inspect::Limits {
             max_body_size: self.config.max_body_size,
@@ -224,7 +222,9 @@ impl ConsumerRuntime {
                 },
                 // With every slot busy the delivery stream is not polled, so watch the
                 // link directly: a broker restart must not go unnoticed behind slow handlers.
-                reason = link_lost(&conn, &channel) => break SessionEnd::Broken(reason),
+                reason = link_lost(&conn, &channel) => {
+                    break SessionEnd::Broken(inspect::lost_because(&mut deliveries, reason).await);
+                }
             };
             // Reap finished tasks so the set does not grow with the session.
             while in_flight.try_join_next().is_some() {}

@@ -224,6 +224,23 @@ pub(crate) fn stream_error(e: &lapin::Error) -> String {
     }
 }
 
+/// Why a session's link went down, when its link watch (not its delivery stream) noticed:
+/// the delivery stream may hold the connection's error behind the deliveries read ahead.
+/// Those are dropped unread (the channel is gone; the broker redelivers them).
+pub(crate) async fn lost_because(deliveries: &mut lapin::Consumer, lost: String) -> String {
+    use futures_util::StreamExt;
+    loop {
+        match tokio::time::timeout(LOST_ERROR_WAIT, deliveries.next()).await {
+            Ok(Some(Ok(_read_ahead))) => {}
+            Ok(Some(Err(e))) => return stream_error(&e),
+            Ok(None) | Err(_) => return lost,
+        }
+    }
+}
+
+/// How long [`lost_because`] waits for the stream's next item.
+const LOST_ERROR_WAIT: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// Sessions in a row that ended because the client library could not parse a frame.
 ///
 /// Such a frame kills the connection, and the broker gives the message back to the queue
