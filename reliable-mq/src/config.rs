@@ -54,7 +54,8 @@ pub struct Config {
     pub confirm_timeout: Duration,
     /// Extra attempts a publish gets after a nack, timeout or lost connection.
     pub publish_retries: u32,
-    /// Largest body a publish accepts (checked before sending).
+    /// Largest body a publish accepts (checked before sending), and the largest a consumer
+    /// hands to its handler: a bigger delivery is dead-lettered (kind `decode`).
     pub max_body_size: usize,
     /// AMQP heartbeat (rounded up to whole seconds; zero disables heartbeats).
     pub heartbeat: Duration,
@@ -204,7 +205,7 @@ impl Config {
         self
     }
 
-    /// Set the largest body a publish accepts.
+    /// Set the largest body a publish accepts and a consumer hands to its handler.
     pub fn with_max_body_size(mut self, bytes: usize) -> Self {
         self.max_body_size = bytes;
         self

@@ -15,6 +15,7 @@ use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use reliable_mq::Config;
 
 pub mod fault;
+pub mod raw;
 pub mod tls;
 
 /// The broker of this machine (or `AMQP_URL`).
