@@ -44,7 +44,7 @@ pub mod topology;
 mod connection;
 mod shutdown;
 
-pub use app::{App, Health, RunningApp, run};
+pub use app::{App, ConsumerHealth, Health, RunningApp, run};
 pub use config::Config;
 pub use consumer::StatsSnapshot;
 pub use delivery::Delivery;

@@ -9,7 +9,13 @@
 //! that could not be claimed keeps its slot and stays unacked while the claim is retried
 //! with capped backoff, so no new delivery starts, nothing is acked or dead-lettered, and
 //! nothing is handed back to the broker (which on a quorum queue would count towards its
-//! delivery limit). If the process dies meanwhile, the broker redelivers as usual.
+//! delivery limit) until the broker's `consumer_timeout` comes near: a delivery held that
+//! long is handed back (nack, requeue) rather than have the broker close the channel. If
+//! the process dies meanwhile, the broker redelivers as usual.
+//!
+//! A session ends only when its link breaks or at shutdown: a delivery that cannot be
+//! settled (its copy refused) is held in place, not turned into a reconnect. Sessions that
+//! keep dying soon after attaching are spaced by a growing delay.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -17,16 +23,17 @@ use std::sync::atomic::Ordering;
 use futures_util::StreamExt;
 use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
+use tokio::time::Instant;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use crate::connection::{self, Backoff};
-use crate::consumer::ConsumerStats;
 use crate::consumer::claim::{ClaimDecision, claim};
 use crate::consumer::invoke::invoke;
 use crate::consumer::settle::{SettleOutcome, Settler};
-use crate::dedup::DedupStore;
+use crate::consumer::{ConsumerStats, hand_back_deadline};
+use crate::dedup::{DedupStore, KeyScope};
 use crate::publisher::Publisher;
 use crate::shutdown::ShutdownHandle;
 use crate::spec::ConsumerConfig;
@@ -52,6 +59,11 @@ const LINK_CHECK_EVERY: std::time::Duration = std::time::Duration::from_millis(2
 /// Longest wait between claim attempts while the dedup store is down.
 const DEDUP_RETRY_MAX_DELAY: std::time::Duration = std::time::Duration::from_secs(5);
 
+/// A session that stayed up this long was healthy: the reconnect delay starts over after
+/// it. One that died sooner (a permanent failure that kills every session) makes the delay
+/// grow, so it cannot become a reconnect loop.
+const STABLE_SESSION: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// What one consumer needs to run.
 pub(crate) struct ConsumerRuntime {
     pub(crate) config: Arc<Config>,
@@ -61,6 +73,18 @@ pub(crate) struct ConsumerRuntime {
     pub(crate) dedup: Option<Arc<dyn DedupStore>>,
     pub(crate) stats: Arc<ConsumerStats>,
     pub(crate) shutdown: ShutdownHandle,
+    /// Where this app's dedup keys live (prefix, namespace, vhost).
+    pub(crate) key_scope: KeyScope,
+    /// Paces the held settle copies of this consumer (see `Settler::retry_gate`).
+    pub(crate) retry_gate: tokio::sync::Mutex<Backoff>,
+}
+
+/// What a delivery's processing needs to hold it in place when it cannot be settled.
+struct Held<'a> {
+    /// Hand it back to the broker by then (its `consumer_timeout` is near).
+    hand_back_at: Instant,
+    /// The session's connection (to redeclare the topology on).
+    connection: &'a lapin::Connection,
 }
 
 /// Why a session ended.
@@ -77,11 +101,13 @@ impl ConsumerRuntime {
     pub(crate) async fn run(self: Arc<Self>) -> Result<(), Error> {
         let mut backoff = Backoff::new(self.config.max_reconnect_delay);
         let mut signal = self.shutdown.signal();
+        let mut last_cause: Option<String> = None;
         loop {
             if signal.is_triggered() {
                 return Ok(());
             }
             let attached_before = self.stats.sessions.load(Ordering::Relaxed);
+            let started = Instant::now();
             let end = match self.session().await {
                 Ok(end) => end,
                 Err(e @ Error::TopologyMismatch { .. }) => return Err(e),
@@ -91,11 +117,17 @@ impl ConsumerRuntime {
             match end {
                 SessionEnd::Shutdown => return Ok(()),
                 SessionEnd::Broken(reason) => {
-                    // A session that got as far as consuming was healthy: start the backoff
-                    // over, so a week of rare disconnects never builds up to the cap.
-                    if self.stats.sessions.load(Ordering::Relaxed) > attached_before {
+                    // A session that got as far as consuming and then stayed up, or that
+                    // died of something new, was healthy: start the backoff over, so a week
+                    // of rare disconnects never builds up to the cap. Sessions dying soon of
+                    // the same cause again and again keep the delay growing.
+                    let attached = self.stats.sessions.load(Ordering::Relaxed) > attached_before;
+                    let stable = started.elapsed() >= STABLE_SESSION;
+                    let new_cause = last_cause.as_deref() != Some(reason.as_str());
+                    if attached && (stable || new_cause) {
                         backoff.reset();
                     }
+                    last_cause = Some(reason.clone());
                     let delay = backoff.next_delay();
                     warn!(queue = %self.consumer.queue, %reason, ?delay, "consumer session ended; reconnecting");
                     tokio::select! {
@@ -109,7 +141,13 @@ impl ConsumerRuntime {
 
     async fn session(self: &Arc<Self>) -> Result<SessionEnd, Error> {
         let queue = &self.consumer.queue;
-        let conn = connection::open(&self.config, &format!("consumer {queue}")).await?;
+        // The consumer's name tells two consumers of one queue apart in the broker's tools.
+        let role = if self.consumer.name == *queue {
+            format!("consumer {queue}")
+        } else {
+            format!("consumer {queue} as {}", self.consumer.name)
+        };
+        let conn = Arc::new(connection::open(&self.config, &role).await?);
         self.topology.declare(&conn).await?;
         let channel = conn
             .create_channel()
@@ -135,16 +173,16 @@ impl ConsumerRuntime {
 
         let slots = Arc::new(Semaphore::new(usize::from(self.consumer.concurrency)));
         let mut in_flight = JoinSet::new();
-        let (topology_broken, mut broken) = mpsc::channel::<String>(1);
         let mut signal = self.shutdown.signal();
 
         let end = loop {
             let next = tokio::select! {
                 biased;
                 _ = signal.cancelled() => break SessionEnd::Shutdown,
-                Some(reason) = broken.recv() => break SessionEnd::Broken(reason),
                 next = deliveries.next() => next,
             };
+            // The broker's `consumer_timeout` runs from here.
+            let hand_back_at = hand_back_deadline(Instant::now(), self.config.consumer_timeout);
             let raw = match next {
                 Some(Ok(d)) => d,
                 Some(Err(e)) => break SessionEnd::Broken(e.to_string()),
@@ -158,13 +196,13 @@ impl ConsumerRuntime {
             // Claim ahead: an idempotent delivery starts its claim now, while it waits for a
             // slot, so the store's round trip overlaps the handlers still running (at
             // concurrency 1: the previous one). It waits at most one handler call for a
-            // slot, and its lease is renewed counting from the claim
-            // (`ClaimGuard::renew_while`).
+            // slot, and its lease is renewed from the moment it is taken.
             let claim = self.dedup.is_some().then(|| {
                 let (this, delivery, acker) =
                     (Arc::clone(self), Arc::clone(&delivery), acker.clone());
                 tokio::spawn(
-                    async move { this.claim(&delivery, &acker).await }.instrument(span.clone()),
+                    async move { this.claim(&delivery, &acker, hand_back_at).await }
+                        .instrument(span.clone()),
                 )
             });
             // At most `concurrency` handlers run; the rest of the prefetch window waits in
@@ -172,7 +210,6 @@ impl ConsumerRuntime {
             let permit = tokio::select! {
                 biased;
                 _ = signal.cancelled() => break SessionEnd::Shutdown,
-                Some(reason) = broken.recv() => break SessionEnd::Broken(reason),
                 // A free slot first: the link watch (a timer) is only armed when none is.
                 permit = Arc::clone(&slots).acquire_owned() => match permit {
                     Ok(p) => p,
@@ -185,11 +222,14 @@ impl ConsumerRuntime {
             // Reap finished tasks so the set does not grow with the session.
             while in_flight.try_join_next().is_some() {}
             let this = Arc::clone(self);
-            let topology_broken = topology_broken.clone();
+            let conn = Arc::clone(&conn);
             in_flight.spawn(
                 async move {
-                    this.process(delivery, acker, claim, permit, topology_broken)
-                        .await
+                    let held = Held {
+                        hand_back_at,
+                        connection: &conn,
+                    };
+                    this.process(delivery, acker, claim, permit, held).await
                 }
                 .instrument(span),
             );
@@ -225,15 +265,21 @@ impl ConsumerRuntime {
     }
 
     /// Claim `delivery`; while the store does not answer, hold it (unacked, slot kept) and
-    /// retry with capped backoff. `None` if shutdown came first or the delivery's channel
-    /// died meanwhile (the broker is redelivering it: running it here would be a duplicate).
-    async fn claim(&self, delivery: &Delivery, acker: &lapin::Acker) -> Option<ClaimDecision> {
+    /// retry with capped backoff. `None` if shutdown came first, the delivery's channel
+    /// died meanwhile (the broker is redelivering it: running it here would be a duplicate)
+    /// or it was held until `hand_back_at` and handed back to the broker.
+    async fn claim(
+        &self,
+        delivery: &Delivery,
+        acker: &lapin::Acker,
+        hand_back_at: Instant,
+    ) -> Option<ClaimDecision> {
         let mut backoff: Option<Backoff> = None;
         let mut signal = self.shutdown.signal();
         loop {
             let decision = claim(
                 self.dedup.as_ref(),
-                &self.config.dedup_prefix,
+                &self.key_scope,
                 self.consumer.timeout,
                 delivery,
             )
@@ -259,6 +305,15 @@ impl ConsumerRuntime {
                 _ = tokio::time::sleep(delay) => {}
                 _ = signal.cancelled() => {
                     self.stats.paused.fetch_sub(1, Ordering::Relaxed);
+                    return None;
+                }
+                // Held any longer, the broker would close the channel (and with it every
+                // delivery on it): give this one back; it comes round again.
+                _ = tokio::time::sleep_until(hand_back_at) => {
+                    self.stats.paused.fetch_sub(1, Ordering::Relaxed);
+                    warn!("dedup store still unreachable; handing the delivery back before the broker's consumer_timeout");
+                    crate::consumer::settle::put_back(acker, std::time::Duration::ZERO).await;
+                    ConsumerStats::bump(&self.stats.requeued);
                     return None;
                 }
             }
@@ -317,18 +372,21 @@ impl ConsumerRuntime {
         acker: lapin::Acker,
         claim: Option<tokio::task::JoinHandle<Option<ClaimDecision>>>,
         slot: tokio::sync::OwnedSemaphorePermit,
-        topology_broken: mpsc::Sender<String>,
+        held: Held<'_>,
     ) {
         let mut slot = Some(slot);
         let settler = Settler {
             topology: &self.topology,
             publisher: &self.publisher,
             stats: &self.stats,
-            topology_broken: &topology_broken,
+            connection: held.connection,
+            retry_gate: &self.retry_gate,
+            hand_back_at: held.hand_back_at,
+            shutdown: &self.shutdown,
         };
         let decision = match claim {
             Some(task) => task.await.ok().flatten(),
-            None => self.claim(&delivery, &acker).await,
+            None => self.claim(&delivery, &acker, held.hand_back_at).await,
         };
         let Some(decision) = decision else {
             // Shutdown, or the channel died, while paused on the dedup store: leave it
@@ -338,11 +396,8 @@ impl ConsumerRuntime {
         let outcome = match decision {
             ClaimDecision::Run(guard) => {
                 let handler = self.consumer.handler.as_ref();
-                let call = invoke(handler, Arc::clone(&delivery), self.consumer.timeout);
-                let result = match &guard {
-                    Some(g) => g.renew_while(call).await,
-                    None => call.await,
-                };
+                // The claim's lease is renewed by a task of its own, beside the call.
+                let result = invoke(handler, Arc::clone(&delivery), self.consumer.timeout).await;
                 // The handler is done: its slot goes to the next delivery while this settles.
                 slot = None;
                 match result {
