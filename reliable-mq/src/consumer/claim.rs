@@ -95,7 +95,8 @@ pub(crate) async fn claim(
 
 /// Renew the claim every third of its lease, on a task of its own, until aborted or the
 /// claim is found lost. Each call gets a third of the lease at most, so a call that hangs
-/// is given up in time for the next one, which still comes before the lease runs out.
+/// is given up in time for the next one; after a failed call the next comes within
+/// [`RENEW_RETRY`], so a store back from an outage renews well before the lease runs out.
 fn spawn_renewal(
     store: Arc<dyn DedupStore>,
     key: String,
@@ -105,23 +106,37 @@ fn spawn_renewal(
     let runtime = tokio::runtime::Handle::try_current().ok()?;
     let every = lease / 3;
     let task = runtime.spawn(async move {
-        let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut next = tokio::time::Instant::now() + every;
         loop {
-            ticker.tick().await;
-            match tokio::time::timeout(every, store.renew(&key, &token, lease)).await {
-                Ok(Ok(true)) => debug!(%key, "claim lease renewed"),
+            tokio::time::sleep_until(next).await;
+            let renewed = match tokio::time::timeout(every, store.renew(&key, &token, lease)).await
+            {
+                Ok(Ok(true)) => {
+                    debug!(%key, "claim lease renewed");
+                    true
+                }
                 Ok(Ok(false)) => {
                     warn!(%key, "claim lease lost while its delivery runs; a redelivery may run concurrently");
                     return;
                 }
-                Ok(Err(e)) => warn!(%key, error = %e, "cannot renew the claim lease; trying again"),
-                Err(_) => warn!(%key, "the dedup store did not answer a lease renewal in time; trying again"),
-            }
+                Ok(Err(e)) => {
+                    warn!(%key, error = %e, "cannot renew the claim lease; trying again");
+                    false
+                }
+                Err(_) => {
+                    warn!(%key, "the dedup store did not answer a lease renewal in time; trying again");
+                    false
+                }
+            };
+            let wait = if renewed { every } else { RENEW_RETRY.min(every) };
+            next = tokio::time::Instant::now() + wait;
         }
     });
     Some(task.abort_handle())
 }
+
+/// How soon a failed lease renewal is tried again.
+const RENEW_RETRY: Duration = Duration::from_secs(1);
 
 /// Compare-and-delete `key` with `token` on a task of its own (best effort).
 fn release_in_background(store: Arc<dyn DedupStore>, key: String, token: String) {
