@@ -379,3 +379,87 @@ async fn two_consumers_of_one_queue_have_a_health_each() {
     assert!(app.health().await.consumers_attached);
     app.shutdown().await.expect("clean shutdown");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requeued_counts_each_delivery_put_back_once() {
+    // A held claim sends the delivery to the requeue tier through the default exchange,
+    // which this user may not write to: the copy is held, then the delivery is handed
+    // back before the (short) consumer_timeout. Each hand-back counts once, a refused copy
+    // not at all.
+    init_tracing();
+    let q = unique("refused-requeue");
+    let dlx = format!("{q}.dlx");
+    let user = User::without_write_on("amq.default");
+    let mut config = test_config(&q)
+        .with_amqp_url(user.url())
+        .with_redis_url(Some(reliable_mq_tests::redis_url()))
+        .with_consumer_timeout(Duration::from_secs(4));
+    config.max_reconnect_delay = Duration::from_secs(1);
+    let _cleanup =
+        Cleanup::consumer(&q, &["200ms"], &[]).redis_keys(&config.dedup_prefix.clone());
+    // Another instance holds the message's claim.
+    let key = reliable_mq::dedup::KeyScope::from_config(&config)
+        .expect("scope")
+        .key(&q, "held-1");
+    assert!(sh(&format!(
+        "redis-cli -h 127.0.0.1 -p 6379 SET '{key}' another-instance PX 120000 >/dev/null"
+    )));
+    let calls = Arc::new(Mutex::new(0usize));
+    let c = Arc::clone(&calls);
+    let handler = handler_fn(move |_n: u64| {
+        let c = Arc::clone(&c);
+        async move {
+            *c.lock().expect("calls") += 1;
+            Ok::<_, HandlerError>(())
+        }
+    });
+    let consumer = ConsumerConfig::new(&q, &dlx, handler)
+        .with_retries(1, Duration::from_millis(200), RetryBackoff::Fixed)
+        .idempotent(Duration::from_secs(600));
+    declare_as_guest(&q, consumer.clone()).await;
+    let app = App::new(config)
+        .consumer(consumer)
+        .start()
+        .await
+        .expect("start");
+    let broker = Broker::connect().await;
+    broker
+        .publish_json("", &q, &serde_json::json!(1), "held-1")
+        .await;
+
+    assert!(
+        eventually(WAIT, || async {
+            app.health().await.degraded().next().is_some()
+        })
+        .await,
+        "the refused requeue copy shows in health"
+    );
+    assert_eq!(app.stats(&q).map(|s| s.requeued), Some(0), "a refused copy is not a requeue");
+    // Handed back 3 s into each 4 s consumer_timeout, received again: one count each time.
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            app.stats(&q)
+                .is_some_and(|s| s.received >= 3 && s.requeued == s.received - 1)
+        })
+        .await,
+        "{:?}",
+        app.stats(&q)
+    );
+    let stats = app.stats(&q).expect("stats");
+    assert_eq!(stats.sessions, 1, "{stats:?}");
+    assert_eq!(*calls.lock().expect("calls"), 0);
+
+    // The other instance lets go and the permission comes back: handled once.
+    sh(&format!("redis-cli -h 127.0.0.1 -p 6379 DEL '{key}' >/dev/null"));
+    user.grant_all();
+    assert!(
+        eventually(WAIT, || async {
+            app.stats(&q).is_some_and(|s| s.handled == 1)
+        })
+        .await,
+        "{:?}",
+        app.stats(&q)
+    );
+    assert_eq!(*calls.lock().expect("calls"), 1);
+    app.shutdown().await.expect("clean shutdown");
+}
