@@ -250,7 +250,10 @@ async fn a_dead_letter_exchange_deleted_under_the_consumer_is_redeclared_and_not
     assert_eq!(dead.message_id().as_deref(), Some("doomed"));
     assert_eq!(dead.header("x-error-kind").as_deref(), Some("rejected"));
     let stats = app.stats(&q).expect("stats");
-    assert_eq!(stats.sessions, 1, "redeclared without a reconnect: {stats:?}");
+    assert_eq!(
+        stats.sessions, 1,
+        "redeclared without a reconnect: {stats:?}"
+    );
     assert_eq!(
         calls.load(Ordering::SeqCst),
         1,

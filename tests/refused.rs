@@ -395,8 +395,7 @@ async fn requeued_counts_each_delivery_put_back_once() {
         .with_redis_url(Some(reliable_mq_tests::redis_url()))
         .with_consumer_timeout(Duration::from_secs(4));
     config.max_reconnect_delay = Duration::from_secs(1);
-    let _cleanup =
-        Cleanup::consumer(&q, &["200ms"], &[]).redis_keys(&config.dedup_prefix.clone());
+    let _cleanup = Cleanup::consumer(&q, &["200ms"], &[]).redis_keys(&config.dedup_prefix.clone());
     // Another instance holds the message's claim.
     let key = reliable_mq::dedup::KeyScope::from_config(&config)
         .expect("scope")
@@ -434,7 +433,11 @@ async fn requeued_counts_each_delivery_put_back_once() {
         .await,
         "the refused requeue copy shows in health"
     );
-    assert_eq!(app.stats(&q).map(|s| s.requeued), Some(0), "a refused copy is not a requeue");
+    assert_eq!(
+        app.stats(&q).map(|s| s.requeued),
+        Some(0),
+        "a refused copy is not a requeue"
+    );
     // Handed back 3 s into each 4 s consumer_timeout, received again: one count each time.
     assert!(
         eventually(Duration::from_secs(20), || async {
@@ -450,7 +453,9 @@ async fn requeued_counts_each_delivery_put_back_once() {
     assert_eq!(*calls.lock().expect("calls"), 0);
 
     // The other instance lets go and the permission comes back: handled once.
-    sh(&format!("redis-cli -h 127.0.0.1 -p 6379 DEL '{key}' >/dev/null"));
+    sh(&format!(
+        "redis-cli -h 127.0.0.1 -p 6379 DEL '{key}' >/dev/null"
+    ));
     user.grant_all();
     assert!(
         eventually(WAIT, || async {

@@ -79,6 +79,44 @@ pub(crate) struct ConsumerRuntime {
     pub(crate) retry_gate: tokio::sync::Mutex<Backoff>,
 }
 
+/// Spaces the sessions of one consumer.
+struct SessionPacing {
+    backoff: Backoff,
+    last_cause: Option<String>,
+}
+
+impl SessionPacing {
+    fn new(max: std::time::Duration) -> Self {
+        Self {
+            backoff: Backoff::new(max),
+            last_cause: None,
+        }
+    }
+
+    /// The delay before the next session, after one that ended with `cause`, having
+    /// `attached` (got as far as consuming) or not, `lived` long.
+    ///
+    /// A session that attached and then stayed up, or died of something new, was healthy:
+    /// the delay starts over, so a week of rare disconnects never builds up to the cap.
+    /// Sessions dying soon of the same cause again and again (a permanent failure) keep
+    /// the delay growing, so they never become a reconnect loop.
+    fn after(
+        &mut self,
+        attached: bool,
+        lived: std::time::Duration,
+        cause: &str,
+    ) -> std::time::Duration {
+        let new_cause = self.last_cause.as_deref() != Some(cause);
+        if attached && (lived >= STABLE_SESSION || new_cause) {
+            self.backoff.reset();
+        }
+        if new_cause {
+            self.last_cause = Some(cause.to_owned());
+        }
+        self.backoff.next_delay()
+    }
+}
+
 /// What a delivery's processing needs to hold it in place when it cannot be settled.
 struct Held<'a> {
     /// Hand it back to the broker by then (its `consumer_timeout` is near).
@@ -99,9 +137,8 @@ impl ConsumerRuntime {
     /// Run sessions until shutdown. Returns an error only for what reconnecting cannot fix
     /// (a topology mismatch appearing after a reconnect).
     pub(crate) async fn run(self: Arc<Self>) -> Result<(), Error> {
-        let mut backoff = Backoff::new(self.config.max_reconnect_delay);
+        let mut pacing = SessionPacing::new(self.config.max_reconnect_delay);
         let mut signal = self.shutdown.signal();
-        let mut last_cause: Option<String> = None;
         loop {
             if signal.is_triggered() {
                 return Ok(());
@@ -117,18 +154,8 @@ impl ConsumerRuntime {
             match end {
                 SessionEnd::Shutdown => return Ok(()),
                 SessionEnd::Broken(reason) => {
-                    // A session that got as far as consuming and then stayed up, or that
-                    // died of something new, was healthy: start the backoff over, so a week
-                    // of rare disconnects never builds up to the cap. Sessions dying soon of
-                    // the same cause again and again keep the delay growing.
                     let attached = self.stats.sessions.load(Ordering::Relaxed) > attached_before;
-                    let stable = started.elapsed() >= STABLE_SESSION;
-                    let new_cause = last_cause.as_deref() != Some(reason.as_str());
-                    if attached && (stable || new_cause) {
-                        backoff.reset();
-                    }
-                    last_cause = Some(reason.clone());
-                    let delay = backoff.next_delay();
+                    let delay = pacing.after(attached, started.elapsed(), &reason);
                     warn!(queue = %self.consumer.queue, %reason, ?delay, "consumer session ended; reconnecting");
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
@@ -439,5 +466,49 @@ impl ConsumerRuntime {
         };
         drop(slot);
         settler.settle(&acker, &delivery, outcome).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn sessions_dying_soon_of_the_same_cause_are_spaced_ever_wider() {
+        let mut pacing = SessionPacing::new(Duration::from_secs(30));
+        let soon = Duration::from_millis(50);
+        let delays: Vec<u128> = (0..6)
+            .map(|_| {
+                pacing
+                    .after(true, soon, "channel closed: ACCESS_REFUSED")
+                    .as_millis()
+            })
+            .collect();
+        assert_eq!(delays, [100, 200, 400, 800, 1600, 3200]);
+        // A session that stayed up was healthy: the delay starts over.
+        assert_eq!(
+            pacing
+                .after(true, STABLE_SESSION, "channel closed: ACCESS_REFUSED")
+                .as_millis(),
+            100
+        );
+        assert_eq!(
+            pacing
+                .after(true, soon, "channel closed: ACCESS_REFUSED")
+                .as_millis(),
+            200
+        );
+        // So does one that died of something new; failed connects never reset it.
+        assert_eq!(pacing.after(true, soon, "connection lost").as_millis(), 100);
+        assert_eq!(
+            pacing.after(false, soon, "connect refused").as_millis(),
+            200
+        );
+        assert_eq!(
+            pacing.after(false, soon, "connect refused").as_millis(),
+            400
+        );
     }
 }
