@@ -246,7 +246,11 @@ async fn a_dead_letter_the_broker_refuses_is_held_not_a_reconnect_loop() {
     for id in 1..=5 {
         assert_eq!(count(&calls, id), 1, "message {id} handled once");
     }
-    assert_eq!((stats.handled, stats.dead_lettered), (5, 0), "{stats:?}");
+    assert_eq!(
+        (stats.handled, stats.dead_lettered, stats.held),
+        (5, 0, 1),
+        "{stats:?}"
+    );
     assert_eq!(
         message_total(&q),
         Some(1),
@@ -275,7 +279,9 @@ async fn a_dead_letter_the_broker_refuses_is_held_not_a_reconnect_loop() {
     assert!(
         eventually(WAIT, || async {
             message_total(&q) == Some(0)
-                && app.stats(&q).is_some_and(|s| s.dead_lettered == 1)
+                && app
+                    .stats(&q)
+                    .is_some_and(|s| s.dead_lettered == 1 && s.held == 0)
                 && app.health().await.degraded().next().is_none()
         })
         .await,

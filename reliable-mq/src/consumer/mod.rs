@@ -24,6 +24,7 @@ pub struct ConsumerStats {
     pub(crate) requeued: AtomicU64,
     pub(crate) sessions: AtomicU64,
     pub(crate) paused: AtomicU64,
+    pub(crate) held: AtomicU64,
     pub(crate) attached: AtomicBool,
     /// Why the consumer cannot settle some deliveries right now, and the copy target that
     /// fails (see [`ConsumerStats::degraded`]).
@@ -60,6 +61,9 @@ pub struct StatsSnapshot {
     /// Deliveries held right now because the dedup store does not answer (the consumer
     /// is paused while this is above zero).
     pub paused: u64,
+    /// Deliveries held right now, unacked, because the broker does not take their retry
+    /// or dead-letter copy (the consumer is degraded while this is above zero).
+    pub held: u64,
     /// Whether the consumer is subscribed right now.
     pub attached: bool,
 }
@@ -77,6 +81,7 @@ impl ConsumerStats {
             requeued: r(&self.requeued),
             sessions: r(&self.sessions),
             paused: r(&self.paused),
+            held: r(&self.held),
             attached: self.attached.load(Ordering::Relaxed),
         }
     }
@@ -99,6 +104,15 @@ impl ConsumerStats {
         });
     }
 
+    /// A held delivery stopped waiting (its copy went through, or it was handed back, its
+    /// channel died, shutdown). With none held any more nothing says a target still fails:
+    /// the next copy to it will tell.
+    pub(crate) fn release_held(&self) {
+        if self.held.fetch_sub(1, Ordering::Relaxed) == 1 {
+            *lock(&self.degraded) = None;
+        }
+    }
+
     /// A copy to `target` was confirmed: no longer degraded because of it.
     pub(crate) fn clear_degraded(&self, target: &str) {
         let mut degraded = lock(&self.degraded);
@@ -119,6 +133,7 @@ impl StatsSnapshot {
         self.requeued += other.requeued;
         self.sessions += other.sessions;
         self.paused += other.paused;
+        self.held += other.held;
         self.attached &= other.attached;
         self
     }
@@ -133,10 +148,15 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// handed back: the broker closes the channel of a delivery left unacked for its
 /// `consumer_timeout`, and with it every other delivery in flight on it. The margin (a
 /// quarter, at most a minute) covers the time the broker's check and our hand-back take.
+/// Never sooner than [`MIN_HOLD`] after receipt: a zero or tiny configured timeout must
+/// not turn a held delivery into a hand-back loop.
 pub(crate) fn hand_back_deadline(received: Instant, consumer_timeout: Duration) -> Instant {
     let margin = (consumer_timeout / 4).min(Duration::from_secs(60));
-    received + consumer_timeout.saturating_sub(margin)
+    received + consumer_timeout.saturating_sub(margin).max(MIN_HOLD)
 }
+
+/// The shortest a held delivery is kept before it is handed back.
+const MIN_HOLD: Duration = Duration::from_secs(1);
 
 #[cfg(test)]
 mod tests {
@@ -151,6 +171,7 @@ mod tests {
             Duration::from_secs(29 * 60)
         );
         assert_eq!(at(Duration::from_secs(4)), Duration::from_secs(3));
+        assert_eq!(at(Duration::ZERO), MIN_HOLD, "never a hand-back loop");
     }
 
     #[test]

@@ -10,6 +10,7 @@
 //! topology redeclared first; the consumer reports itself degraded with the reason
 //! meanwhile. A held original is handed back to the broker before its `consumer_timeout`.
 
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use lapin::options::{BasicAckOptions, BasicNackOptions};
@@ -202,6 +203,7 @@ impl Settler<'_> {
             if !held {
                 error!(error = %e, exchange, routing_key, "the broker does not take the settle copy; holding the original (unacked, not run again) and trying again with a growing delay");
                 held = true;
+                self.stats.held.fetch_add(1, Ordering::Relaxed);
             }
             self.stats
                 .set_degraded(&target, copy_failure(exchange, routing_key, &e));
@@ -218,14 +220,17 @@ impl Settler<'_> {
                     warn!(exchange, routing_key, "the settle copy is still not taken; handing the original back before the broker's consumer_timeout would close the channel");
                     put_back(acker, Duration::ZERO).await;
                     ConsumerStats::bump(&self.stats.requeued);
+                    self.stats.release_held();
                     return false;
                 }
                 _ = signal.cancelled() => {
                     debug!("shutting down with a settle copy held; the original stays unacked and the broker redelivers it");
+                    self.stats.release_held();
                     return false;
                 }
                 _ = channel_gone(acker) => {
                     debug!("channel gone while a settle copy was held; the broker redelivers the original");
+                    self.stats.release_held();
                     return false;
                 }
             };
@@ -243,6 +248,7 @@ impl Settler<'_> {
                 exchange,
                 routing_key, "the broker takes the settle copy again"
             );
+            self.stats.release_held();
         }
         self.stats.clear_degraded(&target);
         if crate::retry::crash_seam::fire(delivery.queue()) {
