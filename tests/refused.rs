@@ -379,14 +379,13 @@ async fn two_consumers_of_one_queue_have_a_health_each() {
     let _cleanup = Cleanup::consumer(&q, &[], &[]);
     let config = test_config(&q).with_connection_name(format!("test-{q}"));
     let consumer = |name: &str| {
-        let mut c = ConsumerConfig::new(
+        ConsumerConfig::new(
             &q,
             &dlx,
             handler_fn(|_n: u64| async { Ok::<_, HandlerError>(()) }),
         )
-        .with_retries(0, Duration::from_millis(200), RetryBackoff::Fixed);
-        c.name = name.to_owned();
-        c
+        .with_retries(0, Duration::from_millis(200), RetryBackoff::Fixed)
+        .with_name(name)
     };
     let app = App::new(config)
         .consumer(consumer("steady"))

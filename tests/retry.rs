@@ -677,7 +677,7 @@ async fn a_long_exception_message_is_trimmed_on_retry_and_dead_letter_copies_bod
         .expect("dead letter despite the huge message");
     let text = m.header("x-exception-message").expect("message header");
     assert!(
-        text.len() <= reliable_mq::failure::MAX_MESSAGE_BYTES,
+        text.len() <= reliable_mq::headers::MAX_MESSAGE_BYTES,
         "{} bytes",
         text.len()
     );
@@ -691,7 +691,7 @@ async fn a_long_exception_message_is_trimmed_on_retry_and_dead_letter_copies_bod
         .message_len
         .expect("the retry copy carried the message");
     assert!(
-        on_retry <= reliable_mq::failure::MAX_MESSAGE_BYTES,
+        on_retry <= reliable_mq::headers::MAX_MESSAGE_BYTES,
         "{on_retry} bytes"
     );
     app.shutdown().await.expect("clean shutdown");
@@ -700,7 +700,7 @@ async fn a_long_exception_message_is_trimmed_on_retry_and_dead_letter_copies_bod
 
 /// A process killed after the retry copy is confirmed and before the original is acked.
 ///
-/// The window is microseconds wide, so the test arms `retry::crash_seam`: the consumer
+/// The window is microseconds wide, so the test arms the crash seam (feature `testing`): the consumer
 /// publishes the retry copy (confirmed, in the tier) and then leaves the original unacked,
 /// as a dead process would. Stopping the app closes its channel, which for the broker is
 /// the same as the process dying: the unacked original goes back to the queue. A second
@@ -743,7 +743,7 @@ async fn a_crash_between_the_retry_publish_and_the_ack_duplicates_and_loses_noth
         )
     };
 
-    let armed = reliable_mq::retry::crash_seam::arm(&q);
+    let armed = reliable_mq::__private::crash_seam::arm(&q);
     let first = App::new(test_config(&q))
         .consumer(consumer(calls.clone()))
         .start()
@@ -802,7 +802,7 @@ async fn replay_dlq(url: &str, dlq: &str) -> Result<usize, Box<dyn std::error::E
     use lapin::options::{BasicAckOptions, BasicGetOptions, QueueDeclareOptions};
     use lapin::{Connection, ConnectionProperties};
     use reliable_mq::Publisher;
-    use reliable_mq::failure::{self, header};
+    use reliable_mq::headers::{self as failure, ORIGINAL_QUEUE};
 
     let connection = Connection::connect(url, ConnectionProperties::default()).await?;
     let channel = connection.create_channel().await?;
@@ -825,7 +825,7 @@ async fn replay_dlq(url: &str, dlq: &str) -> Result<usize, Box<dyn std::error::E
         };
         let d = message.delivery;
         let mut headers = d.properties.headers().clone().unwrap_or_default();
-        let Some(queue) = failure::header_str(Some(&headers), header::ORIGINAL_QUEUE) else {
+        let Some(queue) = failure::header_str(Some(&headers), ORIGINAL_QUEUE) else {
             // Not one of ours (e.g. dead-lettered by the broker's delivery limit): leave it.
             continue;
         };

@@ -10,7 +10,6 @@ use lapin::options::{
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use reliable_mq::ConsumerConfig;
-use reliable_mq::topology::Topology;
 
 pub const USAGE: &str = "usage: bench <mode> [options]
 modes:
@@ -208,26 +207,20 @@ impl Raw {
     /// Declare what `consumer` declares (work queue with its dead-letter arguments, DLX,
     /// DLQ, wait queues), so raw lapin and reliable_mq drain queues of the same shape.
     pub async fn declare_consumer_topology(&self, consumer: &ConsumerConfig) -> Result<(), String> {
-        Topology::of(consumer)
-            .declare(&self.connection)
+        reliable_mq::__private::declare_topology(consumer, &self.connection)
             .await
             .map_err(|e| e.to_string())
     }
 
     /// Delete everything [`Raw::declare_consumer_topology`] declared.
     pub async fn delete_consumer_topology(&self, consumer: &ConsumerConfig) {
-        let topology = Topology::of(consumer);
-        self.delete_queue(&topology.queue).await;
-        self.delete_queue(&topology.dlq).await;
-        for (tier, _) in topology.wait_queues() {
-            self.delete_queue(&tier).await;
+        let (queues, dlx) = reliable_mq::__private::declared_names(consumer);
+        for queue in &queues {
+            self.delete_queue(queue).await;
         }
         let _ = self
             .channel
-            .exchange_delete(
-                topology.dlx.as_str().into(),
-                ExchangeDeleteOptions::default(),
-            )
+            .exchange_delete(dlx.as_str().into(), ExchangeDeleteOptions::default())
             .await;
     }
 

@@ -122,7 +122,7 @@ async fn run_ours(
     let config = Config::default()
         .with_amqp_url(args.amqp_url.clone())
         .with_connection_name("bench-latency");
-    let queue = consumer.queue.clone();
+    let queue = consumer.queue().to_owned();
     let running = App::new(config)
         .consumer(consumer)
         .start()

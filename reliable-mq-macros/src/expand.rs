@@ -2,8 +2,10 @@
 //! `SPEC` describes the consumer, the adapter that decodes and calls the function, and
 //! the registration in the runtime's link-time list of consumers.
 //!
-//! Generated code names only `::reliable_mq::__private::…` and `::core::…`, and no
-//! `super::`, so it works wherever the function is (a module, a function body).
+//! Generated code names only `::reliable_mq::__private::…` (or the path given with
+//! `crate = "..."`) and `::core::…`, and no `super::`, so it works wherever the function
+//! is (a module, a function body). The spec is built by calls, not a struct literal: its
+//! settings are replayed through the same model at start-up, so its fields stay private.
 
 use proc_macro2::{Literal, Span, TokenStream};
 use quote::{ToTokens, format_ident, quote, quote_spanned};
@@ -11,16 +13,16 @@ use syn::ext::IdentExt;
 use syn::spanned::Spanned;
 use syn::{Ident, Item, ItemFn};
 
-use crate::attr::{self, Backoff, ExchangeType, QueueType};
-use crate::check::{self, Topology};
+use crate::attr::{self, Attribute, Emit};
+use crate::check;
 use crate::ctxt::Ctxt;
-use crate::sig::{self, HandlerSig};
+use crate::sig::{self, Extractor, HandlerSig};
 
 /// The whole macro: parse, check, emit. On any error, the original item is emitted
 /// unchanged next to the errors, so the rest of the crate (and the IDE) still sees it.
 pub fn consumer(args: TokenStream, item: TokenStream) -> TokenStream {
     match analyze(args, item.clone()) {
-        Ok((function, handler, topology)) => emit(&function, &handler, &topology),
+        Ok((function, handler, attribute)) => emit(&function, &handler, &attribute),
         Err(errors) => {
             let errors = errors.to_compile_error();
             quote!(#item #errors)
@@ -32,7 +34,7 @@ pub fn consumer(args: TokenStream, item: TokenStream) -> TokenStream {
 pub(crate) fn analyze(
     args: TokenStream,
     item: TokenStream,
-) -> syn::Result<(ItemFn, HandlerSig, Topology)> {
+) -> syn::Result<(ItemFn, HandlerSig, Attribute)> {
     let mut cx = Ctxt::new();
     let function = match syn::parse2::<Item>(item) {
         Ok(Item::Fn(function)) => Some(function),
@@ -45,11 +47,14 @@ pub(crate) fn analyze(
             None
         }
     };
-    let topology = attr::parse(&mut cx, args).and_then(|args| check::topology(&mut cx, &args));
+    let attribute = attr::parse(&mut cx, args);
+    if let Some(attribute) = &attribute {
+        check::rules(&mut cx, attribute);
+    }
     let handler = function.as_ref().and_then(|f| sig::check(&mut cx, f));
     cx.check()?;
-    match (function, handler, topology) {
-        (Some(function), Some(handler), Some(topology)) => Ok((function, handler, topology)),
+    match (function, handler, attribute) {
+        (Some(function), Some(handler), Some(attribute)) => Ok((function, handler, attribute)),
         // Every `None` above comes with an error; this is a bug, not the user's mistake.
         _ => Err(syn::Error::new(
             Span::call_site(),
@@ -86,8 +91,12 @@ fn not_a_function(cx: &mut Ctxt, item: &Item) {
     );
 }
 
-fn emit(function: &ItemFn, handler: &HandlerSig, topology: &Topology) -> TokenStream {
-    let p = quote!(::reliable_mq::__private);
+fn emit(function: &ItemFn, handler: &HandlerSig, attribute: &Attribute) -> TokenStream {
+    let krate = match &attribute.krate {
+        Some(path) => path.to_token_stream(),
+        None => quote!(::reliable_mq),
+    };
+    let p = quote!(#krate::__private);
     let vis = &function.vis;
     let name = &function.sig.ident;
     let plain_name = name.unraw().to_string();
@@ -101,8 +110,18 @@ fn emit(function: &ItemFn, handler: &HandlerSig, topology: &Topology) -> TokenSt
          `{plain_name}`.\n\n`reliable_mq::run()` runs it; `{plain_name}::SPEC` describes it, \
          for `App::consumer` and tests."
     );
-    let spec = spec_fields(topology);
-    let handler = handler_impl(name, handler);
+    let settings = attribute.settings.iter().map(|(key, value)| {
+        let key = key.as_str();
+        match value {
+            Emit::Str(s) => quote!(#p::Setting::str(#key, #s)),
+            Emit::Int(n) => {
+                let n = Literal::u64_suffixed(*n);
+                quote!(#p::Setting::int(#key, #n))
+            }
+            Emit::Flag => quote!(#p::Setting::flag(#key)),
+        }
+    });
+    let handler = handler_impl(&p, name, handler);
     // What exists only under a `cfg` must bring its consumer along only under that `cfg`.
     let cfgs: Vec<_> = function
         .attrs
@@ -122,11 +141,11 @@ fn emit(function: &ItemFn, handler: &HandlerSig, topology: &Topology) -> TokenSt
         #(#cfgs)*
         impl #name {
             /// The consumer's spec, to register by hand with `App::consumer(name::SPEC)`.
-            pub const SPEC: #p::ConsumerSpec = #p::ConsumerSpec {
-                name: ::core::concat!(::core::module_path!(), "::", #plain_name),
-                #spec
-                handler: &#name {},
-            };
+            pub const SPEC: #p::ConsumerSpec = #p::ConsumerSpec::new(
+                ::core::concat!(::core::module_path!(), "::", #plain_name),
+                &[#(#settings),*],
+                &#name {},
+            );
         }
 
         #(#cfgs)*
@@ -139,101 +158,14 @@ fn emit(function: &ItemFn, handler: &HandlerSig, topology: &Topology) -> TokenSt
     }
 }
 
-/// Every `ConsumerSpec` field but `name` and `handler`: the user's value as a literal, or
-/// the runtime's default.
-fn spec_fields(t: &Topology) -> TokenStream {
-    let p = quote!(::reliable_mq::__private);
-    let some_str = |value: &Option<String>| match value {
-        Some(value) => quote!(::core::option::Option::Some(#value)),
-        None => quote!(::core::option::Option::None),
-    };
-    let millis = |value: Option<u64>, default: &str| match value {
-        Some(ms) => {
-            let ms = Literal::u64_suffixed(ms);
-            quote!(#p::Duration::from_millis(#ms))
-        }
-        None => default_of(default),
-    };
-
-    let queue = &t.queue;
-    let exchange = some_str(&t.exchange);
-    let exchange_type = match t.exchange_type {
-        ExchangeType::Direct => quote!(#p::ExchangeKind::Direct),
-        ExchangeType::Topic => quote!(#p::ExchangeKind::Topic),
-        ExchangeType::Fanout => quote!(#p::ExchangeKind::Fanout),
-        ExchangeType::Headers => quote!(#p::ExchangeKind::Headers),
-    };
-    let routing_key = some_str(&t.routing_key);
-    let dlx = &t.dlx;
-    let dlq = some_str(&t.dlq);
-    let queue_type = match t.queue_type {
-        QueueType::Classic => quote!(#p::QueueKind::Classic),
-        QueueType::Quorum => quote!(#p::QueueKind::Quorum),
-    };
-    let delivery_limit = match t.delivery_limit {
-        Some(limit) => {
-            let limit = Literal::u32_suffixed(limit);
-            quote!(::core::option::Option::Some(#limit))
-        }
-        None => quote!(::core::option::Option::None),
-    };
-    let prefetch = t.prefetch.map_or_else(
-        || default_of("PREFETCH"),
-        |v| Literal::u16_suffixed(v).into_token_stream(),
-    );
-    let concurrency = t.concurrency.map_or_else(
-        || default_of("CONCURRENCY"),
-        |v| Literal::u16_suffixed(v).into_token_stream(),
-    );
-    let max_retries = t.max_retries.map_or_else(
-        || default_of("MAX_RETRIES"),
-        |v| Literal::u32_suffixed(v).into_token_stream(),
-    );
-    let retry_delay = millis(t.retry_delay, "RETRY_DELAY");
-    let retry_backoff = match t.retry_backoff {
-        Some(Backoff::Fixed) => quote!(#p::RetryBackoff::Fixed),
-        Some(Backoff::Exponential { factor }) => {
-            let factor = Literal::u32_suffixed(factor);
-            quote!(#p::RetryBackoff::Exponential { factor: #factor })
-        }
-        None => default_of("RETRY_BACKOFF"),
-    };
-    let timeout = millis(t.timeout, "TIMEOUT");
-    let idempotent = t.idempotent;
-    let dedup_ttl = millis(t.dedup_ttl, "DEDUP_TTL");
-
-    quote! {
-        queue: #queue,
-        exchange: #exchange,
-        exchange_type: #exchange_type,
-        routing_key: #routing_key,
-        dlx: #dlx,
-        dlq: #dlq,
-        queue_type: #queue_type,
-        delivery_limit: #delivery_limit,
-        prefetch: #prefetch,
-        concurrency: #concurrency,
-        max_retries: #max_retries,
-        retry_delay: #retry_delay,
-        retry_backoff: #retry_backoff,
-        timeout: #timeout,
-        idempotent: #idempotent,
-        dedup_ttl: #dedup_ttl,
-    }
-}
-
-fn default_of(name: &str) -> TokenStream {
-    let name = Ident::new(name, Span::call_site());
-    quote!(::reliable_mq::__private::defaults::#name)
-}
-
-/// `impl Handler`: decode, call, convert the result. Each step is spanned on the user's
-/// tokens it depends on, so the type checker reports problems there rather than on the
-/// attribute: decoding on the payload type (not `Deserialize`), the conversion on the
-/// return type (not `Result<(), E>`), the boxing on the function's name (a future that is
-/// not `Send`). `decode::<T>` is itself the payload check: a separate
-/// `assert_payload::<T>()` would report every undecodable payload twice.
-fn handler_impl(name: &Ident, handler: &HandlerSig) -> TokenStream {
+/// `impl Handler`: decode, extract, call, convert the result. Each step is spanned on the
+/// user's tokens it depends on, so the type checker reports problems there rather than on
+/// the attribute: decoding on the payload type (not `Deserialize`), state on the state
+/// type (not `Clone + Send + Sync`), the conversion on the return type (not
+/// `Result<(), E>`), the boxing on the function's name (a future that is not `Send`).
+/// `decode::<T>` is itself the payload check: a separate `assert_payload::<T>()` would
+/// report every undecodable payload twice.
+fn handler_impl(p: &TokenStream, name: &Ident, handler: &HandlerSig) -> TokenStream {
     // Mixed-site hygiene: a user function named `delivery` or `payload` is not shadowed.
     let delivery = Ident::new("delivery", Span::mixed_site());
     let payload = Ident::new("payload", Span::mixed_site());
@@ -244,30 +176,79 @@ fn handler_impl(name: &Ident, handler: &HandlerSig) -> TokenStream {
     let result = Ident::new("__reliable_mq_result", output_span);
 
     let payload_ty = &handler.payload;
+    // Every path in a spanned step carries the user's span too, or rustc points at the
+    // attribute instead.
+    let p_at = |span: Span| respan(p, span);
+    let p = &p_at(payload_ty.span());
     let decode = quote_spanned! {payload_ty.span()=>
-        ::reliable_mq::__private::decode::<#payload_ty>(&#delivery)
+        #p::decode::<#payload_ty>(&#delivery)
     };
-    let args = if handler.with_delivery {
-        quote!(#payload, &#delivery)
-    } else {
-        quote!(#payload)
-    };
+    let mut extract = Vec::new();
+    let mut args = vec![quote!(#payload)];
+    let mut state_types = Vec::new();
+    for (i, extractor) in handler.extractors.iter().enumerate() {
+        match extractor {
+            Extractor::Delivery => args.push(quote!(&#delivery)),
+            Extractor::State(ty) => {
+                let var = Ident::new(&format!("state_{i}"), Span::mixed_site());
+                let p = &p_at(ty.span());
+                let take = quote_spanned! {ty.span()=>
+                    #p::extract_state::<#ty>(&#delivery)
+                };
+                extract.push(quote!(let #var = #take?;));
+                args.push(quote!(#var));
+                state_types.push(quote_spanned! {ty.span()=> #p::StateType::of::<#ty>()});
+            }
+        }
+    }
+    let p_out = &p_at(output_span);
     let into_result = quote_spanned! {output_span=>
-        ::reliable_mq::__private::IntoHandlerResult::into_handler_result(#result)
+        #p_out::IntoHandlerResult::into_handler_result(#result)
     };
+    let p = &p_at(name.span());
     let boxed = quote_spanned! {name.span()=>
-        ::reliable_mq::__private::Box::pin(async move {
+        #p::Box::pin(async move {
             let #payload: #payload_ty = #decode?;
-            let #result = #name(#args).await;
+            #(#extract)*
+            let #result = #name(#(#args),*).await;
             #into_result
         })
     };
-    let p = quote!(::reliable_mq::__private);
+    let p = &p_at(Span::call_site());
+    let states = if state_types.is_empty() {
+        quote!()
+    } else {
+        quote! {
+            fn states(&self) -> #p::Vec<#p::StateType> {
+                #p::vec![#(#state_types),*]
+            }
+        }
+    };
     quote! {
         impl #p::Handler for #name {
             fn call(&self, #delivery: #p::Arc<#p::Delivery>) -> #p::HandlerFuture {
                 #boxed
             }
+            #states
         }
     }
+}
+
+/// `tokens` with every token's span set to `span`.
+fn respan(tokens: &TokenStream, span: Span) -> TokenStream {
+    tokens
+        .clone()
+        .into_iter()
+        .map(|mut tree| {
+            if let proc_macro2::TokenTree::Group(group) = &tree {
+                let mut inner =
+                    proc_macro2::Group::new(group.delimiter(), respan(&group.stream(), span));
+                inner.set_span(span);
+                tree = proc_macro2::TokenTree::Group(inner);
+            } else {
+                tree.set_span(span);
+            }
+            tree
+        })
+        .collect()
 }

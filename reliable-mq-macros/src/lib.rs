@@ -3,16 +3,17 @@
 //! Use it through the `reliable-mq` crate (`use reliable_mq::consumer;`): the generated
 //! code refers to `::reliable_mq`, not to this crate.
 //!
-//! The macro parses the attribute (`attr`), checks the topology rules (`check`) and the
-//! function's signature (`sig`), collecting every error (`ctxt`), then emits the spec and
-//! the adapter (`expand`). All behaviour lives in the runtime.
+//! The macro reads the attribute into the shared consumer model (`attr`), reports the
+//! model's rules on the user's tokens (`check`), checks the function's signature (`sig`),
+//! collecting every error (`ctxt`), then emits the spec and the adapter (`expand`). The
+//! rules themselves live in `reliable-mq-model`, which the runtime applies too; all
+//! behaviour lives in the runtime.
 
 mod attr;
 mod check;
 mod ctxt;
 mod expand;
 mod sig;
-mod suggest;
 
 use proc_macro::TokenStream;
 

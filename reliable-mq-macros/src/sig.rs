@@ -1,24 +1,33 @@
 //! The handler function's signature: what `#[consumer]` accepts and what the generated
 //! adapter needs to call it.
 //!
-//! Accepted: `async fn name(payload: T) -> R` and `async fn name(payload: T, delivery:
-//! &Delivery) -> R`. Whether `T` decodes and `R` is `Result<(), E>` is for the type checker:
-//! the expansion asks it with spans on `T` and `R`, so its errors land there.
+//! Accepted: `async fn name(payload: T, extractors...) -> R`, where each extractor after
+//! the payload is `&Delivery` (at most once) or `State<S>`, in any order. Whether `T`
+//! decodes, `S` can be state and `R` is `Result<(), E>` is for the type checker: the
+//! expansion asks it with spans on the user's types, so its errors land there.
 
-use syn::{FnArg, ItemFn, ReturnType, Type};
+use syn::{FnArg, GenericArgument, ItemFn, PathArguments, ReturnType, Type};
 
 use crate::ctxt::Ctxt;
+
+/// One parameter after the payload.
+pub enum Extractor {
+    /// `&Delivery`.
+    Delivery,
+    /// `State<S>`: the state type `S`.
+    State(Box<Type>),
+}
 
 /// What the expansion needs from a valid handler signature.
 pub struct HandlerSig {
     pub payload: Type,
-    /// Whether the function takes `&Delivery` as a second parameter.
-    pub with_delivery: bool,
+    /// The parameters after the payload, in order.
+    pub extractors: Vec<Extractor>,
     pub output: Type,
 }
 
-const FORMS: &str = "`async fn name(payload: T) -> Result<(), E>` or \
-                     `async fn name(payload: T, delivery: &Delivery) -> Result<(), E>`";
+const FORMS: &str = "`async fn name(payload: T) -> Result<(), E>`, optionally followed by \
+                     `delivery: &Delivery` and `State(s): State<S>` parameters in any order";
 
 /// Check the signature, reporting every problem; `None` if the adapter cannot be built.
 pub fn check(cx: &mut Ctxt, item: &ItemFn) -> Option<HandlerSig> {
@@ -29,11 +38,11 @@ pub fn check(cx: &mut Ctxt, item: &ItemFn) -> Option<HandlerSig> {
     ok &= check_not_generic(cx, item);
     let params = check_params(cx, item);
     let output = check_return_type(cx, item);
-    let (payload, with_delivery) = params?;
+    let (payload, extractors) = params?;
     let output = output?;
     ok.then_some(HandlerSig {
         payload,
-        with_delivery,
+        extractors,
         output,
     })
 }
@@ -95,7 +104,8 @@ fn check_no_receiver(cx: &mut Ctxt, item: &ItemFn) -> bool {
         receiver,
         format!(
             "a consumer is a free function and cannot take `self`: move `{}` out of the \
-             `impl` block and pass state through a `static` (e.g. a `OnceLock`)",
+             `impl` block, and take what it needs as `State(s): State<S>` (registered with \
+             `App::with_state`)",
             item.sig.ident
         ),
     );
@@ -129,8 +139,8 @@ fn check_not_generic(cx: &mut Ctxt, item: &ItemFn) -> bool {
     ok
 }
 
-/// The adapter passes the decoded payload, and optionally the delivery, nothing else.
-fn check_params(cx: &mut Ctxt, item: &ItemFn) -> Option<(Type, bool)> {
+/// The adapter passes the decoded payload, then what each extractor names.
+fn check_params(cx: &mut Ctxt, item: &ItemFn) -> Option<(Type, Vec<Extractor>)> {
     let typed: Vec<&syn::PatType> = item
         .sig
         .inputs
@@ -140,37 +150,43 @@ fn check_params(cx: &mut Ctxt, item: &ItemFn) -> Option<(Type, bool)> {
             FnArg::Receiver(_) => None, // reported by `check_no_receiver`
         })
         .collect();
-    match typed.as_slice() {
-        [] => {
-            if item.sig.receiver().is_none() {
-                cx.error_at(
-                    item.sig.paren_token.span.join(),
-                    format!("a consumer takes the decoded message as its parameter: {FORMS}"),
-                );
-            }
-            None
-        }
-        [payload] => check_payload(cx, &payload.ty).then(|| ((*payload.ty).clone(), false)),
-        [payload, delivery] => {
-            let payload_ok = check_payload(cx, &payload.ty);
-            let delivery_ok = check_delivery_param(cx, &delivery.ty);
-            (payload_ok && delivery_ok).then(|| ((*payload.ty).clone(), true))
-        }
-        [_, _, extra @ ..] => {
-            cx.error_spanned_by(
-                quote::quote!(#(#extra),*),
-                format!(
-                    "a consumer takes at most two parameters, the payload and `&Delivery`: \
-                     {FORMS}; remove this parameter"
-                ),
+    let Some((payload, rest)) = typed.split_first() else {
+        if item.sig.receiver().is_none() {
+            cx.error_at(
+                item.sig.paren_token.span.join(),
+                format!("a consumer takes the decoded message as its parameter: {FORMS}"),
             );
-            None
+        }
+        return None;
+    };
+    if !check_payload(cx, &payload.ty) {
+        // The rest would be judged against a wrong payload: one error says it.
+        return None;
+    }
+    let mut ok = true;
+    let mut extractors = Vec::new();
+    let mut delivery_seen = false;
+    for param in rest {
+        match check_extractor(cx, &param.ty, &mut delivery_seen) {
+            Some(extractor) => extractors.push(extractor),
+            None => ok = false,
         }
     }
+    ok.then(|| ((*payload.ty).clone(), extractors))
 }
 
 /// The payload is decoded into an owned value; a borrowed one would outlive its buffer.
 fn check_payload(cx: &mut Ctxt, ty: &Type) -> bool {
+    if is_state(ty).is_some() || is_delivery_ref(ty) {
+        cx.error_spanned_by(
+            ty,
+            format!(
+                "the first parameter of a consumer is the decoded message; extractors come \
+                 after it: {FORMS}"
+            ),
+        );
+        return false;
+    }
     if let Type::Reference(reference) = ty {
         let inner = &reference.elem;
         let owned = match &**inner {
@@ -193,36 +209,86 @@ fn check_payload(cx: &mut Ctxt, ty: &Type) -> bool {
     true
 }
 
-/// The second parameter can only be the delivery, borrowed: the runtime keeps it to settle.
-fn check_delivery_param(cx: &mut Ctxt, ty: &Type) -> bool {
-    if let Type::Reference(reference) = ty
-        && reference.mutability.is_none()
-        && let Type::Path(path) = &*reference.elem
-        && path.qself.is_none()
-        && let Some(last) = path.path.segments.last()
-        && last.ident == "Delivery"
-        && last.arguments.is_none()
-    {
-        return true;
+/// `&Delivery` (borrowed: the runtime keeps it to settle) or `State<S>` (a clone of state
+/// registered with the app); nothing else has a source.
+fn check_extractor(cx: &mut Ctxt, ty: &Type, delivery_seen: &mut bool) -> Option<Extractor> {
+    if is_delivery_ref(ty) {
+        if *delivery_seen {
+            cx.error_spanned_by(
+                ty,
+                "a consumer takes `&Delivery` at most once: remove this one",
+            );
+            return None;
+        }
+        *delivery_seen = true;
+        return Some(Extractor::Delivery);
+    }
+    if let Some(state) = is_state(ty) {
+        return match state {
+            Some(inner) => Some(Extractor::State(Box::new(inner))),
+            None => {
+                cx.error_spanned_by(ty, "`State` takes the state's type: `State(db): State<Db>`");
+                None
+            }
+        };
     }
     let why = match ty {
-        Type::Reference(reference) if reference.mutability.is_some() => {
-            "the delivery is shared, not mutable: take `&Delivery`"
-        }
-        Type::Path(path)
-            if path
-                .path
-                .segments
-                .last()
-                .is_some_and(|s| s.ident == "Delivery") =>
+        Type::Reference(reference)
+            if reference.mutability.is_some() && names_delivery(&reference.elem) =>
         {
-            "the delivery is borrowed, not owned (the runtime keeps it to acknowledge the \
-             message): take `&Delivery`"
+            "the delivery is shared, not mutable: take `&Delivery`".to_owned()
         }
-        _ => "the second parameter of a consumer must be `&Delivery` (`reliable_mq::Delivery`)",
+        Type::Reference(reference) if is_state(&reference.elem).is_some() => {
+            "take state by value, `State(s): State<S>` (it is a cheap clone of what was \
+             registered), not by reference"
+                .to_owned()
+        }
+        _ if names_delivery(ty) => "the delivery is borrowed, not owned (the runtime keeps it \
+                                    to acknowledge the message): take `&Delivery`"
+            .to_owned(),
+        _ => {
+            let shown = quote::quote!(#ty).to_string();
+            format!(
+                "a consumer's parameters after the payload are `&Delivery` and `State<S>` \
+                 extractors, and `{shown}` is neither: to give the handler a `{shown}`, \
+                 register it with `App::with_state(value)` and take `State(value): \
+                 State<{shown}>`"
+            )
+        }
     };
     cx.error_spanned_by(ty, why);
-    false
+    None
+}
+
+/// Whether `ty` is `&Delivery` (any path ending in `Delivery`, shared).
+fn is_delivery_ref(ty: &Type) -> bool {
+    matches!(ty, Type::Reference(reference) if reference.mutability.is_none() && names_delivery(&reference.elem))
+}
+
+fn names_delivery(ty: &Type) -> bool {
+    matches!(ty, Type::Path(path) if path.qself.is_none()
+        && path.path.segments.last().is_some_and(|s| s.ident == "Delivery" && s.arguments.is_none()))
+}
+
+/// `Some(Some(S))` for `State<S>`, `Some(None)` for a `State` without one type argument,
+/// `None` for anything else.
+fn is_state(ty: &Type) -> Option<Option<Type>> {
+    let Type::Path(path) = ty else { return None };
+    let last = path.path.segments.last()?;
+    if path.qself.is_some() || last.ident != "State" {
+        return None;
+    }
+    let PathArguments::AngleBracketed(args) = &last.arguments else {
+        return Some(None);
+    };
+    let mut types = args.args.iter().filter_map(|a| match a {
+        GenericArgument::Type(t) => Some(t.clone()),
+        _ => None,
+    });
+    match (types.next(), types.next()) {
+        (Some(inner), None) => Some(Some(inner)),
+        _ => Some(None),
+    }
 }
 
 /// Success or failure decides ack, retry or dead-letter: a handler must say which.

@@ -142,7 +142,10 @@ fn value_types() {
     );
     assert_one_error(
         &format!("{OK}, timeout = 30"),
-        &[r#"write `timeout = "30s"`"#],
+        &[
+            r#"`timeout = "30ms"` for milliseconds"#,
+            r#"`timeout = "30s"` for seconds"#,
+        ],
     );
     assert_one_error(
         &format!("{OK}, exchange = \"x\", exchange_type = fanout"),
@@ -159,8 +162,20 @@ fn names() {
         &format!("queue = \"{long}\", dlx = \"x\""),
         &["256 bytes long; AMQP allows at most 255"],
     );
+    // The longest queue whose derived names (`.dlq`, `.retry.4s`) still fit.
     assert_eq!(
-        errors(&format!("queue = \"{}\", dlx = \"x\"", "q".repeat(255))),
+        errors(&format!("queue = \"{}\", dlx = \"x\"", "q".repeat(246))),
+        Vec::<String>::new()
+    );
+    let errors_255 = errors(&format!("queue = \"{}\", dlx = \"x\"", "q".repeat(255)));
+    assert_eq!(errors_255.len(), 2, "{errors_255:#?}");
+    assert!(errors_255[0].contains("`{queue}.dlq` would be 259 bytes"));
+    assert!(errors_255[1].contains("retry queue name"));
+    assert_eq!(
+        errors(&format!(
+            "queue = \"{}\", dlx = \"x\", dlq = \"d\", max_retries = 0",
+            "q".repeat(255)
+        )),
         Vec::<String>::new()
     );
     assert_one_error(
@@ -288,7 +303,7 @@ fn flag_and_dependent_keys() {
 fn durations_and_backoff() {
     assert_one_error(
         &format!("{OK}, timeout = \"0s\""),
-        &["invalid `timeout`", "greater than zero"],
+        &["`timeout` is zero", "greater than zero"],
     );
     assert_one_error(
         &format!("{OK}, retry_delay = \"fast\""),
@@ -306,7 +321,7 @@ fn all_errors_at_once() {
         r#"prefech = 1, queue = "", concurrency = 0, timeout = "1.5s""#,
         "fn handle(a: A, b: B, c: C) {}",
     );
-    assert_eq!(errors.len(), 8, "{errors:#?}");
+    assert_eq!(errors.len(), 9, "{errors:#?}");
 }
 
 #[test]
@@ -354,7 +369,7 @@ fn signatures() {
     assert_one_error_for(
         OK,
         "async fn handle(o: Order, d: &Delivery, x: u8) -> Result<(), E> { Ok(()) }",
-        &["at most two parameters"],
+        &["`&Delivery` and `State<S>` extractors", "State<u8>"],
     );
     assert_one_error_for(
         OK,
@@ -369,7 +384,22 @@ fn signatures() {
     assert_one_error_for(
         OK,
         "async fn handle(o: Order, d: u32) -> Result<(), E> { Ok(()) }",
-        &["must be `&Delivery`"],
+        &["`u32` is neither"],
+    );
+    assert_one_error_for(
+        OK,
+        "async fn handle(o: Order, a: &Delivery, b: &Delivery) -> Result<(), E> { Ok(()) }",
+        &["at most once"],
+    );
+    assert_one_error_for(
+        OK,
+        "async fn handle(o: Order, s: &State<Db>) -> Result<(), E> { Ok(()) }",
+        &["by value"],
+    );
+    assert_one_error_for(
+        OK,
+        "async fn handle(s: State<Db>, o: Order) -> Result<(), E> { Ok(()) }",
+        &["extractors come after it"],
     );
     assert_one_error_for(
         OK,
@@ -391,6 +421,8 @@ fn signatures() {
         "async fn handle(o: Order, d: &Delivery) -> Result<(), E> { Ok(()) }",
         "async fn handle(o: Order, d: &reliable_mq::Delivery) -> Result<(), E> { Ok(()) }",
         "pub(crate) async fn handle(mut o: Order, _: &'_ Delivery) -> Result<(), E> { Ok(()) }",
+        "async fn handle(o: Order, State(db): State<Db>, d: &Delivery, s: State<S>) -> Result<(), E> { Ok(()) }",
+        "async fn handle(o: Order, reliable_mq::State(db): reliable_mq::State<Db>) -> Result<(), E> { Ok(()) }",
     ] {
         assert_eq!(errors_for(OK, ok), Vec::<String>::new(), "{ok}");
     }
@@ -405,17 +437,38 @@ fn expansion_names_only_private_paths() {
         "{out}"
     );
     assert!(!out.contains("super"), "{out}");
-    assert!(out.contains("defaults :: PREFETCH"), "{out}");
+    assert!(out.contains("ConsumerSpec :: new"), "{out}");
     let custom = crate::expand::consumer(
         tokens(&format!(
-            "{OK}, prefetch = 7, timeout = \"2m\", retry_backoff = \"fixed\""
+            "{OK}, prefetch = 7, timeout = \"2m\", retry_backoff = \"fixed\", idempotent"
         )),
         tokens(HANDLER),
     )
     .to_string();
-    assert!(custom.contains("prefetch : 7u16"), "{custom}");
-    assert!(custom.contains("from_millis (120000u64)"), "{custom}");
-    assert!(custom.contains("RetryBackoff :: Fixed"), "{custom}");
+    assert!(
+        custom.contains(r#"Setting :: int ("prefetch" , 7u64)"#),
+        "{custom}"
+    );
+    assert!(
+        custom.contains(r#"Setting :: str ("timeout" , "2m")"#),
+        "{custom}"
+    );
+    assert!(
+        custom.contains(r#"Setting :: str ("retry_backoff" , "fixed")"#),
+        "{custom}"
+    );
+    assert!(
+        custom.contains(r#"Setting :: flag ("idempotent")"#),
+        "{custom}"
+    );
+    let renamed =
+        crate::expand::consumer(tokens(&format!("{OK}, crate = \"::rmq\"")), tokens(HANDLER))
+            .to_string();
+    assert!(
+        renamed.contains(":: rmq :: __private :: ConsumerSpec"),
+        "{renamed}"
+    );
+    assert!(!renamed.contains(":: reliable_mq ::"), "{renamed}");
 }
 
 #[test]

@@ -13,6 +13,7 @@ use crate::dedup::{DedupStore, KeyScope, MemoryStore, RedisStore};
 use crate::publisher::Publisher;
 use crate::shutdown::{self, ShutdownHandle};
 use crate::spec::{self, ConsumerConfig};
+use crate::state::{StateMap, StateValue};
 use crate::topology::{self, Topology};
 use crate::{Config, Error};
 
@@ -28,6 +29,22 @@ use crate::{Config, Error};
 /// ```
 pub async fn run() -> Result<(), Error> {
     App::from_env()?.run().await
+}
+
+/// [`run`] with `state` registered for handlers that take `State<S>`: the short path for
+/// services with one state type (a struct holding the pool, the clients ...).
+///
+/// ```no_run
+/// #[derive(Clone)]
+/// struct Services { /* db pool, http client ... */ }
+///
+/// #[tokio::main]
+/// async fn main() -> Result<(), reliable_mq::Error> {
+///     reliable_mq::run_with(Services {}).await
+/// }
+/// ```
+pub async fn run_with<S: StateValue>(state: S) -> Result<(), Error> {
+    App::from_env()?.with_state(state).run().await
 }
 
 /// Builder for a set of consumers sharing one configuration.
@@ -50,6 +67,7 @@ pub struct App {
     consumers: Vec<ConsumerConfig>,
     dedup: Option<Arc<dyn DedupStore>>,
     shutdown: ShutdownHandle,
+    states: StateMap,
 }
 
 impl std::fmt::Debug for App {
@@ -57,6 +75,7 @@ impl std::fmt::Debug for App {
         f.debug_struct("App")
             .field("config", &self.config)
             .field("consumers", &self.consumers)
+            .field("states", &self.states)
             .finish_non_exhaustive()
     }
 }
@@ -74,7 +93,26 @@ impl App {
             consumers: Vec::new(),
             dedup: None,
             shutdown: ShutdownHandle::new(),
+            states: StateMap::default(),
         }
+    }
+
+    /// Register `state` for handlers that take `State<S>` (each handler call gets a
+    /// clone, so share expensive things behind an `Arc`, or use types that are cheap to
+    /// clone, like connection pools). Register each type once; registering a type again
+    /// replaces the earlier value.
+    ///
+    /// ```no_run
+    /// # use reliable_mq::{App, Config};
+    /// #[derive(Clone)]
+    /// struct Db;
+    /// # fn demo() -> Result<(), reliable_mq::Error> {
+    /// let app = App::from_env()?.with_state(Db).with_state(String::from("eu-west"));
+    /// # Ok(()) }
+    /// ```
+    pub fn with_state<S: StateValue>(mut self, state: S) -> Self {
+        self.states.insert(state);
+        self
     }
 
     /// Add every `#[consumer]` function linked into the binary.
@@ -129,13 +167,22 @@ impl App {
             return Err(Error::NoConsumers);
         }
         for c in &self.consumers {
-            topology::validate(c)?;
+            topology::validate(c, self.config.consumer_timeout)?;
+            for needed in c.handler.states() {
+                if !self.states.contains(&needed) {
+                    return Err(Error::MissingState {
+                        consumer: c.name().to_owned(),
+                        type_name: needed.name,
+                    });
+                }
+            }
         }
         topology::check_conflicts(&self.consumers)?;
+        let states = Arc::new(self.states);
         let config = Arc::new(self.config);
         let dedup = match self.dedup {
             Some(store) => Some(store),
-            None if self.consumers.iter().any(|c| c.idempotent) => {
+            None if self.consumers.iter().any(|c| c.is_idempotent()) => {
                 Some(dedup_from_config(&config, &self.consumers).await?)
             }
             None => None,
@@ -152,13 +199,13 @@ impl App {
             // has its own session, so its own `attached` and health.
             let consumer_stats = Arc::new(ConsumerStats::default());
             stats.push(ConsumerEntry {
-                name: consumer.name.clone(),
-                queue: consumer.queue.clone(),
+                name: consumer.name().to_owned(),
+                queue: consumer.queue().to_owned(),
                 stats: Arc::clone(&consumer_stats),
             });
             runtimes.push(Arc::new(ConsumerRuntime {
                 config: Arc::clone(&config),
-                dedup: if consumer.idempotent {
+                dedup: if consumer.is_idempotent() {
                     dedup.clone()
                 } else {
                     None
@@ -172,6 +219,7 @@ impl App {
                 retry_gate: tokio::sync::Mutex::new(crate::connection::Backoff::new(
                     config.max_reconnect_delay,
                 )),
+                states: Arc::clone(&states),
             }));
         }
         // Declare everything up front so a mismatch stops start-up before any consuming.
@@ -193,7 +241,8 @@ impl App {
             publisher,
             dedup,
         };
-        running.wait_attached().await;
+        let mut running = running;
+        running.wait_attached().await?;
         Ok(running)
     }
 }
@@ -206,8 +255,8 @@ async fn dedup_from_config(
         Some(url) => {
             let pool_size = consumers
                 .iter()
-                .filter(|c| c.idempotent)
-                .map(|c| usize::from(c.concurrency))
+                .filter(|c| c.is_idempotent())
+                .map(|c| usize::from(c.concurrency()))
                 .sum::<usize>()
                 .clamp(4, 256);
             let store: Arc<dyn DedupStore> = match crate::dedup::cluster_nodes(url) {
@@ -385,17 +434,33 @@ impl RunningApp {
         }
     }
 
-    async fn wait_attached(&self) {
-        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
-        while tokio::time::Instant::now() < deadline {
-            if self
+    /// Wait until every consumer has attached once (its first session subscribed), or
+    /// return the error of a consumer that stopped before it could. A consumer that cannot
+    /// reach the broker keeps retrying with backoff, and this keeps waiting: `start`
+    /// promises consumers that are attached.
+    async fn wait_attached(&mut self) -> Result<(), Error> {
+        let mut waited = std::time::Duration::ZERO;
+        loop {
+            let attached = self
                 .stats
                 .iter()
-                .all(|c| c.stats.attached.load(std::sync::atomic::Ordering::Relaxed))
-            {
-                return;
+                .all(|c| c.stats.sessions.load(std::sync::atomic::Ordering::Relaxed) > 0);
+            if attached {
+                return Ok(());
             }
-            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            if let Some(joined) = self.tasks.try_join_next() {
+                match joined {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => return Err(e),
+                    Err(join) => return Err(panicked(join)),
+                }
+            }
+            let step = std::time::Duration::from_millis(10);
+            tokio::time::sleep(step).await;
+            waited += step;
+            if waited.as_secs() >= 10 && waited.as_millis() % 10_000 < 10 {
+                warn!(waited = ?waited, "still waiting for every consumer to attach (is the broker reachable?)");
+            }
         }
     }
 
@@ -405,9 +470,7 @@ impl RunningApp {
             match self.tasks.join_next().await {
                 Some(Ok(Ok(()))) => continue,
                 Some(Ok(Err(e))) => return Err(e),
-                Some(Err(join)) => {
-                    return Err(Error::Config(format!("a consumer task failed: {join}")));
-                }
+                Some(Err(join)) => return Err(panicked(join)),
                 None => return std::future::pending().await,
             }
         }
@@ -429,6 +492,14 @@ impl RunningApp {
         self.publisher.close().await;
         info!("all consumers stopped");
         first_error
+    }
+}
+
+/// A consumer task that panicked (or was cancelled): a bug, reported as such.
+fn panicked(join: tokio::task::JoinError) -> Error {
+    Error::ConsumerPanicked {
+        consumer: "a consumer".into(),
+        detail: join.to_string(),
     }
 }
 

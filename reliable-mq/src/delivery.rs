@@ -4,8 +4,11 @@
 use lapin::BasicProperties;
 use lapin::types::FieldTable;
 
+use std::sync::Arc;
+
 use crate::failure::{header, header_int, header_str};
 use crate::publisher::Publisher;
+use crate::state::{StateMap, StateValue};
 
 /// One received message, as passed to `async fn(T, &Delivery)` handlers.
 #[derive(Debug)]
@@ -18,10 +21,12 @@ pub struct Delivery {
     pub(crate) redelivered: bool,
     pub(crate) delivery_tag: u64,
     pub(crate) publisher: Option<Publisher>,
+    pub(crate) states: Arc<StateMap>,
 }
 
 impl Delivery {
-    /// Build a delivery by hand, for unit-testing handlers without a broker.
+    /// Build a delivery by hand, for unit-testing handlers without a broker (cargo
+    /// feature `testing`).
     ///
     /// ```
     /// # use reliable_mq::Delivery;
@@ -29,6 +34,7 @@ impl Delivery {
     /// assert_eq!(d.message_id(), Some("order-1"));
     /// assert_eq!(d.attempt(), 1);
     /// ```
+    #[cfg(any(test, feature = "testing"))]
     pub fn for_test(body: Vec<u8>) -> Self {
         Self {
             body,
@@ -39,16 +45,26 @@ impl Delivery {
             redelivered: false,
             delivery_tag: 0,
             publisher: None,
+            states: Arc::default(),
         }
     }
 
+    /// Add state the handler takes as `State<T>` (builder for [`Delivery::for_test`]).
+    #[cfg(any(test, feature = "testing"))]
+    pub fn with_state<T: StateValue>(mut self, value: T) -> Self {
+        Arc::make_mut(&mut self.states).insert(value);
+        self
+    }
+
     /// Set the `message_id` (builder for [`Delivery::for_test`]).
+    #[cfg(any(test, feature = "testing"))]
     pub fn with_message_id(mut self, id: &str) -> Self {
         self.properties = self.properties.with_message_id(id.into());
         self
     }
 
     /// Set the headers (builder for [`Delivery::for_test`]).
+    #[cfg(any(test, feature = "testing"))]
     pub fn with_headers(mut self, headers: FieldTable) -> Self {
         self.properties = self.properties.with_headers(headers);
         self
@@ -120,6 +136,12 @@ impl Delivery {
     /// The broker's delivery tag on the consumer's channel (for logs).
     pub fn delivery_tag(&self) -> u64 {
         self.delivery_tag
+    }
+
+    /// A clone of the state of type `T` registered with the app, for handlers built by
+    /// hand (`#[consumer]` handlers take `State<T>` parameters instead).
+    pub fn state<T: StateValue>(&self) -> Option<T> {
+        self.states.get::<T>()
     }
 
     /// A confirmed publisher sharing the app's publishing connection, to emit events

@@ -33,7 +33,7 @@ pub struct HandlerError {
 impl HandlerError {
     /// A transient failure: retry after a delay.
     pub fn retry(e: impl fmt::Display) -> Self {
-        Self::new(FailureKind::Retry, e.to_string())
+        Self::new(FailureKind::Error, e.to_string())
     }
 
     /// A permanent failure: dead-letter now, no retry.
@@ -96,6 +96,7 @@ impl fmt::Display for HandlerError {
 }
 
 /// `?` on any error is a retryable failure.
+#[cfg(not(feature = "anyhow"))]
 impl<E: std::error::Error + Send + Sync + 'static> From<E> for HandlerError {
     fn from(e: E) -> Self {
         let mut message = e.to_string();
@@ -106,9 +107,25 @@ impl<E: std::error::Error + Send + Sync + 'static> From<E> for HandlerError {
             cause = c.source();
         }
         Self {
-            kind: FailureKind::Retry,
+            kind: FailureKind::Error,
             message,
             source: Some(Box::new(e)),
+        }
+    }
+}
+
+/// `?` on any error, or on an `anyhow::Error`, is a retryable failure. (With the `anyhow`
+/// feature the conversion goes through `anyhow::Error`, which every `std::error::Error +
+/// Send + Sync + 'static` converts into, so nothing that worked without it stops working.)
+#[cfg(feature = "anyhow")]
+impl<E: Into<anyhow::Error>> From<E> for HandlerError {
+    fn from(e: E) -> Self {
+        let e: anyhow::Error = e.into();
+        Self {
+            kind: FailureKind::Error,
+            // `{:#}` prints the whole cause chain, as the std conversion does.
+            message: format!("{e:#}"),
+            source: Some(e.into()),
         }
     }
 }
@@ -176,6 +193,24 @@ pub enum Error {
         /// The other.
         second: String,
         /// What differs and how to fix it.
+        detail: String,
+    },
+    /// A consumer takes `State<T>` and no state of that type was registered.
+    #[error(
+        "consumer `{consumer}` takes `State<{type_name}>`, but no `{type_name}` is registered: add it with App::with_state(value) (or reliable_mq::run_with(value))"
+    )]
+    MissingState {
+        /// The consumer's name.
+        consumer: String,
+        /// The state type.
+        type_name: &'static str,
+    },
+    /// A consumer's task panicked: a bug in reliable-mq, reported rather than hidden.
+    #[error("the task running consumer `{consumer}` panicked: {detail}; please report it")]
+    ConsumerPanicked {
+        /// The consumer's queue.
+        consumer: String,
+        /// The panic or cancellation.
         detail: String,
     },
     /// Invalid configuration (environment or builder).

@@ -1,5 +1,5 @@
 //! Failure kinds and the headers a dead-lettered or retried message carries
-//! (DESIGN.md section 1). Header values are kept short so a copy always fits in a frame.
+//! (see `docs/error-handling.md`). Header values are kept short so a copy always fits in a frame.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -9,8 +9,9 @@ use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum FailureKind {
-    /// The handler returned a retryable error (`?` or [`crate::HandlerError::retry`]).
-    Retry,
+    /// The handler returned a retryable error (`?` or [`crate::HandlerError::retry`]);
+    /// written `error`.
+    Error,
     /// The handler ran past its `timeout`.
     Timeout,
     /// The handler panicked.
@@ -29,7 +30,7 @@ impl FailureKind {
     /// The `x-error-kind` value.
     pub const fn as_str(self) -> &'static str {
         match self {
-            Self::Retry => "error",
+            Self::Error => "error",
             Self::Timeout => "timeout",
             Self::Panic => "panic",
             Self::Decode => "decode",
@@ -41,7 +42,7 @@ impl FailureKind {
 
     /// Whether a later attempt might succeed.
     pub const fn is_retryable(self) -> bool {
-        matches!(self, Self::Retry | Self::Timeout | Self::Panic)
+        matches!(self, Self::Error | Self::Timeout | Self::Panic)
     }
 }
 
@@ -102,16 +103,16 @@ pub const FAILURE_RECORD_HEADERS: [&str; 7] = [
 /// [`crate::Delivery::routing_key`] truthful when the replay goes straight to the queue.
 ///
 /// ```
-/// # use reliable_mq::failure::{self, header};
-/// # use lapin::types::FieldTable;
+/// # use reliable_mq::headers::{self, ATTEMPTS, ORIGINAL_EXCHANGE};
+/// # use reliable_mq::lapin::types::FieldTable;
 /// let mut h = FieldTable::default();
-/// failure::set_int(&mut h, header::ATTEMPTS, 4);
-/// failure::set_str(&mut h, header::ORIGINAL_EXCHANGE, "shop");
-/// failure::set_str(&mut h, "tenant", "acme");
-/// failure::strip_failure_headers(&mut h);
-/// assert_eq!(failure::header_int(Some(&h), header::ATTEMPTS), None);
-/// assert_eq!(failure::header_str(Some(&h), header::ORIGINAL_EXCHANGE), Some("shop"));
-/// assert_eq!(failure::header_str(Some(&h), "tenant"), Some("acme"));
+/// headers::set_int(&mut h, ATTEMPTS, 4);
+/// headers::set_str(&mut h, ORIGINAL_EXCHANGE, "shop");
+/// headers::set_str(&mut h, "tenant", "acme");
+/// headers::strip_failure_headers(&mut h);
+/// assert_eq!(headers::header_int(Some(&h), ATTEMPTS), None);
+/// assert_eq!(headers::header_str(Some(&h), ORIGINAL_EXCHANGE), Some("shop"));
+/// assert_eq!(headers::header_str(Some(&h), "tenant"), Some("acme"));
 /// ```
 pub fn strip_failure_headers(headers: &mut FieldTable) {
     let mut m = headers.inner().clone();

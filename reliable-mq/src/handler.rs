@@ -24,6 +24,12 @@ pub type HandlerFuture = Pin<Box<dyn Future<Output = Result<(), HandlerError>> +
 pub trait Handler: Send + Sync + 'static {
     /// Decode `delivery` and run the handler on it.
     fn call(&self, delivery: Arc<Delivery>) -> HandlerFuture;
+
+    /// The state types the handler takes (`State<T>` parameters), checked at start-up.
+    #[doc(hidden)]
+    fn states(&self) -> Vec<crate::state::StateType> {
+        Vec::new()
+    }
 }
 
 /// A message body type: anything serde can decode from JSON.
@@ -36,22 +42,62 @@ pub trait Payload: DeserializeOwned + Send + 'static {}
 impl<T: DeserializeOwned + Send + 'static> Payload for T {}
 
 /// What a handler function may return: `Result<(), E>` with `E` convertible to
-/// [`HandlerError`]: `HandlerError` itself or any `std::error::Error + Send + Sync + 'static`.
+/// [`HandlerError`]: `HandlerError` itself, any `std::error::Error + Send + Sync +
+/// 'static`, and with the `anyhow` feature `anyhow::Error` (all retryable).
 ///
 /// `Box<dyn Error + Send + Sync>` is not an `Error` itself (a std coherence rule stops us
 /// from accepting it directly): map it with `.map_err(HandlerError::retry)`.
 #[diagnostic::on_unimplemented(
-    message = "a consumer must return `Result<(), E>`, not `{Self}`",
-    note = "`E` can be `HandlerError` or any `std::error::Error + Send + Sync + 'static`"
+    message = "a consumer must return `Result<(), E>` with `E` convertible to `HandlerError`, not `{Self}`",
+    note = "`E` can be `HandlerError`, any `std::error::Error + Send + Sync + 'static`, or `anyhow::Error` with reliable-mq's `anyhow` feature",
+    note = "for any other error type, convert it: `.map_err(HandlerError::retry)?` (or `HandlerError::reject` for a permanent failure)"
 )]
 pub trait IntoHandlerResult {
     /// Convert to the runtime's result type.
     fn into_handler_result(self) -> Result<(), HandlerError>;
 }
 
-impl<E: Into<HandlerError>> IntoHandlerResult for Result<(), E> {
+#[diagnostic::do_not_recommend]
+impl<E: IntoHandlerError> IntoHandlerResult for Result<(), E> {
     fn into_handler_result(self) -> Result<(), HandlerError> {
-        self.map_err(Into::into)
+        self.map_err(IntoHandlerError::into_handler_error)
+    }
+}
+
+/// An error type a handler may return. Its own trait (rather than a bound on `From`), so
+/// that an error type that does not qualify is reported as such, with the fix, instead of
+/// as a missing `std::error::Error` impl deep inside a conversion.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` cannot be a consumer's error type",
+    label = "a consumer returns `Result<(), E>` with `E` = `HandlerError`, a `std::error::Error + Send + Sync + 'static`, or `anyhow::Error` (feature `anyhow`)",
+    note = "convert it in the handler: `.map_err(HandlerError::retry)?` (or `HandlerError::reject` for a permanent failure)"
+)]
+pub trait IntoHandlerError {
+    /// Convert to the runtime's error type.
+    fn into_handler_error(self) -> HandlerError;
+}
+
+impl IntoHandlerError for HandlerError {
+    fn into_handler_error(self) -> HandlerError {
+        self
+    }
+}
+
+// `do_not_recommend`: an error type that does not qualify is reported against
+// `IntoHandlerError` (with its fix), not as a missing `std::error::Error` impl.
+#[cfg(not(feature = "anyhow"))]
+#[diagnostic::do_not_recommend]
+impl<E: std::error::Error + Send + Sync + 'static> IntoHandlerError for E {
+    fn into_handler_error(self) -> HandlerError {
+        HandlerError::from(self)
+    }
+}
+
+#[cfg(feature = "anyhow")]
+#[diagnostic::do_not_recommend]
+impl<E: Into<anyhow::Error>> IntoHandlerError for E {
+    fn into_handler_error(self) -> HandlerError {
+        HandlerError::from(self)
     }
 }
 

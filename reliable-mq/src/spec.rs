@@ -1,169 +1,123 @@
-//! What a consumer is: the static description the `#[consumer]` macro emits, the owned
-//! form the runtime works with, and the registry that collects every annotated function.
+//! What a consumer is: the static description the `#[consumer]` macro emits
+//! ([`ConsumerSpec`]), the owned form the runtime works with ([`ConsumerConfig`]), and the
+//! registry that collects every annotated function.
 //!
-//! The macro validates everything it can at compile time; `topology::validate`
-//! repeats the same rules at start-up for consumers built by hand (tests, dynamic names).
+//! Both forms hold the shared consumer model (`reliable-mq-model`): the macro's settings
+//! are replayed through it, and hand-built consumers set it through builder methods, so
+//! the compile-time rules and the start-up rules are the same rules.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use reliable_mq_model::{ConsumerModel, Key, Value};
+pub use reliable_mq_model::{ExchangeKind, QueueKind, RetryBackoff, defaults};
+
 use crate::handler::Handler;
 
-/// Kind of exchange a consumer's queue is bound to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum ExchangeKind {
-    /// Exact routing-key match.
-    Direct,
-    /// Pattern routing keys (`order.*`, `#`). The default.
-    Topic,
-    /// Every bound queue gets every message; routing keys are ignored.
-    Fanout,
-    /// Match on message headers.
-    Headers,
+/// One `key = value` of a `#[consumer(...)]` attribute, as the macro read it.
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy)]
+pub struct Setting {
+    key: &'static str,
+    value: SettingValue,
 }
 
-impl ExchangeKind {
-    /// The AMQP name of the exchange type.
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            Self::Direct => "direct",
-            Self::Topic => "topic",
-            Self::Fanout => "fanout",
-            Self::Headers => "headers",
+#[derive(Debug, Clone, Copy)]
+enum SettingValue {
+    Str(&'static str),
+    Int(u64),
+    Flag,
+}
+
+impl Setting {
+    /// `key = "value"`.
+    pub const fn str(key: &'static str, value: &'static str) -> Self {
+        Self {
+            key,
+            value: SettingValue::Str(value),
         }
     }
-}
 
-/// Kind of queue declared for a consumer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum QueueKind {
-    /// Classic queue (the default).
-    Classic,
-    /// Replicated quorum queue; gets an `x-delivery-limit` safety net.
-    Quorum,
-}
-
-impl QueueKind {
-    /// The value of the `x-queue-type` argument.
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            Self::Classic => "classic",
-            Self::Quorum => "quorum",
+    /// `key = 42`.
+    pub const fn int(key: &'static str, value: u64) -> Self {
+        Self {
+            key,
+            value: SettingValue::Int(value),
         }
     }
-}
 
-/// How the delay grows between retry attempts.
-///
-/// Attribute syntax: `retry_backoff = "fixed"`, `"exponential"` (factor 2) or
-/// `"exponential:3"` (any factor from 2 to 10). Every delay is capped at
-/// [`RetryBackoff::MAX_DELAY`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum RetryBackoff {
-    /// Every retry waits `retry_delay`.
-    Fixed,
-    /// Retry `n` (1-based) waits `retry_delay * factor^(n-1)`, capped.
-    Exponential {
-        /// Growth factor between consecutive delays.
-        factor: u32,
-    },
-}
-
-impl RetryBackoff {
-    /// No retry ever waits longer than this (one hour), whatever the factor.
-    pub const MAX_DELAY: Duration = Duration::from_secs(3600);
-
-    /// The delay before retry number `retry` (1-based), capped at [`Self::MAX_DELAY`].
-    pub fn delay(self, base: Duration, retry: u32) -> Duration {
-        let delay = match self {
-            Self::Fixed => base,
-            Self::Exponential { factor } => {
-                let power = factor.saturating_pow(retry.saturating_sub(1));
-                base.saturating_mul(power)
-            }
-        };
-        delay.min(Self::MAX_DELAY)
+    /// `key` alone.
+    pub const fn flag(key: &'static str) -> Self {
+        Self {
+            key,
+            value: SettingValue::Flag,
+        }
     }
 }
 
 /// A consumer as written in `#[consumer(...)]`: static, checked at compile time.
 ///
-/// The macro defines, next to the function, a type with the function's name whose
-/// `SPEC` constant is this value. Pass it to [`crate::App::consumer`], or rely on
-/// [`crate::run`] which picks up every annotated function in the binary.
+/// The macro defines, next to the function, a type with the function's name whose `SPEC`
+/// constant is this value. Pass it to [`App::consumer`](crate::App::consumer), or rely on
+/// [`run`](crate::run), which picks up every annotated function in the binary.
 #[derive(Clone, Copy)]
 pub struct ConsumerSpec {
-    /// Path of the annotated function, for logs (`module::function`).
-    pub name: &'static str,
-    /// Durable queue consumed from.
-    pub queue: &'static str,
-    /// Exchange the queue is bound to; `None` means the default exchange.
-    pub exchange: Option<&'static str>,
-    /// Type of `exchange`.
-    pub exchange_type: ExchangeKind,
-    /// Binding key; `None` means the queue name.
-    pub routing_key: Option<&'static str>,
-    /// Dead-letter exchange.
-    pub dlx: &'static str,
-    /// Dead-letter queue bound to `dlx`; `None` means `{queue}.dlq`.
-    pub dlq: Option<&'static str>,
-    /// Classic or quorum.
-    pub queue_type: QueueKind,
-    /// `x-delivery-limit` for quorum queues; `None` means `max_retries + 5`.
-    pub delivery_limit: Option<u32>,
-    /// `basic.qos` prefetch count.
-    pub prefetch: u16,
-    /// Handlers in flight at once (1..=prefetch).
-    pub concurrency: u16,
-    /// Delayed retries before a message is dead-lettered.
-    pub max_retries: u32,
-    /// Delay before the first retry.
-    pub retry_delay: Duration,
-    /// Growth of the delay between retries.
-    pub retry_backoff: RetryBackoff,
-    /// Deadline of one handler call.
-    pub timeout: Duration,
-    /// Deduplicate by AMQP `message_id`.
-    pub idempotent: bool,
-    /// How long a handled `message_id` is remembered.
-    pub dedup_ttl: Duration,
-    /// Decodes the body and calls the user's function.
-    pub handler: &'static (dyn Handler + Sync),
+    name: &'static str,
+    settings: &'static [Setting],
+    handler: &'static (dyn Handler + Sync),
+}
+
+impl ConsumerSpec {
+    /// Built by the macro's expansion.
+    #[doc(hidden)]
+    pub const fn new(
+        name: &'static str,
+        settings: &'static [Setting],
+        handler: &'static (dyn Handler + Sync),
+    ) -> Self {
+        Self {
+            name,
+            settings,
+            handler,
+        }
+    }
+
+    /// Path of the annotated function (`module::function`), for logs.
+    pub const fn name(&self) -> &'static str {
+        self.name
+    }
+
+    /// The generated adapter: decodes a delivery and calls the function (for unit tests
+    /// of a handler with `Delivery::for_test`).
+    #[doc(hidden)]
+    pub fn handler(&self) -> &'static (dyn Handler + Sync) {
+        self.handler
+    }
+
+    /// The queue it consumes.
+    pub fn queue(&self) -> &'static str {
+        self.settings
+            .iter()
+            .find_map(|s| match (s.key, s.value) {
+                ("queue", SettingValue::Str(q)) => Some(q),
+                _ => None,
+            })
+            .unwrap_or("")
+    }
 }
 
 impl std::fmt::Debug for ConsumerSpec {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ConsumerSpec")
             .field("name", &self.name)
-            .field("queue", &self.queue)
+            .field("queue", &self.queue())
             .finish_non_exhaustive()
     }
 }
 
-/// Defaults shared by the macro and hand-built consumers (DESIGN.md section 1).
-pub mod defaults {
-    use super::*;
-    /// Default `prefetch`.
-    pub const PREFETCH: u16 = 32;
-    /// Default `concurrency`.
-    pub const CONCURRENCY: u16 = 1;
-    /// Default `max_retries`.
-    pub const MAX_RETRIES: u32 = 3;
-    /// Default `retry_delay`.
-    pub const RETRY_DELAY: Duration = Duration::from_secs(1);
-    /// Default `retry_backoff`.
-    pub const RETRY_BACKOFF: RetryBackoff = RetryBackoff::Exponential { factor: 2 };
-    /// Default `timeout`.
-    pub const TIMEOUT: Duration = Duration::from_secs(30);
-    /// Default `dedup_ttl`.
-    pub const DEDUP_TTL: Duration = Duration::from_secs(24 * 3600);
-    /// Extra deliveries a quorum queue allows beyond `max_retries` before the broker
-    /// dead-letters on its own (crash-loop safety net).
-    pub const DELIVERY_LIMIT_MARGIN: u32 = 5;
-}
-
 /// A consumer as the runtime runs it: owned names, so tests and services can derive
-/// names at run time (`format!("orders-{suffix}")`).
+/// names at run time (`format!("orders-{suffix}")`). Every setting has a builder method;
+/// the rules are checked when the app starts.
 ///
 /// ```
 /// # use reliable_mq::{ConsumerConfig, HandlerError, handler_fn};
@@ -174,58 +128,29 @@ pub mod defaults {
 /// .with_prefetch(64)
 /// .with_concurrency(8);
 /// assert_eq!(config.dlq_name(), "orders.dlq");
+/// assert_eq!(config.prefetch(), 64);
 /// ```
 #[derive(Clone)]
 pub struct ConsumerConfig {
-    /// Name for logs.
-    pub name: String,
-    /// See [`ConsumerSpec::queue`].
-    pub queue: String,
-    /// See [`ConsumerSpec::exchange`].
-    pub exchange: Option<String>,
-    /// See [`ConsumerSpec::exchange_type`].
-    pub exchange_type: ExchangeKind,
-    /// See [`ConsumerSpec::routing_key`].
-    pub routing_key: Option<String>,
-    /// See [`ConsumerSpec::dlx`].
-    pub dlx: String,
-    /// See [`ConsumerSpec::dlq`].
-    pub dlq: Option<String>,
-    /// See [`ConsumerSpec::queue_type`].
-    pub queue_type: QueueKind,
-    /// See [`ConsumerSpec::delivery_limit`].
-    pub delivery_limit: Option<u32>,
-    /// See [`ConsumerSpec::prefetch`].
-    pub prefetch: u16,
-    /// See [`ConsumerSpec::concurrency`].
-    pub concurrency: u16,
-    /// See [`ConsumerSpec::max_retries`].
-    pub max_retries: u32,
-    /// See [`ConsumerSpec::retry_delay`].
-    pub retry_delay: Duration,
-    /// See [`ConsumerSpec::retry_backoff`].
-    pub retry_backoff: RetryBackoff,
-    /// See [`ConsumerSpec::timeout`].
-    pub timeout: Duration,
-    /// See [`ConsumerSpec::idempotent`].
-    pub idempotent: bool,
-    /// See [`ConsumerSpec::dedup_ttl`].
-    pub dedup_ttl: Duration,
-    /// Decodes and handles one delivery.
-    pub handler: Arc<dyn Handler>,
+    name: String,
+    pub(crate) model: ConsumerModel,
+    /// Settings replayed from a spec that the model could not read (only possible if the
+    /// macro and the runtime disagree, which the exact version pin rules out).
+    unreadable: Vec<String>,
+    pub(crate) handler: Arc<dyn Handler>,
 }
 
 impl std::fmt::Debug for ConsumerConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ConsumerConfig")
             .field("name", &self.name)
-            .field("queue", &self.queue)
-            .field("exchange", &self.exchange)
-            .field("dlx", &self.dlx)
-            .field("prefetch", &self.prefetch)
-            .field("concurrency", &self.concurrency)
-            .field("max_retries", &self.max_retries)
-            .field("idempotent", &self.idempotent)
+            .field("queue", &self.model.queue())
+            .field("exchange", &self.model.exchange())
+            .field("dlx", &self.model.dlx())
+            .field("prefetch", &self.prefetch())
+            .field("concurrency", &self.concurrency())
+            .field("max_retries", &self.max_retries())
+            .field("idempotent", &self.model.idempotent)
             .finish_non_exhaustive()
     }
 }
@@ -237,28 +162,34 @@ impl Handler for StaticHandler {
     fn call(&self, delivery: Arc<crate::Delivery>) -> crate::handler::HandlerFuture {
         self.0.call(delivery)
     }
+
+    fn states(&self) -> Vec<crate::state::StateType> {
+        self.0.states()
+    }
 }
 
 impl From<&ConsumerSpec> for ConsumerConfig {
     fn from(spec: &ConsumerSpec) -> Self {
+        let mut model = ConsumerModel::default();
+        let mut unreadable = Vec::new();
+        for setting in spec.settings {
+            let value = match setting.value {
+                SettingValue::Str(s) => Value::Str(s),
+                SettingValue::Int(n) => Value::Int(n),
+                SettingValue::Flag => Value::Flag,
+            };
+            let read = match Key::from_name(setting.key) {
+                Some(key) => model.set(key, value).map_err(|p| p.message),
+                None => Err(format!("unknown key `{}`", setting.key)),
+            };
+            if let Err(problem) = read {
+                unreadable.push(problem);
+            }
+        }
         Self {
             name: spec.name.to_owned(),
-            queue: spec.queue.to_owned(),
-            exchange: spec.exchange.map(str::to_owned),
-            exchange_type: spec.exchange_type,
-            routing_key: spec.routing_key.map(str::to_owned),
-            dlx: spec.dlx.to_owned(),
-            dlq: spec.dlq.map(str::to_owned),
-            queue_type: spec.queue_type,
-            delivery_limit: spec.delivery_limit,
-            prefetch: spec.prefetch,
-            concurrency: spec.concurrency,
-            max_retries: spec.max_retries,
-            retry_delay: spec.retry_delay,
-            retry_backoff: spec.retry_backoff,
-            timeout: spec.timeout,
-            idempotent: spec.idempotent,
-            dedup_ttl: spec.dedup_ttl,
+            model,
+            unreadable,
             handler: Arc::new(StaticHandler(spec.handler)),
         }
     }
@@ -274,50 +205,63 @@ impl ConsumerConfig {
     /// A consumer of `queue` dead-lettering to `dlx`, every other setting at its default.
     pub fn new(queue: impl Into<String>, dlx: impl Into<String>, handler: impl Handler) -> Self {
         let queue = queue.into();
+        let model = ConsumerModel {
+            queue: Some(queue.clone()),
+            dlx: Some(dlx.into()),
+            ..ConsumerModel::default()
+        };
         Self {
-            name: queue.clone(),
-            queue,
-            exchange: None,
-            exchange_type: ExchangeKind::Topic,
-            routing_key: None,
-            dlx: dlx.into(),
-            dlq: None,
-            queue_type: QueueKind::Classic,
-            delivery_limit: None,
-            prefetch: defaults::PREFETCH,
-            concurrency: defaults::CONCURRENCY,
-            max_retries: defaults::MAX_RETRIES,
-            retry_delay: defaults::RETRY_DELAY,
-            retry_backoff: defaults::RETRY_BACKOFF,
-            timeout: defaults::TIMEOUT,
-            idempotent: false,
-            dedup_ttl: defaults::DEDUP_TTL,
+            name: queue,
+            model,
+            unreadable: Vec::new(),
             handler: Arc::new(handler),
         }
     }
 
-    /// Bind the queue to `exchange` (of `kind`) with `routing_key`.
+    /// Name the consumer in logs and errors (default: its queue).
+    pub fn with_name(mut self, name: impl Into<String>) -> Self {
+        self.name = name.into();
+        self
+    }
+
+    /// Bind the queue to `exchange` (of `kind`) with `routing_key`. For a `fanout` or
+    /// `headers` exchange, which ignore routing keys, use [`ConsumerConfig::with_exchange_kind`].
     pub fn with_exchange(
         mut self,
         exchange: impl Into<String>,
         kind: ExchangeKind,
         routing_key: impl Into<String>,
     ) -> Self {
-        self.exchange = Some(exchange.into());
-        self.exchange_type = kind;
-        self.routing_key = Some(routing_key.into());
+        self.model.exchange = Some(exchange.into());
+        self.model.exchange_type = Some(kind);
+        self.model.routing_key = Some(routing_key.into());
+        self
+    }
+
+    /// Bind the queue to `exchange` of `kind`, with the queue name as the binding key
+    /// (ignored by `fanout` and `headers` exchanges).
+    pub fn with_exchange_kind(mut self, exchange: impl Into<String>, kind: ExchangeKind) -> Self {
+        self.model.exchange = Some(exchange.into());
+        self.model.exchange_type = Some(kind);
+        self.model.routing_key = None;
+        self
+    }
+
+    /// Name the dead-letter queue (default `{queue}.dlq`).
+    pub fn with_dlq(mut self, dlq: impl Into<String>) -> Self {
+        self.model.dlq = Some(dlq.into());
         self
     }
 
     /// Set `prefetch`.
     pub fn with_prefetch(mut self, prefetch: u16) -> Self {
-        self.prefetch = prefetch;
+        self.model.prefetch = Some(u64::from(prefetch));
         self
     }
 
     /// Set `concurrency`.
     pub fn with_concurrency(mut self, concurrency: u16) -> Self {
-        self.concurrency = concurrency;
+        self.model.concurrency = Some(u64::from(concurrency));
         self
     }
 
@@ -328,55 +272,104 @@ impl ConsumerConfig {
         delay: Duration,
         backoff: RetryBackoff,
     ) -> Self {
-        self.max_retries = max_retries;
-        self.retry_delay = delay;
-        self.retry_backoff = backoff;
+        self.model.max_retries = Some(u64::from(max_retries));
+        self.model.retry_delay = Some(delay);
+        self.model.retry_backoff = Some(backoff);
         self
     }
 
     /// Set the handler deadline.
     pub fn with_timeout(mut self, timeout: Duration) -> Self {
-        self.timeout = timeout;
+        self.model.timeout = Some(timeout);
         self
     }
 
     /// Deduplicate by `message_id`, remembering handled ids for `ttl`.
     pub fn idempotent(mut self, ttl: Duration) -> Self {
-        self.idempotent = true;
-        self.dedup_ttl = ttl;
+        self.model.idempotent = true;
+        self.model.dedup_ttl = Some(ttl);
         self
     }
 
-    /// Use a quorum queue.
+    /// Use a quorum queue, with `delivery_limit` (default `max_retries + 5`).
     pub fn quorum(mut self, delivery_limit: Option<u32>) -> Self {
-        self.queue_type = QueueKind::Quorum;
-        self.delivery_limit = delivery_limit;
+        self.model.queue_type = Some(QueueKind::Quorum);
+        self.model.delivery_limit = delivery_limit.map(u64::from);
         self
+    }
+
+    /// The consumer's name, for logs and errors.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The queue consumed.
+    pub fn queue(&self) -> &str {
+        self.model.queue()
+    }
+
+    /// The dead-letter exchange.
+    pub fn dlx(&self) -> &str {
+        self.model.dlx()
     }
 
     /// The dead-letter queue: `dlq` if set, else `{queue}.dlq`.
     pub fn dlq_name(&self) -> String {
-        self.dlq
-            .clone()
-            .unwrap_or_else(|| format!("{}.dlq", self.queue))
+        self.model.dlq_name()
     }
 
     /// The binding key: `routing_key` if set, else the queue name.
     pub fn binding_key(&self) -> &str {
-        self.routing_key.as_deref().unwrap_or(&self.queue)
+        self.model.binding_key()
     }
 
-    /// The `x-delivery-limit` to declare, for quorum queues only.
+    /// The `x-delivery-limit` declared on the queue: quorum queues only, `max_retries + 5`
+    /// unless set.
     pub fn effective_delivery_limit(&self) -> Option<u32> {
-        match self.queue_type {
-            QueueKind::Classic => None,
-            QueueKind::Quorum => Some(
-                self.delivery_limit.unwrap_or(
-                    self.max_retries
-                        .saturating_add(defaults::DELIVERY_LIMIT_MARGIN),
-                ),
-            ),
-        }
+        self.model.effective_delivery_limit()
+    }
+
+    /// `basic.qos` prefetch.
+    pub fn prefetch(&self) -> u16 {
+        self.model.prefetch()
+    }
+
+    /// Handlers in flight at once.
+    pub fn concurrency(&self) -> u16 {
+        self.model.concurrency()
+    }
+
+    /// Retries before dead-lettering.
+    pub fn max_retries(&self) -> u32 {
+        self.model.max_retries()
+    }
+
+    /// The handler deadline.
+    pub fn timeout(&self) -> Duration {
+        self.model.timeout()
+    }
+
+    /// Whether messages are deduplicated by `message_id`.
+    pub fn is_idempotent(&self) -> bool {
+        self.model.idempotent
+    }
+
+    /// How long handled ids are remembered.
+    pub fn dedup_ttl(&self) -> Duration {
+        self.model.dedup_ttl()
+    }
+
+    /// Every problem with this consumer's settings against a broker whose
+    /// `consumer_timeout` is `consumer_timeout`: the macro's rules, the same ones.
+    pub(crate) fn problems(&self, consumer_timeout: Duration) -> Vec<String> {
+        let mut problems = self.unreadable.clone();
+        problems.extend(
+            self.model
+                .validate_against(consumer_timeout)
+                .into_iter()
+                .map(|p| p.message),
+        );
+        problems
     }
 }
 
@@ -385,6 +378,6 @@ impl ConsumerConfig {
 pub static CONSUMERS: [ConsumerSpec];
 
 /// The consumers registered by `#[consumer]` in this binary, in no particular order.
-pub fn registered() -> impl Iterator<Item = &'static ConsumerSpec> {
+pub(crate) fn registered() -> impl Iterator<Item = &'static ConsumerSpec> {
     CONSUMERS.iter()
 }

@@ -13,11 +13,8 @@ use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{Channel, Connection, ErrorKind};
 
 use crate::Error;
-use crate::retry::{RetryLadder, tier_queue_name};
+use crate::retry::RetryLadder;
 use crate::spec::{ConsumerConfig, ExchangeKind, QueueKind};
-
-/// Shortest wait before a message whose dedup claim is held elsewhere comes back.
-pub const REQUEUE_MIN_DELAY: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// Everything one consumer declares, with derived names resolved.
 #[derive(Debug, Clone)]
@@ -41,37 +38,20 @@ pub struct Topology {
 }
 
 impl Topology {
-    /// Resolve the names of `config`.
+    /// Resolve the names of `config` (the model derives them).
     pub fn of(config: &ConsumerConfig) -> Self {
-        let ladder = RetryLadder::new(
-            &config.queue,
-            config.max_retries,
-            config.retry_delay,
-            config.retry_backoff,
-        );
-        // A copy whose claim is held elsewhere waits as long as a first retry would, capped
-        // like every tier and never less than REQUEUE_MIN_DELAY (no hot requeue loop).
-        let requeue_tier = config.idempotent.then(|| {
-            let delay = config
-                .retry_delay
-                .clamp(REQUEUE_MIN_DELAY, crate::RetryBackoff::MAX_DELAY);
-            (tier_queue_name(&config.queue, delay), delay)
-        });
+        let m = &config.model;
         Self {
-            queue: config.queue.clone(),
-            exchange: config.exchange.as_ref().map(|e| {
-                (
-                    e.clone(),
-                    config.exchange_type,
-                    config.binding_key().to_owned(),
-                )
-            }),
-            dlx: config.dlx.clone(),
-            dlq: config.dlq_name(),
-            queue_type: config.queue_type,
-            delivery_limit: config.effective_delivery_limit(),
-            ladder,
-            requeue_tier,
+            queue: m.queue().to_owned(),
+            exchange: m
+                .exchange()
+                .map(|e| (e.to_owned(), m.exchange_kind(), m.binding_key().to_owned())),
+            dlx: m.dlx().to_owned(),
+            dlq: m.dlq_name(),
+            queue_type: m.queue_kind(),
+            delivery_limit: m.effective_delivery_limit(),
+            ladder: m.ladder(),
+            requeue_tier: m.requeue_tier(),
         }
     }
 
@@ -211,82 +191,15 @@ fn declare_error(object: String, e: lapin::Error) -> Error {
     Error::Declare { object, source: e }
 }
 
-/// Check one consumer's settings: the compile-time rules again, for consumers built by hand.
-pub fn validate(c: &ConsumerConfig) -> Result<(), Error> {
-    let mut problems = Vec::new();
-    let mut name = |what: &str, value: &str| {
-        if value.is_empty() {
-            problems.push(format!("{what} name is empty"));
-        } else if value.len() > 255 {
-            problems.push(format!("{what} name '{value}' is over 255 bytes"));
-        } else if value.starts_with("amq.") {
-            problems.push(format!(
-                "{what} name '{value}' starts with 'amq.', which the broker reserves"
-            ));
-        }
-    };
-    name("queue", &c.queue);
-    name("dlx", &c.dlx);
-    if let Some(e) = &c.exchange {
-        name("exchange", e);
-    }
-    if let Some(q) = &c.dlq {
-        name("dlq", q);
-    }
-    let longest_tier = Topology::of(c)
-        .wait_queues()
-        .into_iter()
-        .map(|(n, _)| n)
-        .max_by_key(String::len);
-    if let Some(tier) = longest_tier
-        && tier.len() > 255
-    {
-        problems.push(format!(
-            "retry queue name '{tier}' is over 255 bytes; shorten the queue name"
-        ));
-    }
-    if c.exchange.as_deref() == Some(c.dlx.as_str()) {
-        problems.push("dlx must differ from exchange".into());
-    }
-    if c.dlq_name() == c.queue {
-        problems.push("dlq must differ from queue".into());
-    }
-    if c.routing_key.is_some() && c.exchange.is_none() {
-        problems.push("routing_key needs an exchange".into());
-    }
-    if c.routing_key.is_some() && c.exchange_type == ExchangeKind::Fanout {
-        problems.push("a fanout exchange ignores routing_key; remove it".into());
-    }
-    if c.prefetch == 0 {
-        problems.push("prefetch must be at least 1".into());
-    }
-    if c.concurrency == 0 || c.concurrency > c.prefetch {
-        problems.push(format!(
-            "concurrency must be between 1 and prefetch ({})",
-            c.prefetch
-        ));
-    }
-    if c.delivery_limit.is_some() && c.queue_type == QueueKind::Classic {
-        problems.push("delivery_limit applies to quorum queues only".into());
-    }
-    if c.timeout.is_zero() {
-        problems.push("timeout must be positive".into());
-    }
-    if (c.max_retries > 0 || c.idempotent) && c.retry_delay.is_zero() {
-        problems.push("retry_delay must be positive".into());
-    }
-    if let crate::RetryBackoff::Exponential { factor } = c.retry_backoff
-        && !(2..=10).contains(&factor)
-    {
-        problems.push(format!(
-            "retry_backoff factor {factor} is out of range; use 2..=10, or RetryBackoff::Fixed"
-        ));
-    }
+/// Check one consumer's settings against the shared model's rules (the ones the macro
+/// applies at compile time), with the broker's `consumer_timeout`.
+pub fn validate(c: &ConsumerConfig, consumer_timeout: std::time::Duration) -> Result<(), Error> {
+    let problems = c.problems(consumer_timeout);
     if problems.is_empty() {
         Ok(())
     } else {
         Err(Error::InvalidConsumer {
-            consumer: c.name.clone(),
+            consumer: c.name().to_owned(),
             problems: problems.join("; "),
         })
     }
@@ -298,11 +211,11 @@ pub fn check_conflicts(consumers: &[ConsumerConfig]) -> Result<(), Error> {
     for (i, a) in consumers.iter().enumerate() {
         for b in &consumers[i + 1..] {
             let conflict = |detail: String| Error::ConflictingConsumers {
-                first: a.name.clone(),
-                second: b.name.clone(),
+                first: a.name().to_owned(),
+                second: b.name().to_owned(),
                 detail,
             };
-            if a.queue == b.queue {
+            if a.queue() == b.queue() {
                 let (ta, tb) = (Topology::of(a), Topology::of(b));
                 let same = ta.exchange == tb.exchange
                     && ta.dlx == tb.dlx
@@ -310,27 +223,28 @@ pub fn check_conflicts(consumers: &[ConsumerConfig]) -> Result<(), Error> {
                     && ta.queue_type == tb.queue_type
                     && ta.delivery_limit == tb.delivery_limit
                     && ta.ladder == tb.ladder
-                    && a.idempotent == b.idempotent;
+                    && a.is_idempotent() == b.is_idempotent();
                 if !same {
                     return Err(conflict(format!(
                         "both consume queue '{}' with different settings; give them the same attribute or separate queues",
-                        a.queue
+                        a.queue()
                     )));
                 }
             }
-            if let (Some(ea), Some(eb)) = (&a.exchange, &b.exchange)
+            if let (Some(ea), Some(eb)) = (a.model.exchange(), b.model.exchange())
                 && ea == eb
-                && a.exchange_type != b.exchange_type
+                && a.model.exchange_kind() != b.model.exchange_kind()
             {
                 return Err(conflict(format!(
                     "exchange '{ea}' is declared as {} and as {}; use one exchange_type",
-                    a.exchange_type.as_str(),
-                    b.exchange_type.as_str()
+                    a.model.exchange_kind().as_str(),
+                    b.model.exchange_kind().as_str()
                 )));
             }
             let derived_a: Vec<String> = derived_queues(a);
             let derived_b: Vec<String> = derived_queues(b);
-            if derived_b.contains(&a.queue) || derived_a.contains(&b.queue) {
+            if derived_b.iter().any(|n| n == a.queue()) || derived_a.iter().any(|n| n == b.queue())
+            {
                 return Err(conflict(
                     "one consumer's queue is the other's dead-letter or retry queue; rename one"
                         .into(),
@@ -375,14 +289,16 @@ mod tests {
     #[test]
     fn validate_reports_every_problem() {
         let mut c = consumer("amq.bad").with_prefetch(4).with_concurrency(8);
-        c.routing_key = Some("x".into());
-        let Err(Error::InvalidConsumer { problems, .. }) = validate(&c) else {
+        c.model.routing_key = Some("x".into());
+        let Err(Error::InvalidConsumer { problems, .. }) =
+            validate(&c, crate::spec::defaults::BROKER_CONSUMER_TIMEOUT)
+        else {
             panic!("expected invalid");
         };
         assert!(problems.contains("amq."), "{problems}");
         assert!(problems.contains("concurrency"), "{problems}");
         assert!(
-            problems.contains("routing_key needs an exchange"),
+            problems.contains("`routing_key` needs `exchange`"),
             "{problems}"
         );
     }

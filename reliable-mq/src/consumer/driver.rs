@@ -73,6 +73,8 @@ pub(crate) struct ConsumerRuntime {
     pub(crate) dedup: Option<Arc<dyn DedupStore>>,
     pub(crate) stats: Arc<ConsumerStats>,
     pub(crate) shutdown: ShutdownHandle,
+    /// State registered with the app, handed to each delivery for `State<T>`.
+    pub(crate) states: Arc<crate::state::StateMap>,
     /// Where this app's dedup keys live (prefix, namespace, vhost).
     pub(crate) key_scope: KeyScope,
     /// Paces the held settle copies of this consumer (see `Settler::retry_gate`).
@@ -156,7 +158,7 @@ impl ConsumerRuntime {
                 SessionEnd::Broken(reason) => {
                     let attached = self.stats.sessions.load(Ordering::Relaxed) > attached_before;
                     let delay = pacing.after(attached, started.elapsed(), &reason);
-                    warn!(queue = %self.consumer.queue, %reason, ?delay, "consumer session ended; reconnecting");
+                    warn!(queue = %self.consumer.queue(), %reason, ?delay, "consumer session ended; reconnecting");
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
                         _ = signal.cancelled() => return Ok(()),
@@ -167,12 +169,13 @@ impl ConsumerRuntime {
     }
 
     async fn session(self: &Arc<Self>) -> Result<SessionEnd, Error> {
-        let queue = &self.consumer.queue;
+        let queue = self.consumer.queue();
+        let name = self.consumer.name();
         // The consumer's name tells two consumers of one queue apart in the broker's tools.
-        let role = if self.consumer.name == *queue {
+        let role = if name == queue {
             format!("consumer {queue}")
         } else {
-            format!("consumer {queue} as {}", self.consumer.name)
+            format!("consumer {queue} as {name}")
         };
         let conn = Arc::new(connection::open(&self.config, &role).await?);
         self.topology.declare(&conn).await?;
@@ -181,13 +184,17 @@ impl ConsumerRuntime {
             .await
             .map_err(|e| Error::amqp("opening the consumer channel", e))?;
         channel
-            .basic_qos(self.consumer.prefetch, BasicQosOptions::default())
+            .basic_qos(self.consumer.prefetch(), BasicQosOptions::default())
             .await
             .map_err(|e| Error::amqp("setting prefetch", e))?;
-        let tag = format!("{}-{}", self.consumer.name, uuid::Uuid::new_v4().simple());
+        // Cut to fit an AMQP short string whatever the consumer's name.
+        let tag = reliable_mq_model::consumer_tag(
+            self.consumer.name(),
+            &uuid::Uuid::new_v4().simple().to_string(),
+        );
         let mut deliveries = channel
             .basic_consume(
-                queue.as_str().into(),
+                queue.into(),
                 tag.as_str().into(),
                 BasicConsumeOptions::default(),
                 FieldTable::default(),
@@ -196,9 +203,9 @@ impl ConsumerRuntime {
             .map_err(|e| Error::amqp(format!("subscribing to queue '{queue}'"), e))?;
         ConsumerStats::bump(&self.stats.sessions);
         self.stats.attached.store(true, Ordering::Relaxed);
-        info!(%queue, prefetch = self.consumer.prefetch, concurrency = self.consumer.concurrency, "consumer attached");
+        info!(%queue, prefetch = self.consumer.prefetch(), concurrency = self.consumer.concurrency(), "consumer attached");
 
-        let slots = Arc::new(Semaphore::new(usize::from(self.consumer.concurrency)));
+        let slots = Arc::new(Semaphore::new(usize::from(self.consumer.concurrency())));
         let mut in_flight = JoinSet::new();
         let mut signal = self.shutdown.signal();
 
@@ -307,7 +314,7 @@ impl ConsumerRuntime {
             let decision = claim(
                 self.dedup.as_ref(),
                 &self.key_scope,
-                self.consumer.timeout,
+                self.consumer.timeout(),
                 delivery,
             )
             .await;
@@ -372,14 +379,15 @@ impl ConsumerRuntime {
             properties,
             exchange: exchange.to_string(),
             routing_key: routing_key.to_string(),
-            queue: self.consumer.queue.clone(),
+            queue: self.consumer.queue().to_owned(),
             redelivered,
             delivery_tag,
             publisher: Some(self.publisher.clone()),
+            states: Arc::clone(&self.states),
         });
         let span = info_span!(
             "delivery",
-            queue = %self.consumer.queue,
+            queue = %self.consumer.queue(),
             message_id = delivery.message_id().unwrap_or(""),
             delivery_tag,
             redelivered,
@@ -424,13 +432,13 @@ impl ConsumerRuntime {
             ClaimDecision::Run(guard) => {
                 let handler = self.consumer.handler.as_ref();
                 // The claim's lease is renewed by a task of its own, beside the call.
-                let result = invoke(handler, Arc::clone(&delivery), self.consumer.timeout).await;
+                let result = invoke(handler, Arc::clone(&delivery), self.consumer.timeout()).await;
                 // The handler is done: its slot goes to the next delivery while this settles.
                 slot = None;
                 match result {
                     Ok(()) => {
                         if let Some(g) = guard {
-                            g.complete(self.consumer.dedup_ttl).await;
+                            g.complete(self.consumer.dedup_ttl()).await;
                         }
                         ConsumerStats::bump(&self.stats.handled);
                         debug!("handled");

@@ -251,6 +251,7 @@ impl Settler<'_> {
             self.stats.release_held();
         }
         self.stats.clear_degraded(&target);
+        #[cfg(feature = "testing")]
         if crate::retry::crash_seam::fire(delivery.queue()) {
             warn!("test crash seam: leaving the original unacked after the copy was confirmed");
             return true;

@@ -38,7 +38,7 @@ async fn reserve_stock(_order: Order) -> Result<(), HandlerError> {
     max_retries = 0,
     retry_delay = "1d",
     retry_backoff = "fixed",
-    timeout = "1h",
+    timeout = "29m",
     idempotent
 )]
 async fn slow(_order: Order) -> Result<(), HandlerError> {
@@ -57,37 +57,37 @@ async fn doubling(_order: Order) -> Result<(), HandlerError> {
 
 fn main() {
     let spec = reserve_stock::SPEC;
-    assert_eq!(spec.queue, "orders");
-    assert_eq!(spec.exchange, Some("shop"));
-    assert_eq!(spec.exchange_type, ExchangeKind::Direct);
-    assert_eq!(spec.routing_key, Some("order.created"));
-    assert_eq!(spec.dlx, "orders.dlx");
-    assert_eq!(spec.dlq, Some("orders.dead"));
-    assert_eq!(spec.queue_type, QueueKind::Quorum);
-    assert_eq!(spec.delivery_limit, Some(12));
-    assert_eq!(spec.prefetch, 64);
-    assert_eq!(spec.concurrency, 64);
-    assert_eq!(spec.max_retries, 7);
-    assert_eq!(spec.retry_delay, Duration::from_millis(500));
-    assert_eq!(spec.retry_backoff, RetryBackoff::Exponential { factor: 3 });
-    assert_eq!(spec.timeout, Duration::from_secs(120));
-    assert!(spec.idempotent);
-    assert_eq!(spec.dedup_ttl, Duration::from_secs(7 * 24 * 3600));
+    assert_eq!(reliable_mq::__private::model(&spec).queue(), "orders");
+    assert_eq!(reliable_mq::__private::model(&spec).exchange(), Some("shop"));
+    assert_eq!(reliable_mq::__private::model(&spec).exchange_kind(), ExchangeKind::Direct);
+    assert_eq!(reliable_mq::__private::model(&spec).routing_key.as_deref(), Some("order.created"));
+    assert_eq!(reliable_mq::__private::model(&spec).dlx(), "orders.dlx");
+    assert_eq!(reliable_mq::__private::model(&spec).dlq.as_deref(), Some("orders.dead"));
+    assert_eq!(reliable_mq::__private::model(&spec).queue_kind(), QueueKind::Quorum);
+    assert_eq!(reliable_mq::__private::model(&spec).delivery_limit, Some(12));
+    assert_eq!(reliable_mq::__private::model(&spec).prefetch(), 64);
+    assert_eq!(reliable_mq::__private::model(&spec).concurrency(), 64);
+    assert_eq!(reliable_mq::__private::model(&spec).max_retries(), 7);
+    assert_eq!(reliable_mq::__private::model(&spec).retry_delay(), Duration::from_millis(500));
+    assert_eq!(reliable_mq::__private::model(&spec).retry_backoff(), RetryBackoff::Exponential { factor: 3 });
+    assert_eq!(reliable_mq::__private::model(&spec).timeout(), Duration::from_secs(120));
+    assert!(reliable_mq::__private::model(&spec).idempotent);
+    assert_eq!(reliable_mq::__private::model(&spec).dedup_ttl(), Duration::from_secs(7 * 24 * 3600));
 
     let slow = slow::SPEC;
-    assert_eq!(slow.prefetch, 65535);
-    assert_eq!(slow.concurrency, 1);
-    assert_eq!(slow.max_retries, 0);
-    assert_eq!(slow.retry_delay, Duration::from_secs(24 * 3600));
-    assert_eq!(slow.retry_backoff, RetryBackoff::Fixed);
-    assert_eq!(slow.timeout, Duration::from_secs(3600));
-    assert!(slow.idempotent);
-    assert_eq!(slow.dedup_ttl, reliable_mq::spec::defaults::DEDUP_TTL);
+    assert_eq!(reliable_mq::__private::model(&slow).prefetch(), 65535);
+    assert_eq!(reliable_mq::__private::model(&slow).concurrency(), 1);
+    assert_eq!(reliable_mq::__private::model(&slow).max_retries(), 0);
+    assert_eq!(reliable_mq::__private::model(&slow).retry_delay(), Duration::from_secs(24 * 3600));
+    assert_eq!(reliable_mq::__private::model(&slow).retry_backoff(), RetryBackoff::Fixed);
+    assert_eq!(reliable_mq::__private::model(&slow).timeout(), Duration::from_secs(29 * 60));
+    assert!(reliable_mq::__private::model(&slow).idempotent);
+    assert_eq!(reliable_mq::__private::model(&slow).dedup_ttl(), reliable_mq::__private::defaults::DEDUP_TTL);
 
     let doubling = doubling::SPEC;
     assert_eq!(
-        doubling.retry_backoff,
+        reliable_mq::__private::model(&doubling).retry_backoff(),
         RetryBackoff::Exponential { factor: 2 }
     );
-    assert_eq!(doubling.timeout, Duration::from_secs(30));
+    assert_eq!(reliable_mq::__private::model(&doubling).timeout(), Duration::from_secs(30));
 }

@@ -17,9 +17,9 @@ async fn always(_n: u64) -> Result<(), HandlerError> {
 }
 
 fn main() {
-    assert_eq!(always::SPEC.queue, "always");
+    assert_eq!(reliable_mq::__private::model(&always::SPEC).queue(), "always");
     // The generated type is `Debug`, for crates that deny missing Debug impls.
     assert_eq!(format!("{:?}", always {}), "always");
-    assert!(reliable_mq::spec::registered().any(|spec| spec.queue == "always"));
-    assert!(reliable_mq::spec::registered().all(|spec| spec.queue != "never"));
+    assert!(reliable_mq::__private::registered().any(|spec| reliable_mq::__private::model(&spec).queue() == "always"));
+    assert!(reliable_mq::__private::registered().all(|spec| reliable_mq::__private::model(&spec).queue() != "never"));
 }

@@ -34,5 +34,5 @@ async fn service() -> Result<(), reliable_mq::Error> {
 fn main() {
     // Built, not run: `run` would connect to a broker.
     let _ = service;
-    assert_eq!(reserve_stock::SPEC.prefetch, 64);
+    assert_eq!(reliable_mq::__private::model(&reserve_stock::SPEC).prefetch(), 64);
 }

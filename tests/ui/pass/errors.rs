@@ -52,21 +52,21 @@ fn call(spec: reliable_mq::ConsumerSpec, body: &str) -> Result<(), HandlerError>
         .build()
         .expect("a tokio runtime");
     runtime.block_on(
-        spec.handler
+        spec.handler()
             .call(Arc::new(Delivery::for_test(body.as_bytes().to_vec()))),
     )
 }
 
 fn main() {
     let missing = call(read_upload::SPEC, r#"{"path": "/does/not/exist"}"#).expect_err("no file");
-    assert_eq!(missing.kind(), FailureKind::Retry);
+    assert_eq!(missing.kind(), FailureKind::Error);
 
     let not_a_number = call(parse_number::SPEC, r#""abc""#).expect_err("not a number");
-    assert_eq!(not_a_number.kind(), FailureKind::Retry);
+    assert_eq!(not_a_number.kind(), FailureKind::Error);
     assert!(call(parse_number::SPEC, r#""12""#).is_ok());
 
     let blip = call(custom::SPEC, "1").expect_err("always fails");
-    assert_eq!(blip.kind(), FailureKind::Retry);
+    assert_eq!(blip.kind(), FailureKind::Error);
     assert!(blip.message().contains("database blip"));
 
     assert!(call(aliased::SPEC, "1").is_ok());

@@ -52,13 +52,13 @@ async fn orders(_event: serde_json::Value) -> Result<(), HandlerError> {
 }
 
 fn main() {
-    assert_eq!(send_email::SPEC.exchange_type, ExchangeKind::Fanout);
-    assert_eq!(send_email::SPEC.exchange, Some("events"));
-    assert_eq!(send_email::SPEC.routing_key, None);
-    assert_eq!(ledger::SPEC.exchange_type, ExchangeKind::Headers);
-    assert_eq!(invoice::SPEC.exchange_type, ExchangeKind::Direct);
-    assert_eq!(invoice::SPEC.routing_key, Some("invoice"));
-    assert_eq!(everything::SPEC.exchange_type, ExchangeKind::Topic);
-    assert_eq!(everything::SPEC.routing_key, Some(""));
+    assert_eq!(reliable_mq::__private::model(&send_email::SPEC).exchange_kind(), ExchangeKind::Fanout);
+    assert_eq!(reliable_mq::__private::model(&send_email::SPEC).exchange(), Some("events"));
+    assert_eq!(reliable_mq::__private::model(&send_email::SPEC).routing_key.as_deref(), None);
+    assert_eq!(reliable_mq::__private::model(&ledger::SPEC).exchange_kind(), ExchangeKind::Headers);
+    assert_eq!(reliable_mq::__private::model(&invoice::SPEC).exchange_kind(), ExchangeKind::Direct);
+    assert_eq!(reliable_mq::__private::model(&invoice::SPEC).routing_key.as_deref(), Some("invoice"));
+    assert_eq!(reliable_mq::__private::model(&everything::SPEC).exchange_kind(), ExchangeKind::Topic);
+    assert_eq!(reliable_mq::__private::model(&everything::SPEC).routing_key.as_deref(), Some(""));
     assert_eq!(ConsumerConfig::from(orders::SPEC).binding_key(), "orders");
 }

@@ -42,12 +42,12 @@ async fn r#match(_n: u64) -> Result<()> {
 }
 
 fn main() {
-    assert_eq!(delivery::SPEC.queue, "a");
-    assert_eq!(payload::SPEC.queue, "b");
-    assert_eq!(decode::SPEC.queue, "c");
+    assert_eq!(reliable_mq::__private::model(&delivery::SPEC).queue(), "a");
+    assert_eq!(reliable_mq::__private::model(&payload::SPEC).queue(), "b");
+    assert_eq!(reliable_mq::__private::model(&decode::SPEC).queue(), "c");
     assert!(
-        r#match::SPEC.name.ends_with("::match"),
+        r#match::SPEC.name().ends_with("::match"),
         "{}",
-        r#match::SPEC.name
+        r#match::SPEC.name()
     );
 }

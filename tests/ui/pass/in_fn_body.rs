@@ -26,12 +26,12 @@ fn main() {
         in_main::SPEC
     };
 
-    assert_eq!(in_main::SPEC.queue, "in-main");
-    assert_eq!(from_block.queue, "in-block");
-    assert_eq!(make_spec().queue, "inner");
+    assert_eq!(reliable_mq::__private::model(&in_main::SPEC).queue(), "in-main");
+    assert_eq!(reliable_mq::__private::model(&from_block).queue(), "in-block");
+    assert_eq!(reliable_mq::__private::model(&make_spec()).queue(), "inner");
     for queue in ["inner", "in-main", "in-block"] {
         assert!(
-            reliable_mq::spec::registered().any(|spec| spec.queue == queue),
+            reliable_mq::__private::registered().any(|spec| reliable_mq::__private::model(&spec).queue() == queue),
             "{queue} is not registered"
         );
     }

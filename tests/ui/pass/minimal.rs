@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use reliable_mq::spec::defaults;
+use reliable_mq::__private::defaults;
 use reliable_mq::{
     ConsumerSpec, Delivery, ExchangeKind, FailureKind, HandlerError, QueueKind, RetryBackoff,
     consumer,
@@ -30,28 +30,28 @@ fn call(spec: &ConsumerSpec, body: &str) -> Result<(), HandlerError> {
         .build()
         .expect("a tokio runtime");
     let delivery = Arc::new(Delivery::for_test(body.as_bytes().to_vec()));
-    runtime.block_on(spec.handler.call(delivery))
+    runtime.block_on(spec.handler().call(delivery))
 }
 
 fn main() {
     let spec = reserve_stock::SPEC;
-    assert!(spec.name.ends_with("::reserve_stock"), "{}", spec.name);
-    assert_eq!(spec.queue, "orders");
-    assert_eq!(spec.exchange, None);
-    assert_eq!(spec.exchange_type, ExchangeKind::Topic);
-    assert_eq!(spec.routing_key, None);
-    assert_eq!(spec.dlx, "orders.dlx");
-    assert_eq!(spec.dlq, None);
-    assert_eq!(spec.queue_type, QueueKind::Classic);
-    assert_eq!(spec.delivery_limit, None);
-    assert_eq!(spec.prefetch, defaults::PREFETCH);
-    assert_eq!(spec.concurrency, defaults::CONCURRENCY);
-    assert_eq!(spec.max_retries, defaults::MAX_RETRIES);
-    assert_eq!(spec.retry_delay, defaults::RETRY_DELAY);
-    assert_eq!(spec.retry_backoff, defaults::RETRY_BACKOFF);
-    assert_eq!(spec.timeout, defaults::TIMEOUT);
-    assert!(!spec.idempotent);
-    assert_eq!(spec.dedup_ttl, defaults::DEDUP_TTL);
+    assert!(spec.name().ends_with("::reserve_stock"), "{}", spec.name());
+    assert_eq!(reliable_mq::__private::model(&spec).queue(), "orders");
+    assert_eq!(reliable_mq::__private::model(&spec).exchange(), None);
+    assert_eq!(reliable_mq::__private::model(&spec).exchange_kind(), ExchangeKind::Topic);
+    assert_eq!(reliable_mq::__private::model(&spec).routing_key.as_deref(), None);
+    assert_eq!(reliable_mq::__private::model(&spec).dlx(), "orders.dlx");
+    assert_eq!(reliable_mq::__private::model(&spec).dlq.as_deref(), None);
+    assert_eq!(reliable_mq::__private::model(&spec).queue_kind(), QueueKind::Classic);
+    assert_eq!(reliable_mq::__private::model(&spec).delivery_limit, None);
+    assert_eq!(reliable_mq::__private::model(&spec).prefetch(), defaults::PREFETCH);
+    assert_eq!(reliable_mq::__private::model(&spec).concurrency(), defaults::CONCURRENCY);
+    assert_eq!(reliable_mq::__private::model(&spec).max_retries(), defaults::MAX_RETRIES);
+    assert_eq!(reliable_mq::__private::model(&spec).retry_delay(), defaults::RETRY_DELAY);
+    assert_eq!(reliable_mq::__private::model(&spec).retry_backoff(), defaults::RETRY_BACKOFF);
+    assert_eq!(reliable_mq::__private::model(&spec).timeout(), defaults::TIMEOUT);
+    assert!(!reliable_mq::__private::model(&spec).idempotent);
+    assert_eq!(reliable_mq::__private::model(&spec).dedup_ttl(), defaults::DEDUP_TTL);
 
     // The defaults documented in DESIGN.md and in the macro's docs. The macro checks
     // `concurrency <= prefetch` against its own copy of the default prefetch: 32.
@@ -74,7 +74,7 @@ fn main() {
     assert_eq!(undecodable.kind(), FailureKind::Decode);
 
     // Registered for `reliable_mq::run()`.
-    assert!(reliable_mq::spec::registered().any(|s| s.name == spec.name));
+    assert!(reliable_mq::__private::registered().any(|s| s.name() == spec.name()));
 
     // The function is still there, callable as written.
     let _future = reserve_stock(Order { id: 1, qty: 1 });

@@ -29,21 +29,21 @@ async fn audit(_id: u64) -> Result<(), HandlerError> {
 }
 
 fn main() {
-    assert_eq!(settle_payment::SPEC.queue_type, QueueKind::Quorum);
-    assert_eq!(settle_payment::SPEC.delivery_limit, Some(20));
+    assert_eq!(reliable_mq::__private::model(&settle_payment::SPEC).queue_kind(), QueueKind::Quorum);
+    assert_eq!(reliable_mq::__private::model(&settle_payment::SPEC).delivery_limit, Some(20));
     assert_eq!(
         ConsumerConfig::from(settle_payment::SPEC).effective_delivery_limit(),
         Some(20)
     );
 
-    assert_eq!(refund::SPEC.delivery_limit, None);
+    assert_eq!(reliable_mq::__private::model(&refund::SPEC).delivery_limit, None);
     // Unset: the runtime derives it, max_retries + 5.
     assert_eq!(
         ConsumerConfig::from(refund::SPEC).effective_delivery_limit(),
         Some(9)
     );
 
-    assert_eq!(audit::SPEC.queue_type, QueueKind::Classic);
+    assert_eq!(reliable_mq::__private::model(&audit::SPEC).queue_kind(), QueueKind::Classic);
     assert_eq!(
         ConsumerConfig::from(audit::SPEC).effective_delivery_limit(),
         None

@@ -48,14 +48,14 @@ fn main() {
         handlers::nested::spec(),
     ];
     assert!(
-        specs[0].name.ends_with("handlers::public"),
+        specs[0].name().ends_with("handlers::public"),
         "{}",
-        specs[0].name
+        specs[0].name()
     );
     assert!(
-        specs[3].name.ends_with("handlers::nested::nested"),
+        specs[3].name().ends_with("handlers::nested::nested"),
         "{}",
-        specs[3].name
+        specs[3].name()
     );
 
     // Registering by hand, as `App::consumer(name::SPEC)`; nothing connects until `run`.
@@ -63,5 +63,5 @@ fn main() {
         .into_iter()
         .fold(App::new(Config::default()), |app, spec| app.consumer(spec));
     assert_eq!(app.consumers().len(), 4);
-    assert_eq!(app.consumers()[2].queue, "private");
+    assert_eq!(app.consumers()[2].queue(), "private");
 }

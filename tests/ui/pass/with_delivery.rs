@@ -32,13 +32,13 @@ fn main() {
         .expect("a tokio runtime");
     let delivery = Delivery::for_test(b"42".to_vec()).with_message_id("order-42");
     runtime
-        .block_on(with_delivery::SPEC.handler.call(Arc::new(delivery)))
+        .block_on(with_delivery::SPEC.handler().call(Arc::new(delivery)))
         .expect("handled");
     let seen = SEEN.lock().expect("not poisoned").clone();
     assert_eq!(seen, ["42 order-42 1"]);
 
     let delivery = Delivery::for_test(br#"{"any": "json"}"#.to_vec());
     runtime
-        .block_on(with_path::SPEC.handler.call(Arc::new(delivery)))
+        .block_on(with_path::SPEC.handler().call(Arc::new(delivery)))
         .expect("handled");
 }
