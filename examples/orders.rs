@@ -5,18 +5,18 @@
 //! cargo run --example orders -- --serve # keep consuming until Ctrl-C (queues are kept)
 //! ```
 //!
-//! Two consumers: `reserve_stock` (idempotent, retried) reserves stock for each order and
-//! emits a `stock.reserved` event from inside the handler; `notify_customer` consumes that
-//! event. The batch contains ordinary orders plus the cases that break hand-written
+//! Two consumers: `reserve_stock` (idempotent, retried) reserves stock for each order in
+//! a stock repository it gets as `State<Stock>`, and emits a `stock.reserved` event from
+//! inside the handler; `notify_customer` consumes that event. The batch contains ordinary orders plus the cases that break hand-written
 //! consumers: a duplicate, a transient failure, a permanently invalid order and a
 //! malformed message.
 
-use std::collections::BTreeSet;
-use std::sync::Mutex;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use lapin::BasicProperties;
-use reliable_mq::{App, Delivery, HandlerError, PublishOptions, Publisher, consumer};
+use reliable_mq::lapin::{self, BasicProperties};
+use reliable_mq::{App, Delivery, HandlerError, PublishOptions, Publisher, State, consumer};
 use serde::{Deserialize, Serialize};
 
 const EXCHANGE: &str = "demo.shop";
@@ -34,8 +34,18 @@ struct StockReserved {
     sku: String,
 }
 
-/// Orders whose first attempt failed (the "database blip" we simulate once per order).
-static BLIPPED: Mutex<BTreeSet<u64>> = Mutex::new(BTreeSet::new());
+/// The stock repository handlers reserve in: in a real service a database pool, here
+/// memory. Handlers get a clone as `State<Stock>` (cheap: it shares one `Arc`).
+#[derive(Clone, Default)]
+struct Stock(Arc<Mutex<StockBook>>);
+
+#[derive(Default)]
+struct StockBook {
+    /// Units reserved per SKU.
+    reserved: BTreeMap<String, u32>,
+    /// Orders whose first attempt failed (the "database blip" we simulate once per order).
+    blipped: BTreeSet<u64>,
+}
 
 /// A plain std error: `?` on it in a handler means "retry later".
 #[derive(Debug)]
@@ -48,14 +58,22 @@ impl std::fmt::Display for DatabaseBlip {
 }
 impl std::error::Error for DatabaseBlip {}
 
-fn reserve_in_database(order: &Order) -> Result<(), DatabaseBlip> {
-    if order.sku == "FLAKY" {
-        let mut blipped = BLIPPED.lock().map_err(|_| DatabaseBlip)?;
-        if blipped.insert(order.id) {
+impl Stock {
+    fn reserve(&self, order: &Order) -> Result<(), DatabaseBlip> {
+        let mut book = self.0.lock().map_err(|_| DatabaseBlip)?;
+        if order.sku == "FLAKY" && book.blipped.insert(order.id) {
             return Err(DatabaseBlip);
         }
+        *book.reserved.entry(order.sku.clone()).or_default() += order.qty;
+        Ok(())
     }
-    Ok(())
+
+    fn units_reserved(&self) -> u32 {
+        self.0
+            .lock()
+            .map(|book| book.reserved.values().sum())
+            .unwrap_or(0)
+    }
 }
 
 /// Reserve stock for an order, then tell the world.
@@ -71,14 +89,18 @@ fn reserve_in_database(order: &Order) -> Result<(), DatabaseBlip> {
     retry_delay = "500ms",
     timeout = "5s"
 )]
-async fn reserve_stock(order: Order, delivery: &Delivery) -> Result<(), HandlerError> {
+async fn reserve_stock(
+    order: Order,
+    delivery: &Delivery,
+    State(stock): State<Stock>,
+) -> Result<(), HandlerError> {
     if order.qty == 0 {
         return Err(HandlerError::reject(format!(
             "order {} has no items",
             order.id
         )));
     }
-    reserve_in_database(&order)?; // a transient error: retried after 500ms
+    stock.reserve(&order)?; // a transient error: retried after 500ms
     println!(
         "  reserve_stock   order {:>2} ({} x {}) attempt {}",
         order.id,
@@ -139,7 +161,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         let run = uuid::Uuid::now_v7().simple();
         config = config.with_dedup_prefix(format!("reliable-mq-demo:{run}"));
     }
-    let app = App::new(config.clone()).registered();
+    let stock = Stock::default();
+    let app = App::new(config.clone())
+        .registered()
+        .with_state(stock.clone());
     if serve {
         println!("consuming demo.orders and demo.notifications until Ctrl-C");
         return Ok(app.run().await?);
@@ -215,14 +240,22 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         "  notify_customer handled {} | duplicates skipped {}",
         n.handled, n.duplicates
     );
+    // Orders 1-6 reserve 1 + id % 3 units each (2+3+1+2+3+1), the flaky order 1 unit:
+    // the duplicate of order 1 and the dead letters reserve nothing.
+    let units = stock.units_reserved();
+    println!("  stock repository: {units} units reserved");
 
     running.shutdown().await?;
     let dead = show_dead_letters(&config.amqp_url, "demo.orders.dlq").await?;
     publisher.close().await;
     cleanup(&config.amqp_url).await?;
 
-    let ok =
-        o.handled == 7 && o.duplicates == 1 && o.dead_lettered == 2 && dead == 2 && n.handled == 7;
+    let ok = o.handled == 7
+        && o.duplicates == 1
+        && o.dead_lettered == 2
+        && dead == 2
+        && n.handled == 7
+        && units == 13;
     println!(
         "\n{}",
         if ok {
@@ -250,13 +283,8 @@ async fn show_dead_letters(url: &str, dlq: &str) -> Result<usize, lapin::Error> 
         .await?
     {
         count += 1;
-        let d = Delivery::for_test(msg.delivery.data.clone()).with_headers(
-            msg.delivery
-                .properties
-                .headers()
-                .clone()
-                .unwrap_or_default(),
-        );
+        let headers = msg.delivery.properties.headers().as_ref();
+        let header = |key| reliable_mq::headers::header_str(headers, key);
         println!(
             "  - {} [{}] {}\n      body: {}",
             msg.delivery
@@ -265,8 +293,8 @@ async fn show_dead_letters(url: &str, dlq: &str) -> Result<usize, lapin::Error> 
                 .as_ref()
                 .map(|s| s.as_str())
                 .unwrap_or("?"),
-            d.header("x-error-kind").unwrap_or("?"),
-            d.header("x-exception-message").unwrap_or(""),
+            header(reliable_mq::headers::ERROR_KIND).unwrap_or("?"),
+            header(reliable_mq::headers::EXCEPTION_MESSAGE).unwrap_or(""),
             String::from_utf8_lossy(&msg.delivery.data),
         );
     }

@@ -1,41 +1,38 @@
-//! One shutdown signal shared by every task: set once (SIGINT/SIGTERM or by hand), seen
-//! by all.
+//! One shutdown signal shared by every task: a `CancellationToken`, set once
+//! (SIGINT/SIGTERM or by hand), seen by all.
 
-use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 
 /// Triggers shutdown. Cloning shares the same signal.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct ShutdownHandle {
-    tx: std::sync::Arc<watch::Sender<bool>>,
+    token: CancellationToken,
 }
 
 /// Waits for shutdown.
 #[derive(Debug, Clone)]
 pub(crate) struct ShutdownSignal {
-    rx: watch::Receiver<bool>,
+    token: CancellationToken,
 }
 
 impl ShutdownHandle {
     pub(crate) fn new() -> Self {
-        let (tx, _) = watch::channel(false);
-        Self {
-            tx: std::sync::Arc::new(tx),
-        }
+        Self::default()
     }
 
     /// Ask every consumer to stop: no new deliveries, in-flight handlers finish.
     pub fn trigger(&self) {
-        self.tx.send_replace(true);
+        self.token.cancel();
     }
 
     /// Whether shutdown was asked for.
     pub fn is_triggered(&self) -> bool {
-        *self.tx.borrow()
+        self.token.is_cancelled()
     }
 
     pub(crate) fn signal(&self) -> ShutdownSignal {
         ShutdownSignal {
-            rx: self.tx.subscribe(),
+            token: self.token.clone(),
         }
     }
 }
@@ -43,12 +40,11 @@ impl ShutdownHandle {
 impl ShutdownSignal {
     /// Resolves once shutdown is triggered (at once if it already was).
     pub(crate) async fn cancelled(&mut self) {
-        // An error means the sender is gone: treat as shutdown.
-        let _ = self.rx.wait_for(|v| *v).await;
+        self.token.cancelled().await;
     }
 
     pub(crate) fn is_triggered(&self) -> bool {
-        *self.rx.borrow()
+        self.token.is_cancelled()
     }
 }
 

@@ -1,6 +1,6 @@
-//! The dedup claim around a handler call (DESIGN.md section 2): claim, then `done` on
-//! success or release on failure, with the lease renewed from the moment the claim is
-//! taken until it is settled.
+//! The dedup claim around a handler call (`docs/architecture.md`, "The dedup claim"):
+//! claim, then `done` on success or release on failure, with the lease renewed from the
+//! moment the claim is taken until it is settled.
 //!
 //! The renewal runs on a task of its own, beside the handler: a slow or stopped store
 //! delays only the renewal (each call has its own deadline), never the handler or its

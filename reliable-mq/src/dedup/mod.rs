@@ -1,4 +1,4 @@
-//! Deduplication as a claim, not a mark (DESIGN.md section 2).
+//! Deduplication as a claim, not a mark (see `docs/architecture.md`, "The dedup claim").
 //!
 //! A delivery of an idempotent consumer first *claims* its key
 //! (`{prefix}:{vhost}:{queue}:{message_id}`, see [`KeyScope`]; prefix from

@@ -1,4 +1,4 @@
-//! The example of the `#[consumer]` docs (and of DESIGN.md), as written there.
+//! The example of the `#[consumer]` docs, as written there.
 #![deny(unused)]
 
 use reliable_mq::{HandlerError, consumer};

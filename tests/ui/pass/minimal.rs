@@ -53,7 +53,7 @@ fn main() {
     assert!(!reliable_mq::__private::model(&spec).idempotent);
     assert_eq!(reliable_mq::__private::model(&spec).dedup_ttl(), defaults::DEDUP_TTL);
 
-    // The defaults documented in DESIGN.md and in the macro's docs. The macro checks
+    // The defaults documented in the README and in the macro's docs. The macro checks
     // `concurrency <= prefetch` against its own copy of the default prefetch: 32.
     assert_eq!(defaults::PREFETCH, 32);
     assert_eq!(defaults::CONCURRENCY, 1);
