@@ -474,6 +474,29 @@ mod tests {
     }
 
     #[test]
+    fn a_failed_copy_is_reported_by_its_target_and_the_brokers_reason() {
+        let refused = PublishError::Refused {
+            message_id: "m".into(),
+            exchange: "orders.dlx".into(),
+            reason: "ACCESS_REFUSED - access to exchange 'orders.dlx' in vhost '/' refused for user 'app'".into(),
+        };
+        assert_eq!(
+            copy_failure("orders.dlx", "orders", &refused),
+            "cannot publish to orders.dlx: ACCESS_REFUSED - access to exchange 'orders.dlx' in vhost '/' refused for user 'app'"
+        );
+        let unroutable = PublishError::Unroutable {
+            message_id: "m".into(),
+            exchange: String::new(),
+            routing_key: "orders.retry.1s".into(),
+            reply: "NO_ROUTE".into(),
+        };
+        assert_eq!(
+            copy_failure("", "orders.retry.1s", &unroutable),
+            "cannot publish to queue orders.retry.1s (default exchange): NO_ROUTE (nothing bound for routing key \"orders.retry.1s\")"
+        );
+    }
+
+    #[test]
     fn copies_drop_expiration_and_user_id_and_keep_the_rest() {
         let original = BasicProperties::default()
             .with_message_id("m-1".into())
