@@ -34,7 +34,7 @@
 //! |---|---|
 //! | a consumer | [`consumer`] (the attribute), [`HandlerError`], [`Delivery`], [`State`] |
 //! | running it | [`run`], [`run_with`], [`App`], [`RunningApp`], [`Config`], [`Error`], [`ShutdownHandle`] |
-//! | watching it | [`Health`], [`StatsSnapshot`] |
+//! | watching it | [`Health`], [`ConsumerHealth`], [`StatsSnapshot`] |
 //! | publishing | [`Publisher`], [`PublishOptions`], [`PublishError`] |
 //! | consumers built by hand | [`ConsumerConfig`], [`ConsumerSpec`], [`handler_fn`], [`delivery_handler_fn`], [`Handler`], [`ExchangeKind`], [`QueueKind`], [`RetryBackoff`] |
 //! | dead letters | [`FailureKind`], the [`headers`] module (names, replay helper) |
