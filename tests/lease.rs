@@ -265,3 +265,73 @@ async fn a_delivery_paused_on_a_dead_store_is_handed_back_before_the_consumer_ti
     );
     app.shutdown().await.expect("clean shutdown");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_handler_timeout_does_not_make_a_long_lease() {
+    // A crash under a `timeout = "2h"` handler must not hold the message off for hours:
+    // the lease is capped and renewal keeps the long handler's claim alive instead.
+    init_tracing();
+    let redis = PrivateRedis::start(free_port()).await;
+    let q = unique("lease-cap");
+    let dlx = format!("{q}.dlx");
+    let _cleanup = Cleanup::consumer(&q, &["200ms"], &[]);
+    let config = test_config(&q)
+        .with_redis_url(Some(redis.url()))
+        .with_consumer_timeout(Duration::from_secs(3 * 3600));
+    let key = KeyScope::from_config(&config)
+        .expect("scope")
+        .key(&q, "long-1");
+    let release = Arc::new(tokio::sync::Notify::new());
+    let r = Arc::clone(&release);
+    let handler = handler_fn(move |_n: u64| {
+        let r = Arc::clone(&r);
+        async move {
+            r.notified().await;
+            Ok::<_, HandlerError>(())
+        }
+    });
+    let consumer = ConsumerConfig::new(&q, &dlx, handler)
+        .with_retries(1, Duration::from_millis(200), RetryBackoff::Fixed)
+        .with_timeout(Duration::from_secs(2 * 3600))
+        .idempotent(Duration::from_secs(600));
+    let app = App::new(config)
+        .consumer(consumer)
+        .start()
+        .await
+        .expect("start");
+    app.publisher()
+        .publish_with(
+            "",
+            &q,
+            &1u64,
+            reliable_mq::PublishOptions::with_message_id("long-1"),
+        )
+        .await
+        .expect("published");
+    let mut pttl = -2;
+    assert!(
+        eventually(WAIT, || {
+            pttl = redis
+                .cli(&["PTTL", &key])
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(-2);
+            async move { pttl > 0 }
+        })
+        .await,
+        "the claim is taken"
+    );
+    let cap = i64::try_from(reliable_mq::dedup::MAX_LEASE.as_millis()).unwrap_or(i64::MAX);
+    assert!(
+        pttl <= cap,
+        "a 2 h handler's claim lease is capped at {cap} ms: PTTL {pttl} ms"
+    );
+    release.notify_one();
+    assert!(
+        eventually(WAIT, || async {
+            app.stats(&q).is_some_and(|s| s.handled == 1)
+        })
+        .await
+    );
+    assert_eq!(redis.cli(&["GET", &key]).as_deref(), Some("done"));
+    app.shutdown().await.expect("clean shutdown");
+}
