@@ -47,12 +47,14 @@ use proc_macro::TokenStream;
 ///
 /// # The function
 ///
-/// `async fn name(payload: T) -> Result<(), E>` or
-/// `async fn name(payload: T, delivery: &Delivery) -> Result<(), E>`, where `T` is any
-/// `serde::Deserialize` type (the body is JSON) and `E` is `HandlerError` or any
-/// `std::error::Error + Send + Sync + 'static` (`?` works). `Ok` acks the message;
-/// `HandlerError::retry(e)` and plain errors retry it after a delay;
-/// `HandlerError::reject(e)` dead-letters it at once.
+/// `async fn name(payload: T, extractors...) -> Result<(), E>`, where `T` is any
+/// `serde::Deserialize` type (the body is JSON) and `E` is `HandlerError`, any
+/// `std::error::Error + Send + Sync + 'static` (`?` works), or `anyhow::Error` with
+/// reliable-mq's `anyhow` feature. After the payload, in any order: `delivery: &Delivery`
+/// (at most once) and any number of `State(s): State<S>` extractors, each a clone of the
+/// state registered with `App::with_state` (a consumer whose state is not registered stops
+/// start-up with an error naming it). `Ok` acks the message; `HandlerError::retry(e)` and
+/// plain errors retry it after a delay; `HandlerError::reject(e)` dead-letters it at once.
 ///
 /// The function stays callable as written. Next to it the macro defines a type of the
 /// same name whose `SPEC` constant is the consumer's
@@ -79,10 +81,16 @@ use proc_macro::TokenStream;
 /// | `timeout` | deadline of one handler call; past it the call is cancelled and retried | `"30s"` |
 /// | `idempotent` | flag, no value: skip messages whose `message_id` was handled | off |
 /// | `dedup_ttl` | how long handled ids are remembered (needs `idempotent`) | `"24h"` |
+/// | `crate` | the path the runtime is imported as, for a renamed dependency | `"::reliable_mq"` |
 ///
 /// Durations are strings of one integer and a unit: `"500ms"`, `"30s"`, `"5m"`, `"2h"`,
 /// `"1d"`. Names (`queue`, `exchange`, `dlx`, `dlq`) must be non-empty, at most 255 bytes
-/// and not start with `amq.`.
+/// and not start with `amq.`; so must the names derived from them (`{queue}.dlq`,
+/// `{queue}.retry.{delay}`). `timeout` must stay below RabbitMQ's `consumer_timeout`
+/// (30 minutes by default), which would otherwise close the channel under a long handler.
+///
+/// The rules are those of the shared consumer model, which the runtime applies again at
+/// start-up to consumers built by hand: the two cannot disagree.
 ///
 /// # Compile-time checks
 ///
@@ -91,8 +99,9 @@ use proc_macro::TokenStream;
 /// `queue` or `dlx`, a `dlx` equal to `exchange` or a `dlq` equal to `queue` (dead letters
 /// would loop), a `routing_key` that would be ignored, `concurrency` above `prefetch`,
 /// `delivery_limit` on a classic queue, `dedup_ttl` without `idempotent`, a function that
-/// is not `async`, is generic, takes `self` or other parameters, returns something other
-/// than `Result<(), E>`, or whose payload type is not `Deserialize`.
+/// is not `async`, is generic, takes `self` or a parameter that is neither `&Delivery` nor
+/// `State<S>`, returns something other than `Result<(), E>`, whose payload type is not
+/// `Deserialize`, or whose state type is not `Clone + Send + Sync + 'static`.
 #[proc_macro_attribute]
 pub fn consumer(args: TokenStream, item: TokenStream) -> TokenStream {
     expand::consumer(args.into(), item.into()).into()

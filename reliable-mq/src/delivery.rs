@@ -145,7 +145,7 @@ impl Delivery {
     }
 
     /// A confirmed publisher sharing the app's publishing connection, to emit events
-    /// from a handler. `None` for deliveries built with [`Delivery::for_test`].
+    /// from a handler. `None` for deliveries built with `Delivery::for_test`.
     pub fn publisher(&self) -> Option<&Publisher> {
         self.publisher.as_ref()
     }

@@ -38,7 +38,7 @@ struct Degraded {
     reason: String,
 }
 
-/// A consumer's counters at one moment, from [`RunningApp::stats`](crate::RunningApp::stats).
+/// A consumer's counters at one moment ([`RunningApp::stats`](crate::RunningApp::stats)).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct StatsSnapshot {
     /// Deliveries received.
