@@ -148,6 +148,8 @@ impl App {
     pub async fn run(self) -> Result<(), Error> {
         let mut stop_requested = self.shutdown.signal();
         let mut running = self.start().await?;
+        #[cfg(feature = "http")]
+        crate::observe::http::serve_from_env(&running).await?;
         let outcome = tokio::select! {
             r = shutdown::os_signal() => {
                 r.map_err(Error::Signal)?;
@@ -190,6 +192,10 @@ impl App {
         let publisher = Publisher::from_config(&config).await?;
 
         let key_scope = KeyScope::from_config(&config)?;
+        // Before any consumer registers its metrics (unless the application has a
+        // recorder of its own).
+        #[cfg(feature = "metrics")]
+        crate::observe::metrics::install_prometheus();
         let mut tasks = JoinSet::new();
         let mut stats = Vec::new();
         let mut runtimes = Vec::new();
@@ -197,7 +203,7 @@ impl App {
             let topology = Topology::of(&consumer);
             // One set of counters per consumer, even when two consume one queue: each
             // has its own session, so its own `attached` and health.
-            let consumer_stats = Arc::new(ConsumerStats::default());
+            let consumer_stats = Arc::new(ConsumerStats::new(consumer.name(), consumer.queue()));
             stats.push(ConsumerEntry {
                 name: consumer.name().to_owned(),
                 queue: consumer.queue().to_owned(),
@@ -303,6 +309,7 @@ fn cluster_store(_nodes: &[String], _pool_size: usize) -> Result<Arc<dyn DedupSt
 }
 
 /// One running consumer's counters.
+#[derive(Clone)]
 struct ConsumerEntry {
     name: String,
     queue: String,
@@ -412,8 +419,36 @@ impl RunningApp {
 
     /// Readiness: consumers attached, publisher connected, dedup store answering.
     pub async fn health(&self) -> Health {
+        self.health_probe().health().await
+    }
+
+    /// What [`RunningApp::health`] looks at, detached from the app (for the HTTP
+    /// endpoint's tasks).
+    pub(crate) fn health_probe(&self) -> HealthProbe {
+        HealthProbe {
+            stats: self.stats.clone(),
+            publisher: self.publisher.clone(),
+            dedup: self.dedup.clone(),
+        }
+    }
+}
+
+/// The parts of a running app its health is read from.
+#[derive(Clone)]
+pub(crate) struct HealthProbe {
+    stats: Vec<ConsumerEntry>,
+    publisher: Publisher,
+    dedup: Option<Arc<dyn DedupStore>>,
+}
+
+impl HealthProbe {
+    /// See [`RunningApp::health`]. A dedup store that does not answer within
+    /// [`PING_TIMEOUT`] is down: a health check must not hang on it.
+    pub(crate) async fn health(&self) -> Health {
         let dedup_up = match &self.dedup {
-            Some(store) => store.ping().await.is_ok(),
+            Some(store) => tokio::time::timeout(PING_TIMEOUT, store.ping())
+                .await
+                .is_ok_and(|r| r.is_ok()),
             None => true,
         };
         let consumers: Vec<ConsumerHealth> = self
@@ -433,7 +468,9 @@ impl RunningApp {
             consumers,
         }
     }
+}
 
+impl RunningApp {
     /// Wait until every consumer has attached once (its first session subscribed), or
     /// return the error of a consumer that stopped before it could. A consumer that cannot
     /// reach the broker keeps retrying with backoff, and this keeps waiting: `start`
@@ -494,6 +531,9 @@ impl RunningApp {
         first_error
     }
 }
+
+/// How long a health check waits for the dedup store.
+const PING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// A consumer task that panicked (or was cancelled): a bug, reported as such.
 fn panicked(join: tokio::task::JoinError) -> Error {

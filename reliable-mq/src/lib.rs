@@ -84,6 +84,10 @@ mod delivery;
 mod error;
 mod failure;
 mod handler;
+#[cfg(any(feature = "otel", feature = "metrics"))]
+pub mod observe;
+#[cfg(not(any(feature = "otel", feature = "metrics")))]
+mod observe;
 mod publisher;
 mod retry;
 mod shutdown;

@@ -26,7 +26,7 @@ use lapin::types::FieldTable;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
-use tracing::{Instrument, debug, error, info, info_span, warn};
+use tracing::{Instrument, debug, error, info, warn};
 
 use crate::connection::{self, Backoff};
 use crate::consumer::claim::{ClaimDecision, claim};
@@ -155,6 +155,7 @@ impl ConsumerRuntime {
                 Err(e) => SessionEnd::Broken(e.to_string()),
             };
             self.stats.attached.store(false, Ordering::Relaxed);
+            self.stats.metrics.attached(false);
             match end {
                 SessionEnd::Shutdown => return Ok(()),
                 SessionEnd::Broken(reason) => {
@@ -211,6 +212,7 @@ impl ConsumerRuntime {
             .map_err(|e| Error::amqp(format!("subscribing to queue '{queue}'"), e))?;
         ConsumerStats::bump(&self.stats.sessions);
         self.stats.attached.store(true, Ordering::Relaxed);
+        self.stats.metrics.attached(true);
         info!(%queue, prefetch, concurrency = self.consumer.concurrency(), "consumer attached");
 
         let limits = inspect::Limits {
@@ -313,6 +315,7 @@ impl ConsumerRuntime {
         };
 
         self.stats.attached.store(false, Ordering::Relaxed);
+        self.stats.metrics.attached(false);
         if let SessionEnd::Broken(_) = &end {
             // The channel is gone: in-flight handlers cannot ack on it any more, and the
             // broker is already redelivering their messages. Let them finish detached (their
@@ -352,6 +355,8 @@ impl ConsumerRuntime {
         hand_back_at: Instant,
     ) -> Option<ClaimDecision> {
         let mut backoff: Option<Backoff> = None;
+        // Counts the time paused when dropped, whichever way the pause ends.
+        let mut _paused = None;
         let mut signal = self.shutdown.signal();
         loop {
             let decision = claim(
@@ -368,11 +373,13 @@ impl ConsumerRuntime {
                 }
                 return Some(decision);
             };
+            self.stats.metrics.dedup_error();
             let delay = match &mut backoff {
                 Some(b) => b.next_delay(),
                 None => {
                     warn!(error = %e, "dedup store unreachable: pausing this delivery (unacked, nothing dead-lettered) until it answers");
                     self.stats.paused.fetch_add(1, Ordering::Relaxed);
+                    _paused = Some(self.stats.metrics.paused());
                     backoff
                         .insert(Backoff::new(DEDUP_RETRY_MAX_DELAY))
                         .next_delay()
@@ -391,6 +398,7 @@ impl ConsumerRuntime {
                     warn!("dedup store still unreachable; handing the delivery back before the broker's consumer_timeout");
                     crate::consumer::settle::put_back(acker, std::time::Duration::ZERO).await;
                     ConsumerStats::bump(&self.stats.requeued);
+                    self.stats.metrics.requeued();
                     return None;
                 }
             }
@@ -408,6 +416,7 @@ impl ConsumerRuntime {
         raw: lapin::message::Delivery,
     ) -> (Arc<Delivery>, lapin::Acker, tracing::Span) {
         ConsumerStats::bump(&self.stats.received);
+        self.stats.metrics.received();
         let lapin::message::Delivery {
             delivery_tag,
             exchange,
@@ -428,14 +437,7 @@ impl ConsumerRuntime {
             publisher: Some(self.publisher.clone()),
             states: Arc::clone(&self.states),
         });
-        let span = info_span!(
-            "delivery",
-            queue = %self.consumer.queue(),
-            message_id = delivery.message_id().unwrap_or(""),
-            delivery_tag,
-            redelivered,
-            attempt = delivery.attempt(),
-        );
+        let span = crate::observe::trace::delivery_span(&delivery);
         (delivery, acker, span)
     }
 
@@ -533,6 +535,7 @@ impl ConsumerRuntime {
         held: Held<'_>,
     ) {
         let mut slot = Some(slot);
+        let _in_flight = self.stats.metrics.in_flight();
         let settler = self.settler(&held);
         let decision = match claim {
             Some(task) => task.await.ok().flatten(),
@@ -547,7 +550,9 @@ impl ConsumerRuntime {
             ClaimDecision::Run(guard) => {
                 let handler = self.consumer.handler.as_ref();
                 // The claim's lease is renewed by a task of its own, beside the call.
+                let timer = self.stats.metrics.timer();
                 let result = invoke(handler, Arc::clone(&delivery), self.consumer.timeout()).await;
+                self.stats.metrics.handler_took(timer);
                 // The handler is done: its slot goes to the next delivery while this settles.
                 slot = None;
                 match result {
@@ -556,6 +561,7 @@ impl ConsumerRuntime {
                             g.complete(self.consumer.dedup_ttl()).await;
                         }
                         ConsumerStats::bump(&self.stats.handled);
+                        self.stats.metrics.handled();
                         debug!("handled");
                         SettleOutcome::Ack
                     }
@@ -563,6 +569,7 @@ impl ConsumerRuntime {
                         if let Some(g) = guard {
                             g.release().await;
                         }
+                        crate::observe::trace::record_error(e.kind().as_str());
                         warn!(error = %e, "handler failed");
                         SettleOutcome::from_error(e)
                     }
@@ -570,6 +577,7 @@ impl ConsumerRuntime {
             }
             ClaimDecision::Duplicate => {
                 ConsumerStats::bump(&self.stats.duplicates);
+                self.stats.metrics.duplicate();
                 debug!("duplicate of a handled message; acking without a handler call");
                 SettleOutcome::Ack
             }
@@ -588,7 +596,15 @@ impl ConsumerRuntime {
             }
         };
         drop(slot);
-        settler.settle(&acker, &delivery, outcome).await;
+        let timer = self.stats.metrics.timer();
+        let name = outcome.name();
+        crate::observe::trace::settling(
+            settler.settle(&acker, &delivery, outcome),
+            delivery.queue(),
+            name,
+        )
+        .await;
+        self.stats.metrics.settled(timer);
     }
 }
 

@@ -28,6 +28,8 @@ pub struct ConsumerStats {
     pub(crate) paused: AtomicU64,
     pub(crate) held: AtomicU64,
     pub(crate) attached: AtomicBool,
+    /// The same events for the metrics recorder (feature `metrics`; empty without it).
+    pub(crate) metrics: crate::observe::ConsumerMetrics,
     /// Why the consumer cannot settle some deliveries right now, and the copy target that
     /// fails (see [`ConsumerStats::degraded`]).
     degraded: Mutex<Option<Degraded>>,
@@ -71,6 +73,14 @@ pub struct StatsSnapshot {
 }
 
 impl ConsumerStats {
+    /// The counters of the consumer `name` of `queue` (the labels of its metrics).
+    pub(crate) fn new(name: &str, queue: &str) -> Self {
+        Self {
+            metrics: crate::observe::ConsumerMetrics::new(name, queue),
+            ..Self::default()
+        }
+    }
+
     /// Read every counter.
     pub fn snapshot(&self) -> StatsSnapshot {
         let r = |c: &AtomicU64| c.load(Ordering::Relaxed);

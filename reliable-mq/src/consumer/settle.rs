@@ -50,6 +50,17 @@ pub(crate) enum SettleOutcome {
 }
 
 impl SettleOutcome {
+    /// The outcome's name, for its settle span.
+    pub(crate) fn name(&self) -> &'static str {
+        match self {
+            Self::Ack => "ack",
+            Self::Retry { .. } => "retry",
+            Self::DeadLetter { .. } => "dead_letter",
+            Self::RequeueHeld => "requeue",
+            Self::PutBack => "put_back",
+        }
+    }
+
     /// The outcome of a failed handler call.
     pub(crate) fn from_error(e: HandlerError) -> Self {
         let kind = e.kind();
@@ -94,6 +105,7 @@ impl Settler<'_> {
                             .await
                         {
                             ConsumerStats::bump(&self.stats.retried);
+                            self.stats.metrics.retried(kind.as_str());
                         }
                     }
                     None => {
@@ -123,6 +135,7 @@ impl Settler<'_> {
                     error!("no requeue tier for a held claim; putting the message back");
                     put_back(acker, PUT_BACK_DELAY).await;
                     ConsumerStats::bump(&self.stats.requeued);
+                    self.stats.metrics.requeued();
                     return;
                 };
                 // Not a failure: the retry state (`x-attempts`, ...) travels unchanged. The
@@ -137,24 +150,26 @@ impl Settler<'_> {
                 );
                 if self.copy_then_ack(acker, delivery, "", tier, headers).await {
                     ConsumerStats::bump(&self.stats.requeued);
+                    self.stats.metrics.requeued();
                 }
             }
             SettleOutcome::PutBack => {
                 put_back(acker, Duration::ZERO).await;
                 ConsumerStats::bump(&self.stats.requeued);
+                self.stats.metrics.requeued();
             }
         }
     }
 
     async fn dead_letter(&self, acker: &Acker, delivery: &Delivery, headers: FieldTable) {
-        info!(
-            kind = failure::header_str(Some(&headers), header::ERROR_KIND).unwrap_or(""),
-            dlq = %self.topology.dlq,
-            "dead-lettering"
-        );
+        let kind = failure::header_str(Some(&headers), header::ERROR_KIND)
+            .unwrap_or("")
+            .to_owned();
+        info!(kind, dlq = %self.topology.dlq, "dead-lettering");
         let (dlx, key) = (&self.topology.dlx, &self.topology.queue);
         if self.copy_then_ack(acker, delivery, dlx, key, headers).await {
             ConsumerStats::bump(&self.stats.dead_lettered);
+            self.stats.metrics.dead_lettered(&kind);
         }
     }
 
@@ -220,6 +235,7 @@ impl Settler<'_> {
                     warn!(exchange, routing_key, "the settle copy is still not taken; handing the original back before the broker's consumer_timeout would close the channel");
                     put_back(acker, Duration::ZERO).await;
                     ConsumerStats::bump(&self.stats.requeued);
+                    self.stats.metrics.requeued();
                     self.stats.release_held();
                     return false;
                 }

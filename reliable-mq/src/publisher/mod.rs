@@ -73,6 +73,7 @@ use serde::Serialize;
 use tracing::{Instrument, debug, warn};
 
 use crate::connection;
+use crate::observe::publish_metrics;
 use crate::{Config, Error};
 use ledger::{Ledger, Outcome};
 
@@ -578,14 +579,11 @@ impl Publisher {
         if patience == Patience::Republish {
             limits::check_properties(&properties)?;
         }
-        let span = tracing::debug_span!(
-            "publish",
-            exchange,
-            routing_key,
-            message_id = %message_id,
-            outcome = tracing::field::Empty,
-            retries = tracing::field::Empty,
-        );
+        let span = crate::observe::trace::publish_span(exchange, routing_key, &message_id);
+        // A copy keeps the trace context of the message it copies.
+        if patience == Patience::Republish {
+            properties = crate::observe::trace::inject(&span, properties);
+        }
         if let Some(max) = max_body_size
             && body.len() > max
         {
@@ -715,6 +713,7 @@ impl Publisher {
             .await
             // No room within the timeout: nothing was sent.
             .ok_or(AttemptError::Timeout)?;
+        let sent = publish_metrics::published();
         let outcome = match send.patience {
             Patience::Republish => ticket.await,
             Patience::AwaitOwnConfirm => {
@@ -732,9 +731,18 @@ impl Publisher {
             }
         };
         match outcome {
-            Outcome::Confirmed => Ok(()),
-            Outcome::Returned(code, reply) => Err(AttemptError::Unroutable(code, reply)),
-            Outcome::Nacked => Err(AttemptError::Nacked),
+            Outcome::Confirmed => {
+                publish_metrics::confirmed(sent);
+                Ok(())
+            }
+            Outcome::Returned(code, reply) => {
+                publish_metrics::returned();
+                Err(AttemptError::Unroutable(code, reply))
+            }
+            Outcome::Nacked => {
+                publish_metrics::nacked();
+                Err(AttemptError::Nacked)
+            }
             Outcome::TimedOut => Err(AttemptError::Timeout),
             Outcome::Failed(code, reason) => {
                 // A refusal closes only the channel: keep the connection for the next one.
