@@ -149,7 +149,9 @@ impl App {
         let mut stop_requested = self.shutdown.signal();
         let mut running = self.start().await?;
         #[cfg(feature = "http")]
-        crate::observe::http::serve_from_env(&running).await?;
+        if let Err(e) = crate::observe::http::serve_from_env(&running).await {
+            return running.shutdown().await.and(Err(e));
+        }
         let outcome = tokio::select! {
             r = shutdown::os_signal() => {
                 r.map_err(Error::Signal)?;

@@ -43,7 +43,9 @@
 //!
 //! Cargo features: `anyhow` (handlers may return `anyhow::Result<()>`), `redis-cluster`
 //! (a Redis Cluster dedup store), `testing` (`Delivery::for_test`, for unit tests of
-//! handlers).
+//! handlers), `otel` (W3C trace context through message headers), `metrics` (counters,
+//! gauges and histograms through the `metrics` facade), `http` (`/health/live`,
+//! `/health/ready` and `/metrics`; see `observe`).
 //!
 //! # State
 //!

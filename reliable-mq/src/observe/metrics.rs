@@ -30,10 +30,10 @@ const UPKEEP_EVERY: Duration = Duration::from_secs(5);
 
 static PROMETHEUS: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 
-/// Install the Prometheus recorder as the global `metrics` recorder, once per process.
-/// `None` when another recorder was installed first (the application's own): metrics go
-/// there, and [`render`] has nothing to render.
-pub fn install_prometheus() -> Option<&'static PrometheusHandle> {
+/// Install the Prometheus recorder as the global `metrics` recorder, once per process
+/// ([`App::start`](crate::App::start) does). `false` when another recorder was installed
+/// first (the application's own): metrics go there, and [`render`] has nothing to render.
+pub fn install_prometheus() -> bool {
     PROMETHEUS
         .get_or_init(|| {
             let builder = PrometheusBuilder::new()
@@ -54,7 +54,7 @@ pub fn install_prometheus() -> Option<&'static PrometheusHandle> {
             }
             Some(handle)
         })
-        .as_ref()
+        .is_some()
 }
 
 /// The metrics in Prometheus text format, when reliable-mq's Prometheus recorder is the
@@ -157,9 +157,24 @@ impl std::fmt::Debug for ConsumerMetrics {
     }
 }
 
+/// Records nothing (counters built without a consumer, in unit tests).
 impl Default for ConsumerMetrics {
     fn default() -> Self {
-        Self::new("", "")
+        Self {
+            consumer: String::new(),
+            queue: String::new(),
+            received: Counter::noop(),
+            handled: Counter::noop(),
+            duplicates: Counter::noop(),
+            requeued: Counter::noop(),
+            decode_failures: Counter::noop(),
+            dedup_errors: Counter::noop(),
+            dedup_paused: Counter::noop(),
+            handler_duration: Histogram::noop(),
+            settle_duration: Histogram::noop(),
+            in_flight: Gauge::noop(),
+            attached: Gauge::noop(),
+        }
     }
 }
 
