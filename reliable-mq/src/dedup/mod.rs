@@ -62,6 +62,8 @@ mod cluster;
 mod memory;
 mod redis;
 mod scripts;
+#[cfg(feature = "redis-sentinel")]
+mod sentinel;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -72,6 +74,8 @@ pub use redis::RedisStore;
 
 #[cfg(feature = "redis-cluster")]
 pub use cluster::RedisClusterStore;
+#[cfg(feature = "redis-sentinel")]
+pub use sentinel::RedisSentinelStore;
 
 /// What a claim attempt found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -160,6 +164,71 @@ pub fn cluster_nodes(url: &str) -> Option<Vec<String>> {
     )
 }
 
+/// What a `redis+sentinel://[user:password@]host1:port1,host2:port2/master-name` URL
+/// names: the sentinels (as `redis://host:port`), the master name, and the credentials
+/// for the Redis nodes (the sentinels are asked without them).
+#[derive(Clone, PartialEq, Eq)]
+pub struct SentinelUrl {
+    /// The sentinels, `redis://host:port` each.
+    pub sentinels: Vec<String>,
+    /// The master name the sentinels monitor.
+    pub master: String,
+    /// ACL user for the Redis nodes.
+    pub username: Option<String>,
+    /// Password for the Redis nodes.
+    pub password: Option<String>,
+}
+
+impl std::fmt::Debug for SentinelUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SentinelUrl")
+            .field("sentinels", &self.sentinels)
+            .field("master", &self.master)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "***"))
+            .finish()
+    }
+}
+
+/// The parts of a `redis+sentinel://` URL, or `None` for any other URL. The master name
+/// is the path's first segment; it may be empty here (the store refuses it).
+pub fn sentinel_url(url: &str) -> Option<SentinelUrl> {
+    let rest = url.strip_prefix("redis+sentinel://")?;
+    let (authority, tail) = rest.split_at(rest.find(['/', '?']).unwrap_or(rest.len()));
+    let (userinfo, hosts) = match authority.rfind('@') {
+        Some(at) => (Some(&authority[..at]), &authority[at + 1..]),
+        None => (None, authority),
+    };
+    let (username, password) = match userinfo {
+        None => (None, None),
+        Some(info) => match info.split_once(':') {
+            Some((user, pass)) => (
+                Some(user.to_owned()).filter(|u| !u.is_empty()),
+                Some(pass.to_owned()).filter(|p| !p.is_empty()),
+            ),
+            None => (Some(info.to_owned()).filter(|u| !u.is_empty()), None),
+        },
+    };
+    let master = tail
+        .strip_prefix('/')
+        .unwrap_or("")
+        .split(['/', '?'])
+        .next()
+        .unwrap_or("")
+        .to_owned();
+    Some(SentinelUrl {
+        sentinels: hosts
+            .split(',')
+            .map(str::trim)
+            .filter(|h| !h.is_empty())
+            .map(|h| format!("redis://{h}"))
+            .collect(),
+        master,
+        username,
+        password,
+    })
+}
+
 /// A claim lease for a handler `timeout`: the timeout plus a margin, so a claim never
 /// expires while its handler may still be running (it is renewed besides).
 pub fn lease_for(timeout: Duration) -> Duration {
@@ -168,6 +237,33 @@ pub fn lease_for(timeout: Duration) -> Duration {
 
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
+}
+
+#[cfg(test)]
+mod sentinel_url_tests {
+    use super::sentinel_url;
+
+    #[test]
+    fn sentinels_master_and_credentials() {
+        let u = sentinel_url("redis+sentinel://:s3cret@10.0.0.1:26379,10.0.0.2:26380/dedup")
+            .expect("a sentinel URL");
+        assert_eq!(
+            u.sentinels,
+            ["redis://10.0.0.1:26379", "redis://10.0.0.2:26380"]
+        );
+        assert_eq!(u.master, "dedup");
+        assert_eq!(u.username, None);
+        assert_eq!(u.password.as_deref(), Some("s3cret"));
+        assert!(!format!("{u:?}").contains("s3cret"));
+    }
+
+    #[test]
+    fn missing_master_is_empty_and_other_schemes_are_not_sentinel() {
+        let u = sentinel_url("redis+sentinel://h:1").expect("a sentinel URL");
+        assert_eq!(u.master, "");
+        assert_eq!(sentinel_url("redis://h:1/0"), None);
+        assert_eq!(sentinel_url("redis+cluster://h:1"), None);
+    }
 }
 
 #[cfg(test)]
