@@ -427,3 +427,61 @@ async fn sentinel_primary_killed_mid_stream_resumes_on_the_new_primary() {
 async fn sentinel_failover_mid_stream_follows_the_demoted_primary_away() {
     stream_through_failover(Failover::Handover).await;
 }
+
+/// What `WAIT 1 <timeout>` after each claim would cost: the same one-key `SET NX PX`
+/// claim, sequentially on one connection to the primary, alone and pipelined with
+/// `WAIT 1 1000` (which returns once the replica acknowledged the write). Prints figures;
+/// asserts only that WAIT saw the replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sentinel_wait_for_a_replica_cost_figures() {
+    use deadpool_redis::redis;
+    let s = start().await;
+    let [primary, ..] = s.ports;
+    let mut conn = redis::Client::open(format!("redis://127.0.0.1:{primary}"))
+        .expect("client")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("primary");
+    let prefix = unique("rmq-test:wait");
+    const N: usize = 2000;
+    let claim = |i: usize, round: &str| {
+        let mut c = redis::cmd("SET");
+        c.arg(format!("{prefix}:{round}:{i}"))
+            .arg("token")
+            .arg("NX")
+            .arg("PX")
+            .arg(60_000);
+        c
+    };
+    let mut figures = Vec::new();
+    for round in ["warm-up", "measured"] {
+        let t0 = Instant::now();
+        for i in 0..N {
+            let _: Option<String> = claim(i, &format!("{round}-plain"))
+                .query_async(&mut conn)
+                .await
+                .expect("claim");
+        }
+        let plain = t0.elapsed() / N as u32;
+        let t0 = Instant::now();
+        let mut acked = 0;
+        for i in 0..N {
+            let (_, replicas): (Option<String>, i64) = redis::pipe()
+                .add_command(claim(i, &format!("{round}-wait")))
+                .add_command(redis::cmd("WAIT").arg(1).arg(1000).to_owned())
+                .query_async(&mut conn)
+                .await
+                .expect("claim + WAIT");
+            acked += usize::from(replicas >= 1);
+        }
+        let waited = t0.elapsed() / N as u32;
+        figures = vec![(plain, waited, acked)];
+    }
+    let (plain, waited, acked) = figures[0];
+    eprintln!(
+        "claim alone {plain:?}/op, claim + WAIT 1 1000 {waited:?}/op ({:.2}x), \
+         {acked} of {N} acknowledged by the replica (sequential, one connection, loopback)",
+        waited.as_secs_f64() / plain.as_secs_f64().max(1e-9)
+    );
+    assert_eq!(acked, N, "WAIT saw the replica acknowledge every claim");
+}

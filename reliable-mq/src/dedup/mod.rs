@@ -33,14 +33,49 @@
 //!
 //! The guarantee is as durable as the store. [`MemoryStore`] dies with the process and is
 //! not shared: one instance only. [`RedisStore`] serves every instance; a Redis restarted
-//! without persistence (or a failover to a replica that had not received the latest
-//! writes) forgets `done` marks and claims, so a copy arriving after that runs again. Give
-//! Redis AOF or replication with `WAIT` if that matters. Every script touches one key,
-//! so the protocol suits Redis Cluster as it is: [`RedisStore`] talks to one node (or a
-//! proxy in front of a cluster), `RedisClusterStore` (cargo feature `redis-cluster`;
-//! `REDIS_URL=redis+cluster://host1:port,host2:port`) to a Redis Cluster with the same
-//! four scripts. Sentinel is not implemented yet: implement [`DedupStore`] over a
-//! Sentinel client with the same scripts.
+//! without persistence forgets `done` marks and claims, so a copy arriving after that runs
+//! again. Give Redis AOF if that matters. Every script touches one key, so the protocol
+//! runs unchanged on the other topologies:
+//!
+//! | `REDIS_URL` | store | cargo feature |
+//! |---|---|---|
+//! | `redis://host:port` | [`RedisStore`]: one node (or a proxy in front of several) | - |
+//! | `redis+cluster://host1:port1,host2:port2` | `RedisClusterStore`: a Redis Cluster (seed nodes; one is enough) | `redis-cluster` |
+//! | `redis+sentinel://[user:password@]host1:port1,host2:port2/master` | `RedisSentinelStore`: the primary that the sentinels name for `master`, found again after a failover | `redis-sentinel` |
+//!
+//! A `redis+…` URL without its feature is a start-up error, never a silent fall-back to
+//! one node.
+//!
+//! # Replication and failover
+//!
+//! Redis replicates asynchronously: the primary answers a claim (or a `done` mark) before
+//! any replica has it. If the primary dies in that window and a replica is promoted
+//! (Sentinel or Cluster failover), the write is gone. What that means for a delivery:
+//!
+//! - **A lost claim**: the first copy is still running; a second copy of the same
+//!   message arriving now finds the key free and runs too. A second copy arrives only by
+//!   a redelivery (the first copy's connection dropped) or a duplicate publish, so this
+//!   needs a failover *and* such a copy within the replication lag, typically
+//!   milliseconds.
+//! - **A lost `done` mark**: the message was handled and acked; a duplicate published
+//!   later runs again (a redelivery cannot happen: the original was acked).
+//!
+//! So a failover can let a message that was *in flight at that moment* run twice; it never
+//! skips one (a lost claim only makes a key free, never `done`). While no primary
+//! answers, the claims fail and the consumer pauses in place with its deliveries unacked
+//! (the `sentinel` tests measure the pause: about the sentinels' `down-after-milliseconds`
+//! plus the election, 2.4 s with 1 s there).
+//!
+//! `WAIT 1 <timeout>` after each claim and each `done` mark would close this for a single
+//! failure: the operation would count only once a replica has it. Its price is a round
+//! trip from the primary to a replica on every claim and every `done`, on the critical
+//! path of each message. Measured on loopback (`sentinel_wait_for_a_replica_cost_figures`:
+//! one connection, sequential `SET NX PX`): 70 µs alone, 107 µs with `WAIT 1 1000`
+//! pipelined after it (1.5x); across machines add the primary-replica network round trip
+//! (typically 0.2-1 ms per operation), and when no replica answers, every claim waits
+//! out the timeout. It is not offered as a setting: the window it closes is the one
+//! above, and the handler window below (side effect done, `done` not written) stays open
+//! either way; the inbox pattern closes both for database side effects.
 //!
 //! # The window no broker-side design closes
 //!

@@ -64,9 +64,12 @@ impl RedisSentinelStore {
             node = node.set_password(password);
         }
         let urls: Vec<String> = sentinels.iter().map(|s| s.as_ref().to_owned()).collect();
+        // An owned name fits `build` both with and without redis' TLS feature (which
+        // changes its parameter type).
+        let service: String = master.to_owned();
         let client = SentinelClient::build(
             urls,
-            master.to_owned(),
+            service,
             Some(SentinelNodeConnectionInfo::default().set_redis_connection_info(node)),
             SentinelServerType::Master,
         )
