@@ -112,7 +112,7 @@ where
     let _serial = CLUSTER_LOCK.lock().await;
     let queue = unique(&format!("cluster-{slug}"));
     // The broker objects go with the cluster's data; only the Redis keys need cleaning.
-    let _cleanup = Cleanup::default().redis_keys(&format!("reliable-mq:{queue}"));
+    let _cleanup = Cleanup::default().redis_keys(&format!("reliable-mq:/:{queue}"));
     let cluster = Arc::new(Cluster::start());
     let broker = cluster.broker().await.expect("a cluster node accepts");
     let log = log_path(&queue);

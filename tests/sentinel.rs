@@ -230,7 +230,7 @@ async fn sentinel_claim_protocol_on_the_resolved_primary() {
     let s = start().await;
     let store = RedisSentinelStore::new(&s.sentinel_urls(), MASTER, None, None).expect("store");
     store.ping().await.expect("the primary answers");
-    let k = dedup::key(&unique("rmq-test:sentinel"), "q", "m-1");
+    let k = dedup::KeyScope::new(&unique("rmq-test:sentinel"), "/").key("q", "m-1");
 
     assert_eq!(
         store.claim(&k, "t1", LEASE).await.expect("claim"),
@@ -263,7 +263,7 @@ async fn sentinel_claim_protocol_on_the_resolved_primary() {
         Claim::Done
     );
 
-    let k2 = dedup::key(&unique("rmq-test:sentinel"), "q", "m-2");
+    let k2 = dedup::KeyScope::new(&unique("rmq-test:sentinel"), "/").key("q", "m-2");
     assert_eq!(
         store.claim(&k2, "a", LEASE).await.expect("claim"),
         Claim::Acquired
