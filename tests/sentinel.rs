@@ -107,8 +107,8 @@ impl Sentinels {
         );
     }
 
-    /// Whether the process on `port` answers and runs from our directory (sentinels
-    /// answer `CONFIG GET` too... not all versions: fall back to the pid file).
+    /// Whether the process on `port` answers and is ours: a server reports our directory;
+    /// a sentinel (which refuses `CONFIG GET`) answers `PING` and wrote our pid file.
     fn is_ours(&self, port: u16) -> bool {
         let dir = self.dir.to_string_lossy();
         cli(port, &["config", "get", "dir"]).contains(dir.trim_end_matches('/'))
@@ -453,7 +453,8 @@ async fn sentinel_wait_for_a_replica_cost_figures() {
             .arg(60_000);
         c
     };
-    let mut figures = Vec::new();
+    // The first round warms the connection and the replica link up; the second counts.
+    let mut measured = (Duration::ZERO, Duration::ZERO, 0);
     for round in ["warm-up", "measured"] {
         let t0 = Instant::now();
         for i in 0..N {
@@ -474,10 +475,9 @@ async fn sentinel_wait_for_a_replica_cost_figures() {
                 .expect("claim + WAIT");
             acked += usize::from(replicas >= 1);
         }
-        let waited = t0.elapsed() / N as u32;
-        figures = vec![(plain, waited, acked)];
+        measured = (plain, t0.elapsed() / N as u32, acked);
     }
-    let (plain, waited, acked) = figures[0];
+    let (plain, waited, acked) = measured;
     eprintln!(
         "claim alone {plain:?}/op, claim + WAIT 1 1000 {waited:?}/op ({:.2}x), \
          {acked} of {N} acknowledged by the replica (sequential, one connection, loopback)",
