@@ -70,17 +70,18 @@
 //! `WAIT 1 <timeout>` after each claim and each `done` mark would narrow this to almost
 //! nothing for a single failure: the operation would count only once a replica has it
 //! (not a guarantee: with several replicas, Sentinel may promote one that lacks the
-//! write, and Redis documents `WAIT` as not making it strongly consistent). Its price is a round
-//! trip from the primary to a replica on every claim and every `done`, on the critical
-//! path of each message. Measured on loopback (`sentinel_wait_for_a_replica_cost_figures`:
-//! one connection, sequential `SET NX PX`, three runs on a shared 2-core machine): 70,
-//! 72 and 196 µs alone; 107 µs, 195 µs and 1.0 ms with `WAIT 1 1000` pipelined after it
-//! (1.5x, 2.7x, 5.1x: the busier the machine, the longer the replica takes to be
-//! scheduled and acknowledge). Across machines add the primary-replica network round trip
-//! (typically 0.2-1 ms per operation), and when no replica answers, every claim waits
-//! out the timeout. It is not offered as a setting: the window it closes is the one
-//! above, and the handler window below (side effect done, `done` not written) stays open
-//! either way; the inbox pattern closes both for database side effects.
+//! write, and Redis documents `WAIT` as not making it strongly consistent). Its price is
+//! a round trip from the primary to a replica on every claim and every `done`, on the
+//! critical path of each message. Measured on loopback
+//! (`sentinel_wait_for_a_replica_cost_figures`: one connection, sequential `SET NX PX`,
+//! three runs on a shared 2-core machine): 70, 72 and 196 µs alone; 107 µs, 195 µs and
+//! 1.0 ms with `WAIT 1 1000` pipelined after it (1.5x, 2.7x, 5.1x: the busier the
+//! machine, the longer the replica takes to be scheduled and acknowledge). Across
+//! machines add the primary-replica network round trip (typically 0.2-1 ms per
+//! operation), and when no replica answers, every claim waits out the timeout. It is not
+//! offered as a setting: the window it closes is the one above, and the handler window
+//! below (side effect done, `done` not written) stays open either way; the inbox pattern
+//! closes both for database side effects.
 //!
 //! # The window no broker-side design closes
 //!
