@@ -153,11 +153,19 @@ where
     if quorum {
         // Leader and consumer on different nodes, so that each scenario breaks one thing.
         let consumer = ctx.consumer_node().expect("consumer node");
-        if cluster.leader(&queue) == Some(consumer) {
+        let leader = cluster.leader(&queue);
+        eprintln!("{name}: consumer on node {consumer}, leader on {leader:?}");
+        if leader == Some(consumer) {
             assert!(cluster.move_leader_off(&queue, consumer), "leader moved");
             assert!(cluster.await_members(&queue, Duration::from_secs(60)).await);
         }
-        assert_ne!(cluster.leader(&queue), Some(consumer));
+        assert!(
+            eventually(Duration::from_secs(30), || async {
+                cluster.leader(&queue).is_some_and(|l| l != consumer)
+            })
+            .await,
+            "the leader is on another node than the consumer"
+        );
     }
 
     let config = test_config(&queue)
