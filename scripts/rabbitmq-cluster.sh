@@ -19,6 +19,9 @@
 #                          BASE+20000+i (default 5780: 5781-5783 and 25781-25783; the
 #                          default node keeps 5672/25672/15672; epmd on 4369 is shared)
 #   RMQ_CLUSTER_NAME       node name prefix (default rmqc: rmqc1@localhost ...)
+#   RMQ_CLUSTER_BIN        RabbitMQ's own scripts (default /usr/lib/rabbitmq/bin, the
+#                          Debian/Ubuntu layout; not /usr/sbin, whose wrappers switch to
+#                          the rabbitmq user and its HOME)
 #
 # No management plugin (an empty enabled-plugins file), so no HTTP ports at all.
 set -euo pipefail
@@ -27,7 +30,7 @@ ROOT="${RMQ_CLUSTER_ROOT:-/tmp/reliable-mq-cluster}"
 BASE="${RMQ_CLUSTER_BASE_PORT:-5780}"
 NAME="${RMQ_CLUSTER_NAME:-rmqc}"
 HOST=localhost
-BIN=/usr/lib/rabbitmq/bin
+BIN="${RMQ_CLUSTER_BIN:-/usr/lib/rabbitmq/bin}"
 NODES=(1 2 3)
 
 node() { echo "${NAME}$1@${HOST}"; }
@@ -198,6 +201,11 @@ status() {
     fi
   done
 }
+
+if [ ! -x "$BIN/rabbitmq-server" ]; then
+  echo "no rabbitmq-server in $BIN: set RMQ_CLUSTER_BIN to RabbitMQ's sbin/bin directory" >&2
+  exit 1
+fi
 
 cmd="${1:-}"
 shift || true
