@@ -76,11 +76,14 @@
 //! consumer and the type.
 
 mod app;
+mod asyncapi;
 mod config;
 mod connection;
 mod consumer;
 pub mod dedup;
 mod delivery;
+#[cfg(feature = "cli")]
+pub mod dlq;
 mod error;
 mod failure;
 mod handler;
@@ -91,7 +94,7 @@ mod spec;
 mod state;
 mod topology;
 
-pub use app::{App, Health, RunningApp, run, run_with};
+pub use app::{App, ExportFormat, Health, RunningApp, run, run_with};
 pub use config::Config;
 pub use consumer::StatsSnapshot;
 pub use dedup::{DedupStore, MemoryStore, RedisStore};
