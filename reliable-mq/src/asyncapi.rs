@@ -270,7 +270,7 @@ fn dead_letter_message() -> Value {
 }
 
 /// Declaration arguments as JSON.
-fn field_table(table: &FieldTable) -> Value {
+pub(crate) fn field_table(table: &FieldTable) -> Value {
     let mut out = Map::new();
     for (k, v) in table.inner() {
         out.insert(k.as_str().to_owned(), amqp_value(v));
