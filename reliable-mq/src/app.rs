@@ -177,7 +177,9 @@ impl App {
             let mut out = std::io::stdout().lock();
             writeln!(out, "{doc}")
                 .and_then(|()| out.flush())
-                .map_err(|e| Error::Config(format!("RELIABLE_MQ_EXPORT: cannot write to stdout: {e}")))?;
+                .map_err(|e| {
+                    Error::Config(format!("RELIABLE_MQ_EXPORT: cannot write to stdout: {e}"))
+                })?;
             std::process::exit(0);
         }
         let mut stop_requested = self.shutdown.signal();

@@ -116,7 +116,8 @@ pub(crate) fn document(consumers: &[ConsumerConfig]) -> Value {
                     json!({ msg_id.clone(): msg_ref.clone() }),
                 ),
             );
-            tiers.push(json!({ "queue": tier, "delay": reliable_mq_model::format_duration(delay) }));
+            tiers
+                .push(json!({ "queue": tier, "delay": reliable_mq_model::format_duration(delay) }));
         }
 
         let op = channel_id("consume", c.name());
@@ -399,7 +400,9 @@ fn yaml_scalar(v: &Value) -> String {
 /// Keys plain when they are safe identifiers, quoted otherwise.
 fn yaml_key(k: &str) -> String {
     let plain = !k.is_empty()
-        && k.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '$' || c == '_')
+        && k.chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '$' || c == '_')
         && k.chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '$' | '_' | '-' | '.' | '/'))
         && !matches!(
@@ -433,7 +436,9 @@ mod tests {
     #[test]
     fn describes_every_declared_object() {
         let doc = document(&app());
-        let channels = doc["channels"].as_object().map(|m| m.keys().cloned().collect::<Vec<_>>());
+        let channels = doc["channels"]
+            .as_object()
+            .map(|m| m.keys().cloned().collect::<Vec<_>>());
         assert_eq!(
             channels.unwrap_or_default(),
             [

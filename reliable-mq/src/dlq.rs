@@ -25,9 +25,7 @@ use std::collections::BTreeMap;
 
 use futures_util::StreamExt as _;
 use futures_util::stream::FuturesUnordered;
-use lapin::options::{
-    BasicAckOptions, BasicGetOptions, BasicNackOptions, QueueDeclareOptions,
-};
+use lapin::options::{BasicAckOptions, BasicGetOptions, BasicNackOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection};
 use serde::Serialize;
@@ -109,7 +107,9 @@ impl Filter {
         let when = d.last_failure.or(d.first_failure);
         (self.ids.is_empty() || d.message_id.as_ref().is_some_and(|m| self.ids.contains(m)))
             && (self.kinds.is_empty()
-                || d.error_kind.as_ref().is_some_and(|k| self.kinds.contains(k)))
+                || d.error_kind
+                    .as_ref()
+                    .is_some_and(|k| self.kinds.contains(k)))
             && self.since.is_none_or(|s| when.is_some_and(|w| w >= s))
             && self.before.is_none_or(|b| when.is_some_and(|w| w < b))
     }
@@ -164,7 +164,10 @@ impl Walk {
         self.left -= 1;
         let got = self
             .channel
-            .basic_get(self.queue.as_str().into(), BasicGetOptions { no_ack: false })
+            .basic_get(
+                self.queue.as_str().into(),
+                BasicGetOptions { no_ack: false },
+            )
             .await
             .map_err(|e| Error::amqp(format!("reading queue '{}'", self.queue), e))?;
         Ok(got.map(|m| {
@@ -337,8 +340,7 @@ pub async fn replay(
         while let Some(d) = walk.next().await? {
             sum.seen += 1;
             let letter = DeadLetter::of(&d.properties);
-            if !options.filter.matches(&letter) || options.limit.is_some_and(|l| sum.matched >= l)
-            {
+            if !options.filter.matches(&letter) || options.limit.is_some_and(|l| sum.matched >= l) {
                 continue;
             }
             sum.matched += 1;
@@ -463,7 +465,11 @@ fn parse_rfc3339(t: &str) -> Option<i64> {
     let mut d = date.splitn(3, '-').map(|p| p.parse::<i64>().ok());
     let (y, m, day) = (d.next()??, d.next()??, d.next()??);
     let mut h = time.splitn(3, ':').map(|p| p.parse::<f64>().ok());
-    let (hh, mm, ss) = (h.next()??, h.next()?.unwrap_or(0.0), h.next().flatten().unwrap_or(0.0));
+    let (hh, mm, ss) = (
+        h.next()??,
+        h.next()?.unwrap_or(0.0),
+        h.next().flatten().unwrap_or(0.0),
+    );
     if !(1..=12).contains(&m) || !(1..=31).contains(&day) {
         return None;
     }
@@ -515,7 +521,15 @@ pub fn format_age(ms: i64) -> String {
 
 /// The `dlq list` table.
 pub fn table(letters: &[DeadLetter], now_ms: i64) -> String {
-    let header = ["MESSAGE_ID", "KIND", "ERROR", "ATTEMPTS", "FIRST FAILURE", "LAST FAILURE", "AGE"];
+    let header = [
+        "MESSAGE_ID",
+        "KIND",
+        "ERROR",
+        "ATTEMPTS",
+        "FIRST FAILURE",
+        "LAST FAILURE",
+        "AGE",
+    ];
     let time = |t: Option<i64>| t.map(format_time).unwrap_or_else(|| "-".into());
     let rows: Vec<[String; 7]> = letters
         .iter()
@@ -557,7 +571,10 @@ pub fn table(letters: &[DeadLetter], now_ms: i64) -> String {
 
 /// One line, at most `max` characters, marked when cut.
 fn trim(s: &str, max: usize) -> String {
-    let one_line: String = s.chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
+    let one_line: String = s
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
     if one_line.chars().count() <= max {
         return one_line;
     }
@@ -609,7 +626,19 @@ mod tests {
             ..Filter::default()
         };
         assert!(f.matches(&d));
-        assert!(!Filter { before: Some(1000), ..f.clone() }.matches(&d));
-        assert!(!Filter { kinds: vec!["panic".into()], ..f }.matches(&d));
+        assert!(
+            !Filter {
+                before: Some(1000),
+                ..f.clone()
+            }
+            .matches(&d)
+        );
+        assert!(
+            !Filter {
+                kinds: vec!["panic".into()],
+                ..f
+            }
+            .matches(&d)
+        );
     }
 }

@@ -142,14 +142,21 @@ async fn run(cli: Cli) -> Result<ExitCode, Error> {
             };
             let letters = super::list(&config, &dlq, &filter).await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&letters).unwrap_or_default());
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&letters).unwrap_or_default()
+                );
             } else {
                 print!("{}", super::table(&letters, now));
                 let kinds: Vec<String> = super::count_by_kind(&letters)
                     .into_iter()
                     .map(|(k, n)| format!("{k}: {n}"))
                     .collect();
-                println!("{} dead letter(s) in {dlq} ({})", letters.len(), kinds.join(", "));
+                println!(
+                    "{} dead letter(s) in {dlq} ({})",
+                    letters.len(),
+                    kinds.join(", ")
+                );
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -211,7 +218,10 @@ async fn run(cli: Cli) -> Result<ExitCode, Error> {
             .await?;
             bar.finish_and_clear();
             if json {
-                println!("{}", serde_json::to_string_pretty(&summary).unwrap_or_default());
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&summary).unwrap_or_default()
+                );
             } else {
                 print_summary(&dlq, &summary, dry_run, max_replays);
             }
