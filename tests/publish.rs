@@ -646,3 +646,211 @@ async fn a_handler_publishes_an_event_through_its_delivery() {
         .await;
     broker.delete(&[&events], &[]).await;
 }
+
+// --- limits: one test per field, each over its limit -------------------------------------
+
+/// Publish `build(options)` to `exchange`/`key` and expect `PublishError::Invalid` naming
+/// `field`; then the same publisher must still deliver a valid message.
+async fn over_limit(
+    field: &str,
+    exchange: Option<String>,
+    key: Option<String>,
+    build: impl FnOnce(PublishOptions) -> PublishOptions,
+) {
+    let broker = Broker::connect().await;
+    let q = unique("pub-limit");
+    declare_queue(&broker, &q, FieldTable::default()).await;
+    let publisher = publisher(test_config(&q)).await;
+    let options = build(PublishOptions::default());
+    let exchange = exchange.unwrap_or_default();
+    let key = key.unwrap_or_else(|| q.clone());
+
+    let err = publisher
+        .publish_with(&exchange, &key, &event(1), options)
+        .await
+        .expect_err("over the limit");
+    let PublishError::Invalid {
+        field: named,
+        reason,
+    } = &err
+    else {
+        panic!("expected Invalid for {field}, got {err:?}");
+    };
+    assert!(named.starts_with(field), "{named} vs {field}: {err}");
+    assert!(!reason.is_empty(), "{err}");
+    assert!(!err.outcome_unknown());
+    assert_eq!(
+        broker.ready_count(&q).await,
+        Some(0),
+        "nothing was sent for {field}"
+    );
+
+    // The connection survived: the next publish goes through on it.
+    assert!(publisher.is_connected().await);
+    let id = publisher
+        .publish("", &q, &event(2))
+        .await
+        .expect("publisher still usable");
+    let got = broker.get_within(&q, WAIT).await.expect("arrived");
+    assert_eq!(got.message_id().as_deref(), Some(id.as_str()));
+    publisher.close().await;
+    broker.delete(&[&q], &[]).await;
+}
+
+fn long() -> String {
+    "z".repeat(300)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn message_id_over_255_bytes_is_invalid() {
+    over_limit("message_id", None, None, |mut o| {
+        o.message_id = Some(long());
+        o
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn header_key_over_255_bytes_is_invalid() {
+    over_limit("header key", None, None, |o| o.header(&long(), "v")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exchange_over_255_bytes_is_invalid() {
+    over_limit("exchange", Some(long()), None, |o| o).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routing_key_over_255_bytes_is_invalid() {
+    over_limit("routing_key", None, Some(long()), |o| o).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn content_type_over_255_bytes_is_invalid() {
+    over_limit("content_type", None, None, |mut o| {
+        o.content_type = Some(long());
+        o
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn type_over_255_bytes_is_invalid() {
+    over_limit("type", None, None, |mut o| {
+        o.kind = Some(long());
+        o
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn app_id_over_255_bytes_is_invalid() {
+    over_limit("app_id", None, None, |mut o| {
+        o.app_id = Some(long());
+        o
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn correlation_id_over_255_bytes_is_invalid() {
+    over_limit("correlation_id", None, None, |mut o| {
+        o.correlation_id = Some(long());
+        o
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reply_to_over_255_bytes_is_invalid() {
+    over_limit("reply_to", None, None, |mut o| {
+        o.reply_to = Some(long());
+        o
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expiration_over_255_bytes_is_invalid() {
+    over_limit("expiration", None, None, |mut o| {
+        o.expiration = Some(long());
+        o
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_id_over_255_bytes_is_invalid() {
+    over_limit("user_id", None, None, |mut o| {
+        o.user_id = Some(long());
+        o
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn headers_nested_too_deep_are_invalid() {
+    let mut value = AMQPValue::LongString("leaf".into());
+    for _ in 0..40 {
+        let mut t = FieldTable::default();
+        t.insert("n".into(), value);
+        value = AMQPValue::FieldTable(t);
+    }
+    over_limit("headers", None, None, |mut o| {
+        o.headers.insert("deep".into(), value);
+        o
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn headers_too_large_for_a_frame_are_invalid() {
+    over_limit("headers", None, None, |mut o| {
+        o.headers.insert(
+            "big".into(),
+            AMQPValue::LongString("x".repeat(200 * 1024).into()),
+        );
+        o
+    })
+    .await;
+}
+
+/// Deletes a broker user when dropped (also when the test fails).
+struct UserGuard(String);
+
+impl Drop for UserGuard {
+    fn drop(&mut self) {
+        reliable_mq_tests::sh(&format!(
+            "rabbitmqctl delete_user '{}' >/dev/null 2>&1",
+            self.0
+        ));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_refused_on_the_default_exchange_is_a_refusal_by_reply_code() {
+    let broker = Broker::connect().await;
+    let q = unique("pub-403");
+    declare_queue(&broker, &q, FieldTable::default()).await;
+    let user = unique("rmq-test-readonly");
+    let _guard = UserGuard(user.clone());
+    assert!(reliable_mq_tests::sh(&format!(
+        "rabbitmqctl add_user '{user}' 'pw-{user}' >/dev/null 2>&1 && rabbitmqctl set_permissions -p / '{user}' '.*' '^$' '.*' >/dev/null 2>&1"
+    )));
+    let url = format!("amqp://{user}:pw-{user}@127.0.0.1:5672/%2f");
+    let publisher = publisher(test_config(&q).with_amqp_url(url)).await;
+
+    let err = publisher
+        .publish("", &q, &event(1))
+        .await
+        .expect_err("this user may not write");
+    let PublishError::Refused { code, exchange, .. } = &err else {
+        panic!("expected Refused, got {err:?}");
+    };
+    assert_eq!(*code, 403, "{err}");
+    assert_eq!(exchange, "");
+    assert!(!err.outcome_unknown());
+    assert_eq!(broker.ready_count(&q).await, Some(0));
+    publisher.close().await;
+    broker.delete(&[&q], &[]).await;
+}

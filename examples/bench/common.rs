@@ -13,8 +13,11 @@ use reliable_mq::ConsumerConfig;
 
 pub const USAGE: &str = "usage: bench <mode> [options]
 modes:
-  publish   persistent 256-byte messages with confirms: raw lapin pipelined, raw lapin
-            one confirm at a time, reliable_mq::Publisher
+  publish   persistent 256-byte messages with confirms: raw lapin sending the same
+            message as Publisher, raw lapin bare, raw lapin one confirm at a time,
+            reliable_mq::Publisher; all with the same window of publishes in flight
+  publish-cancelled
+            --n publishes (default 100000) dropped after ~200us; prints VmRSS/VmHWM
   consume   drain a pre-filled durable queue of persistent 256-byte JSON messages: raw
             lapin (manual ack, prefetch 100), reliable_mq at concurrency 1 and 16, and
             idempotent with RedisStore at concurrency 1 and 16
@@ -26,9 +29,9 @@ modes:
 options:
   --n N              messages per repetition (publish: 20000, consume: 50000)
   --reps R           repetitions; the table shows medians (publish: 5, consume: 3)
-  --window W         outstanding confirms of the pipelined raw publisher (default 1000)
+  --window W         publish: publishes in flight, for raw lapin and Publisher alike (default 1000)
   --one-by-one-n N   messages for the one-confirm-at-a-time run (default 2000)
-  --concurrency C    publishes in flight through Publisher (default 1000)
+  --concurrency C    (unused by publish since both sides share --window)
   --size B           body size in bytes (default 256)
   --rate R           latency: messages per second (default 1000)
   --seconds S        latency: seconds per variant (default 10)

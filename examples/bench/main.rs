@@ -5,6 +5,7 @@
 //! cargo run --release --example bench -- all        # every mode, a few minutes
 //! cargo run --release --example bench -- publish [--n 20000] [--reps 5] [--window 1000]
 //!                                               [--one-by-one-n 2000] [--concurrency 1000]
+//! cargo run --release --example bench -- publish-cancelled [--n 100000] [--window 1000]
 //! cargo run --release --example bench -- consume [--n 50000] [--reps 3]
 //! cargo run --release --example bench -- latency [--rate 1000] [--seconds 10]
 //! cargo run --release --example bench -- rss [--depth-small 100000] [--depth-large 1000000]
@@ -37,6 +38,7 @@ async fn main() {
             Ok(())
         }
         "publish" => publish::run(&args).await,
+        "publish-cancelled" => publish::run_cancelled(&args).await,
         "consume" => consume::run(&args).await,
         "latency" => latency::run(&args).await,
         "rss" => rss::run(&args).await,

@@ -3,12 +3,33 @@
 //!
 //! | variable | meaning | default |
 //! |---|---|---|
-//! | `AMQP_URL` | broker URL; several comma-separated URLs (cluster nodes) are tried in turn | `amqp://guest:guest@127.0.0.1:5672/%2f` |
-//! | `REDIS_URL` | dedup store: `redis://host:port` (one node), or `redis+cluster://host1:port1,host2:port2` (Redis Cluster seed nodes; cargo feature `redis-cluster`); unset = in-process store (single instance only) | unset |
+//! | `AMQP_URL` | broker URL, `amqp://` or `amqps://` (TLS, see below); several comma-separated URLs (cluster nodes) are tried in turn | `amqp://guest:guest@127.0.0.1:5672/%2f` |
+//! | `REDIS_URL` | dedup store: `redis://host:port` or `rediss://host:port` (TLS) for one node, or `redis+cluster://host1:port1,host2:port2` (`rediss+cluster://` with TLS; Redis Cluster seed nodes; cargo feature `redis-cluster`); unset = in-process store (single instance only) | unset |
 //! | `RELIABLE_MQ_SHUTDOWN_GRACE` | how long in-flight handlers may finish after SIGINT/SIGTERM | `30s` |
 //! | `RELIABLE_MQ_CONFIRM_TIMEOUT` | how long a publish waits for the broker's confirm | `10s` |
 //! | `RELIABLE_MQ_HEARTBEAT` | AMQP heartbeat interval | `20s` |
 //! | `RELIABLE_MQ_DEDUP_PREFIX` | namespace of dedup keys in Redis | `reliable-mq` |
+//!
+//! # TLS
+//!
+//! `amqps://` and `rediss://` (cargo feature `tls`, on by default: rustls) verify the
+//! server against the system's root certificates, or against the CAs of a `cacertfile`
+//! query parameter. RabbitMQ's URI parameters are read from the query of either URL:
+//!
+//! | parameter | meaning |
+//! |---|---|
+//! | `cacertfile` | PEM file of the CAs to trust instead of the system roots |
+//! | `certfile`, `keyfile` | PEM client certificate chain and key (mutual TLS); both or neither |
+//! | `server_name_indication` | name sent (SNI) and verified instead of the host (AMQP only) |
+//!
+//! There is no fall-back to plain text: a failed handshake is an
+//! [`Error::Tls`] naming the URL and the reason. TLS parameters on a
+//! plain-text URL are a configuration error.
+//!
+//! # Secrets
+//!
+//! `Debug` of [`Config`] (and of everything holding one) and every error show URLs through
+//! [`redact_url`]: the password becomes `***`.
 
 use std::time::Duration;
 
@@ -18,7 +39,9 @@ use crate::Error;
 pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
 /// Settings shared by consumers and publishers.
-#[derive(Debug, Clone)]
+///
+/// `Debug` shows the URLs with their passwords replaced by `***`.
+#[derive(Clone)]
 #[non_exhaustive]
 pub struct Config {
     /// Broker URL.
@@ -31,7 +54,8 @@ pub struct Config {
     pub confirm_timeout: Duration,
     /// Extra attempts a publish gets after a nack, timeout or lost connection.
     pub publish_retries: u32,
-    /// Largest body a publish accepts (checked before sending).
+    /// Largest body a publish accepts (checked before sending), and the largest a consumer
+    /// hands to its handler: a bigger delivery is dead-lettered (kind `decode`).
     pub max_body_size: usize,
     /// AMQP heartbeat (rounded up to whole seconds; zero disables heartbeats).
     pub heartbeat: Duration,
@@ -46,6 +70,40 @@ pub struct Config {
     pub blocked_timeout: Duration,
     /// Connection name shown in the broker's management tools.
     pub connection_name: String,
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Destructured so a new field cannot be added without deciding how it is shown.
+        let Self {
+            amqp_url: _,
+            redis_url,
+            shutdown_grace,
+            confirm_timeout,
+            publish_retries,
+            max_body_size,
+            heartbeat,
+            connect_timeout,
+            max_reconnect_delay,
+            dedup_prefix,
+            blocked_timeout,
+            connection_name,
+        } = self;
+        f.debug_struct("Config")
+            .field("amqp_url", &self.redacted_amqp_url())
+            .field("redis_url", &redis_url.as_deref().map(redact_url))
+            .field("shutdown_grace", shutdown_grace)
+            .field("confirm_timeout", confirm_timeout)
+            .field("publish_retries", publish_retries)
+            .field("max_body_size", max_body_size)
+            .field("heartbeat", heartbeat)
+            .field("connect_timeout", connect_timeout)
+            .field("max_reconnect_delay", max_reconnect_delay)
+            .field("dedup_prefix", dedup_prefix)
+            .field("blocked_timeout", blocked_timeout)
+            .field("connection_name", connection_name)
+            .finish()
+    }
 }
 
 impl Default for Config {
@@ -75,6 +133,26 @@ impl Default for Config {
 }
 
 impl Config {
+    /// Log filter directives that keep message bodies out of the logs. lapin logs every
+    /// message the broker returns (an unroutable `mandatory` publish), body included, at
+    /// `warn` on the `lapin::returned_messages` target, and every frame (bodies too) at
+    /// `trace` on `lapin::channels` and `lapin::frames`. reliable-mq reports returns itself
+    /// (`PublishError::Unroutable`, without the body). Add these to your subscriber's filter;
+    /// being more specific than a plain level or `lapin=trace`, they win over both:
+    ///
+    /// ```
+    /// # use tracing_subscriber::EnvFilter;
+    /// let mut filter = EnvFilter::new("info");
+    /// for d in reliable_mq::Config::QUIET_LAPIN_DIRECTIVES {
+    ///     filter = filter.add_directive(d.parse().expect("a valid directive"));
+    /// }
+    /// ```
+    pub const QUIET_LAPIN_DIRECTIVES: [&str; 3] = [
+        "lapin::returned_messages=error",
+        "lapin::channels=info",
+        "lapin::frames=info",
+    ];
+
     /// Read the environment (see the module docs), defaults for what is unset.
     pub fn from_env() -> Result<Self, Error> {
         let mut c = Self::default();
@@ -127,7 +205,7 @@ impl Config {
         self
     }
 
-    /// Set the largest body a publish accepts.
+    /// Set the largest body a publish accepts and a consumer hands to its handler.
     pub fn with_max_body_size(mut self, bytes: usize) -> Self {
         self.max_body_size = bytes;
         self
@@ -164,6 +242,11 @@ impl Config {
             .map(redact_url)
             .collect::<Vec<_>>()
             .join(",")
+    }
+
+    /// The Redis URL with its password replaced by `***`, for logs and errors.
+    pub fn redacted_redis_url(&self) -> Option<String> {
+        self.redis_url.as_deref().map(redact_url)
     }
 
     /// The broker addresses: `amqp_url` split on commas (several nodes of a cluster to
@@ -206,23 +289,144 @@ pub fn parse_duration(s: &str) -> Option<Duration> {
     Some(Duration::from_millis(n.checked_mul(ms)?))
 }
 
-/// Replace the password of `user:password@` in a URL by `***`.
+/// The URL (or comma-separated list of URLs) with every password replaced by `***`, for
+/// logs, errors and `Debug`.
+///
+/// Parsed with a real URL parser, so a password with `:`, `@` or percent-escapes is found
+/// whole. What the parser cannot read (a `redis+cluster://u:p@h1:1,h2:2` host list, an
+/// unescaped `/` in a password) is redacted from the first `:` after the scheme up to the
+/// last `@`: wrongly hiding a host is better than showing a password.
 pub fn redact_url(url: &str) -> String {
+    split_url_list(url)
+        .into_iter()
+        .map(redact_one)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Split on the commas that start another URL (`amqp://a,amqp://b`); a comma inside one
+/// URL's host list (`redis+cluster://h1:1,h2:2`) stays in it.
+fn split_url_list(list: &str) -> Vec<&str> {
+    let mut parts = Vec::new();
+    let mut start = 0;
+    for (i, _) in list.match_indices(',') {
+        let next = list[i + 1..].trim_start();
+        let starts_url = next
+            .find("://")
+            .is_some_and(|end| !next[..end].contains([',', '/', '@', ':']));
+        if starts_url {
+            parts.push(&list[start..i]);
+            start = i + 1;
+        }
+    }
+    parts.push(&list[start..]);
+    parts
+}
+
+fn redact_one(url: &str) -> String {
     let Some(scheme_end) = url.find("://") else {
         return url.to_owned();
     };
+    if let Ok(mut parsed) = url::Url::parse(url)
+        && parsed.password().is_some()
+        && parsed.set_password(Some("***")).is_ok()
+    {
+        return parsed.to_string();
+    }
+    // No password the parser could see. An `@` anywhere may still end one it misread: with
+    // a raw `/`, `?` or `#` in the password (`u:5672/pw@h`), a parser takes `u:5672` for
+    // host and port.
     let rest = &url[scheme_end + 3..];
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    let authority = &rest[..authority_end];
-    match (authority.rfind('@'), authority.find(':')) {
-        (Some(at), Some(colon)) if colon < at => format!(
+    let Some(at) = rest.rfind('@') else {
+        return url.to_owned();
+    };
+    let userinfo = &rest[..at];
+    match userinfo.find(':') {
+        Some(colon) => format!(
             "{}{}:***{}",
             &url[..scheme_end + 3],
-            &authority[..colon],
+            &userinfo[..colon],
             &rest[at..]
         ),
-        _ => url.to_owned(),
+        None => url.to_owned(),
     }
+}
+
+/// TLS settings read from a URL's query (RabbitMQ's URI parameters, also accepted on
+/// `rediss://`): `cacertfile` (PEM file of the CAs to trust instead of the system roots),
+/// `certfile` and `keyfile` (PEM client certificate chain and key, for mutual TLS),
+/// `server_name_indication` (the name sent and verified, when it differs from the host).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TlsParams {
+    /// PEM file of the CA certificates to trust.
+    pub cacertfile: Option<String>,
+    /// PEM file of the client certificate (chain).
+    pub certfile: Option<String>,
+    /// PEM file of the client's private key.
+    pub keyfile: Option<String>,
+    /// Server name to send (SNI) and verify the certificate against.
+    pub server_name_indication: Option<String>,
+}
+
+impl TlsParams {
+    /// Whether any parameter is set.
+    pub fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+/// Split a URL into the URL without the TLS query parameters (for clients that reject
+/// unknown ones) and those parameters. `certfile` without `keyfile` (or the reverse) is an
+/// error, so is a TLS parameter on a plain-text URL: it would silently not be used.
+pub fn split_tls_params(url: &str, what: &str) -> Result<(String, TlsParams), Error> {
+    let Some(q) = url.find('?') else {
+        return Ok((url.to_owned(), TlsParams::default()));
+    };
+    let (base, query) = (&url[..q], &url[q + 1..]);
+    let (query, fragment) = match query.find('#') {
+        Some(h) => (&query[..h], &query[h..]),
+        None => (query, ""),
+    };
+    let mut params = TlsParams::default();
+    let mut kept = Vec::new();
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let decoded = || {
+            url::form_urlencoded::parse(format!("v={value}").as_bytes())
+                .next()
+                .map(|(_, v)| v.into_owned())
+                .unwrap_or_default()
+        };
+        let slot = match key {
+            "cacertfile" => &mut params.cacertfile,
+            "certfile" => &mut params.certfile,
+            "keyfile" => &mut params.keyfile,
+            "server_name_indication" => &mut params.server_name_indication,
+            _ => {
+                kept.push(pair);
+                continue;
+            }
+        };
+        *slot = Some(decoded()).filter(|v| !v.is_empty());
+    }
+    let redacted = redact_url(url);
+    if params.certfile.is_some() != params.keyfile.is_some() {
+        return Err(Error::Config(format!(
+            "{what} {redacted}: certfile and keyfile go together (a client certificate needs its key)"
+        )));
+    }
+    let scheme = base.split("://").next().unwrap_or("");
+    if !params.is_empty() && !scheme.starts_with("amqps") && !scheme.starts_with("rediss") {
+        return Err(Error::Config(format!(
+            "{what} {redacted} has TLS parameters but a plain-text scheme ({scheme}://);              use amqps:// or rediss:// so they are used"
+        )));
+    }
+    let stripped = if kept.is_empty() {
+        format!("{base}{fragment}")
+    } else {
+        format!("{base}?{}{fragment}", kept.join("&"))
+    };
+    Ok((stripped, params))
 }
 
 #[cfg(test)]
@@ -240,6 +444,99 @@ mod tests {
             redact_url("redis://127.0.0.1:6379"),
             "redis://127.0.0.1:6379"
         );
+    }
+
+    /// Every form a password can take in a URL, and the forms with several hosts.
+    #[test]
+    fn redacts_nasty_passwords() {
+        let cases = [
+            ("amqp://user:p%40ss%3Aw%2Frd%25@host:5672/%2f", "p%40ss"),
+            ("amqp://user:pa@ss:w@host:5672/%2f", "pa@ss"),
+            ("amqp://user:pa:ss@host/%2f", "pa:ss"),
+            ("amqp://user:5672/secret@host:5672/%2f", "secret"),
+            ("amqp://user:sec/ret@host:5672/%2f", "sec/ret"),
+            ("amqp://user:se#cret@host/%2f", "se#cret"),
+            ("amqp://user:se?cret@host/%2f", "se?cret"),
+            (
+                "amqps://user:secret@host:5671/%2f?cacertfile=/ca.pem",
+                "secret",
+            ),
+            ("redis://:secret@127.0.0.1:6379", "secret"),
+            ("rediss://default:secret@cache.example:6380/0", "secret"),
+            ("redis+cluster://u:secret@h1:7000,h2:7001", "secret"),
+            ("rediss+cluster://u:sec@ret@h1:7000,h2:7001/0", "sec@ret"),
+            (
+                "redis+sentinel://u:secret@h1:26379,h2:26379/mymaster",
+                "secret",
+            ),
+            (
+                "amqp://u:secret1@a:5672/%2f,amqps://u:secret2@b:5671/%2f",
+                "secret",
+            ),
+        ];
+        for (url, secret) in cases {
+            let shown = redact_url(url);
+            assert!(!shown.contains(secret), "{url} shown as {shown}");
+            assert!(shown.contains("***"), "{url} shown as {shown}");
+        }
+        // What is not secret stays readable.
+        assert_eq!(
+            redact_url("redis+cluster://u:secret@h1:7000,h2:7001"),
+            "redis+cluster://u:***@h1:7000,h2:7001"
+        );
+        assert_eq!(
+            redact_url("amqp://u:s1@a:5672/%2f,amqps://u:s2@b:5671/%2f"),
+            "amqp://u:***@a:5672/%2f,amqps://u:***@b:5671/%2f"
+        );
+        assert_eq!(
+            redact_url("amqp://user:p%40ss@host:5672/%2f?heartbeat=5"),
+            "amqp://user:***@host:5672/%2f?heartbeat=5"
+        );
+        assert_eq!(
+            redact_url("redis://user@host:6379"),
+            "redis://user@host:6379"
+        );
+        assert_eq!(redact_url("not a url"), "not a url");
+    }
+
+    #[test]
+    fn debug_of_config_hides_passwords() {
+        let c = Config::default()
+            .with_amqp_url("amqp://u:amqp%2Fsecret@a:5672/%2f,amqp://u:amqp%2Fsecret@b:5672/%2f")
+            .with_redis_url(Some("redis://:redis@secret@r:6379".into()));
+        let shown = format!("{c:?} {c:#?}");
+        assert!(!shown.contains("secret"), "{shown}");
+        assert!(
+            shown.contains("a:5672") && shown.contains("r:6379"),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn tls_params_are_split_off() {
+        let (url, p) = split_tls_params(
+            "amqps://u:p@h:5671/%2f?heartbeat=5&cacertfile=/etc/ca%20x.pem&certfile=/c.pem&keyfile=/k.pem&server_name_indication=broker.example",
+            "AMQP_URL",
+        )
+        .unwrap();
+        assert_eq!(url, "amqps://u:p@h:5671/%2f?heartbeat=5");
+        assert_eq!(p.cacertfile.as_deref(), Some("/etc/ca x.pem"));
+        assert_eq!(p.certfile.as_deref(), Some("/c.pem"));
+        assert_eq!(p.keyfile.as_deref(), Some("/k.pem"));
+        assert_eq!(p.server_name_indication.as_deref(), Some("broker.example"));
+
+        let (url, p) = split_tls_params("rediss://h:6380?cacertfile=/ca.pem", "REDIS_URL").unwrap();
+        assert_eq!(url, "rediss://h:6380");
+        assert_eq!(p.cacertfile.as_deref(), Some("/ca.pem"));
+
+        let (url, p) = split_tls_params("amqp://h/%2f", "AMQP_URL").unwrap();
+        assert_eq!((url.as_str(), p.is_empty()), ("amqp://h/%2f", true));
+
+        let half = split_tls_params("amqps://u:secret@h?certfile=/c.pem", "AMQP_URL").unwrap_err();
+        assert!(half.to_string().contains("keyfile"), "{half}");
+        assert!(!format!("{half} {half:?}").contains("secret"));
+        let plain = split_tls_params("amqp://h?cacertfile=/ca.pem", "AMQP_URL").unwrap_err();
+        assert!(plain.to_string().contains("amqps://"), "{plain}");
     }
 
     #[test]

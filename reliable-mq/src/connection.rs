@@ -1,5 +1,11 @@
-//! Opening connections: heartbeat and connection name applied, errors that name the URL
-//! without its password, and the capped backoff every reconnect loop shares.
+//! Opening connections: heartbeat and connection name applied, TLS for `amqps://`, errors
+//! that name the URL without its password and say what to do (a TLS problem, a TLS/plain
+//! port mismatch and a refused login each get their own), and the capped backoff every
+//! reconnect loop shares.
+//!
+//! `amqps://` goes through our own rustls connector rather than lapin's: lapin's adds a
+//! `cacertfile` to the system roots instead of trusting only it, and cannot send a
+//! `server_name_indication` other than the host it dials.
 //!
 //! We do not use lapin's auto-recovery: each consumer and the publisher own their
 //! connection lifecycle (connect, declare, consume; on any error drop everything and start
@@ -8,10 +14,11 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use lapin::uri::AMQPUri;
-use lapin::{Connection, ConnectionProperties};
+use lapin::protocol::{AMQPErrorKind, AMQPHardError, AMQPSoftError};
+use lapin::uri::{AMQPScheme, AMQPUri};
+use lapin::{Connection, ConnectionProperties, ErrorKind};
 
-use crate::config::redact_url;
+use crate::config::{redact_url, split_tls_params};
 use crate::{Config, Error};
 
 /// Rotates the starting address across calls, so reconnects spread over a cluster's
@@ -43,9 +50,12 @@ pub(crate) async fn open(config: &Config, role: &str) -> Result<Connection, Erro
 
 async fn open_one(config: &Config, raw_url: &str, role: &str) -> Result<Connection, Error> {
     let url = redact_url(raw_url);
-    let mut uri: AMQPUri = raw_url.parse().map_err(|e: String| {
+    // lapin ignores query keys it does not know; the TLS ones are ours to apply.
+    let (plain_url, tls) = split_tls_params(raw_url, "AMQP_URL")?;
+    let mut uri: AMQPUri = plain_url.parse().map_err(|e: String| {
         Error::Config(format!(
-            "AMQP_URL {url} is not a valid AMQP URL ({e}); expected amqp://user:password@host:5672/vhost"
+            "AMQP_URL {url} is not a valid AMQP URL ({e}); expected amqp://user:password@host:5672/vhost \
+             or amqps://user:password@host:5671/vhost"
         ))
     })?;
     // Round up: a sub-second heartbeat must not become 0, which disables heartbeats.
@@ -54,12 +64,342 @@ async fn open_one(config: &Config, raw_url: &str, role: &str) -> Result<Connecti
     uri.query.heartbeat = Some(heartbeat);
     let props = ConnectionProperties::default()
         .with_connection_name(format!("{} ({role})", config.connection_name).into());
-    match tokio::time::timeout(config.connect_timeout, Connection::connect_uri(uri, props)).await {
-        Ok(connected) => connected.map_err(|source| Error::Connect { url, source }),
+    let scheme = uri.scheme.clone();
+    let port = uri.authority.port;
+    let connecting = async {
+        match scheme {
+            AMQPScheme::AMQP => Ok(Connection::connect_uri(uri, props).await?),
+            AMQPScheme::AMQPS => tls::connect(uri, &plain_url, &url, &tls, props).await,
+        }
+    };
+    match tokio::time::timeout(config.connect_timeout, connecting).await {
+        Ok(Ok(conn)) => Ok(conn),
+        Ok(Err(ConnectError::Setup(e))) => Err(e),
+        Ok(Err(ConnectError::Lapin(source))) => Err(classify(url, &scheme, port, source)),
         Err(_) => Err(Error::ConnectTimeout {
             url,
             timeout: config.connect_timeout,
         }),
+    }
+}
+
+/// Why opening a connection failed: before any byte was sent (bad TLS files), or on the wire.
+enum ConnectError {
+    Setup(Error),
+    Lapin(lapin::Error),
+}
+
+impl From<lapin::Error> for ConnectError {
+    fn from(e: lapin::Error) -> Self {
+        Self::Lapin(e)
+    }
+}
+
+/// Turn lapin's error into one that says what is wrong: a TLS problem, a TLS/plain-text
+/// port mismatch, a refused login, or (anything else) an unreachable broker.
+fn classify(url: String, scheme: &AMQPScheme, port: u16, source: lapin::Error) -> Error {
+    if let Some(reason) = access_refused(&source) {
+        return Error::AccessRefused { url, reason };
+    }
+    if let Some(io) = io_error(&source) {
+        if let Some(reason) = tls::describe(io, port) {
+            return Error::Tls { url, reason };
+        }
+        let closed = matches!(
+            io.kind(),
+            std::io::ErrorKind::UnexpectedEof
+                | std::io::ErrorKind::ConnectionReset
+                | std::io::ErrorKind::ConnectionAborted
+                | std::io::ErrorKind::BrokenPipe
+        );
+        if closed && *scheme == AMQPScheme::AMQP {
+            return Error::Tls {
+                url,
+                reason: format!(
+                    "the server closed the connection before the AMQP handshake ({io}); \
+                     if port {port} is a TLS listener, use amqps://"
+                ),
+            };
+        }
+    }
+    if *scheme == AMQPScheme::AMQP && matches!(source.kind(), ErrorKind::ParsingError(_)) {
+        return Error::Tls {
+            url,
+            reason: format!(
+                "the server did not answer in AMQP ({source}); if port {port} is a TLS \
+                 listener, use amqps://"
+            ),
+        };
+    }
+    Error::Connect { url, source }
+}
+
+/// The broker's reply text when it refused the login: ACCESS_REFUSED (403) after
+/// connection.start-ok (wrong user or password), or NOT_ALLOWED (530) at connection.open
+/// (no such vhost, or no permission on it).
+fn access_refused(e: &lapin::Error) -> Option<String> {
+    let ErrorKind::ProtocolError(amqp) = e.kind() else {
+        return None;
+    };
+    // 403 is a "soft" code in the AMQP spec, also when it closes the connection; a vhost
+    // that does not exist or that the user may not use is 530 at connection.open.
+    matches!(
+        amqp.kind(),
+        AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED)
+            | AMQPErrorKind::Hard(AMQPHardError::NOTALLOWED)
+    )
+    .then(|| amqp.to_string())
+}
+
+/// The I/O error inside a lapin error, if that is what it is.
+fn io_error(e: &lapin::Error) -> Option<&std::io::Error> {
+    match e.kind() {
+        ErrorKind::IOError(io) => Some(io),
+        _ => None,
+    }
+}
+
+/// TLS with rustls (cargo feature `tls`).
+#[cfg(feature = "tls")]
+pub(crate) mod tls {
+    use std::sync::Arc;
+
+    use lapin::tcp::{AMQPUriTcpExt, RustlsConnector, TLSConfig};
+    use lapin::uri::{AMQPScheme, AMQPUri};
+    use lapin::{Connection, ConnectionProperties};
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    use rustls::{ClientConfig, RootCertStore};
+
+    use super::ConnectError;
+    use crate::Error;
+    use crate::config::TlsParams;
+
+    /// Connect over TLS: TCP to the URL's host, then a rustls handshake that sends and
+    /// verifies `server_name_indication` (default: the host).
+    pub(super) async fn connect(
+        uri: AMQPUri,
+        raw_url: &str,
+        redacted: &str,
+        params: &TlsParams,
+        props: ConnectionProperties,
+    ) -> Result<Connection, ConnectError> {
+        // lapin reads the host with `Url::domain`, which is empty for an IP address; the
+        // TCP target and the name to verify come from the URL as written.
+        let host = url::Url::parse(raw_url)
+            .ok()
+            .and_then(|u| u.host_str().map(|h| h.trim_matches(['[', ']']).to_owned()))
+            .unwrap_or_else(|| uri.authority.host.clone());
+        let server_name = params
+            .server_name_indication
+            .clone()
+            .unwrap_or_else(|| host.clone());
+        let config = client_config(params, "AMQP_URL", redacted).map_err(ConnectError::Setup)?;
+        let connector = RustlsConnector::from(Arc::new(config));
+        let mut tcp_uri = uri.clone();
+        tcp_uri.scheme = AMQPScheme::AMQP;
+        tcp_uri.authority.host = host;
+        // Only the address is needed to dial; keep the credentials out of the closure.
+        tcp_uri.authority.userinfo = Default::default();
+        let runtime = lapin::runtime::default_runtime()?;
+        let conn = Connection::connector(
+            uri,
+            runtime,
+            async move |_uri, runtime| {
+                let tcp = tcp_uri
+                    .connect_with_config_async(TLSConfig::default(), &runtime)
+                    .await?;
+                Ok(tcp.into_rustls(&connector, &server_name).await?)
+            },
+            props,
+        )
+        .await?;
+        Ok(conn)
+    }
+
+    /// A rustls client configuration from RabbitMQ's URI parameters: the CAs of
+    /// `cacertfile` (else the system's roots) and the client certificate of
+    /// `certfile`/`keyfile`. `what` names the setting in errors (`AMQP_URL`).
+    pub(crate) fn client_config(
+        params: &TlsParams,
+        what: &str,
+        redacted: &str,
+    ) -> Result<ClientConfig, Error> {
+        let bad = |detail: String| Error::Config(format!("{what} {redacted}: {detail}"));
+        let mut roots = RootCertStore::empty();
+        match &params.cacertfile {
+            Some(path) => {
+                for cert in read_certs(path, "cacertfile").map_err(bad)? {
+                    roots.add(cert).map_err(|e| {
+                        bad(format!(
+                            "cacertfile {path} holds an unusable CA certificate: {e}"
+                        ))
+                    })?;
+                }
+            }
+            None => {
+                let found = rustls_native_certs::load_native_certs();
+                let (added, _) = roots.add_parsable_certificates(found.certs);
+                if added == 0 {
+                    return Err(bad(format!(
+                        "no system root certificates found ({} errors); set cacertfile=<PEM file of the CA>",
+                        found.errors.len()
+                    )));
+                }
+            }
+        }
+        // An explicit provider: a process where another crate also enabled aws-lc-rs
+        // would otherwise have no single default and rustls would refuse to build.
+        let builder =
+            ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()
+                .map_err(|e| bad(format!("TLS set-up failed: {e}")))?
+                .with_root_certificates(roots);
+        match (&params.certfile, &params.keyfile) {
+            (Some(certfile), Some(keyfile)) => {
+                let chain = read_certs(certfile, "certfile").map_err(bad)?;
+                let key = PrivateKeyDer::from_pem_file(keyfile).map_err(|e| {
+                    bad(format!(
+                        "keyfile {keyfile} has no usable PEM private key: {e}"
+                    ))
+                })?;
+                builder.with_client_auth_cert(chain, key).map_err(|e| {
+                    bad(format!(
+                        "certfile {certfile} and keyfile {keyfile} do not make a client certificate: {e}"
+                    ))
+                })
+            }
+            _ => Ok(builder.with_no_client_auth()),
+        }
+    }
+
+    fn read_certs(path: &str, key: &str) -> Result<Vec<CertificateDer<'static>>, String> {
+        let certs = CertificateDer::pem_file_iter(path)
+            .and_then(|iter| iter.collect::<Result<Vec<_>, _>>())
+            .map_err(|e| format!("{key} {path} cannot be read as PEM certificates: {e}"))?;
+        if certs.is_empty() {
+            return Err(format!("{key} {path} holds no PEM certificate"));
+        }
+        Ok(certs)
+    }
+
+    /// What a TLS failure means, for the user, when `io` carries one; `port` is the port
+    /// dialled.
+    pub(crate) fn describe(io: &std::io::Error, port: u16) -> Option<String> {
+        let tls = io.get_ref()?.downcast_ref::<rustls::Error>()?;
+        let text = tls.to_string();
+        Some(describe_text(&text, port).unwrap_or_else(|| format!("TLS handshake failed: {text}")))
+    }
+
+    /// [`describe`] for the first TLS error in `e`'s chain of sources, read from the
+    /// messages: the Redis client keeps the rustls error behind a shared pointer that
+    /// hides its type, but not its words.
+    pub(crate) fn describe_chain(
+        e: &(dyn std::error::Error + 'static),
+        port: u16,
+    ) -> Option<String> {
+        let mut next = Some(e);
+        while let Some(e) = next {
+            if let Some(found) = e
+                .downcast_ref::<std::io::Error>()
+                .and_then(|io| describe(io, port))
+                .or_else(|| describe_text(&e.to_string(), port))
+            {
+                return Some(found);
+            }
+            next = e.source();
+        }
+        None
+    }
+
+    /// The advice for a rustls error message (`rustls::Error`'s `Display`), `None` when
+    /// `text` is not one.
+    fn describe_text(text: &str, port: u16) -> Option<String> {
+        let why = if let Some(at) = text.find("invalid peer certificate: ") {
+            let detail = &text[at + "invalid peer certificate: ".len()..];
+            if detail.contains("UnknownIssuer") {
+                "the server's certificate is not signed by a CA this client trusts; set \
+                 cacertfile=<PEM file of the CA that signed it>, or check this is the right server"
+                    .to_owned()
+            } else if detail.contains("not valid for name") || detail.contains("NotValidForName") {
+                format!(
+                    "the server's certificate is not valid for the name connected to ({detail}); \
+                     connect by a name the certificate lists, or set server_name_indication=<that name>"
+                )
+            } else if detail.contains("expired") || detail.contains("Expired") {
+                format!("the server's certificate has expired ({detail}); renew it on the server")
+            } else if detail.contains("not valid yet") || detail.contains("NotValidYet") {
+                format!("the server's certificate is not valid yet ({detail}); check the clocks")
+            } else {
+                format!("the server's certificate is not acceptable: {detail}")
+            }
+        } else if text.contains("received corrupt message") || text.contains("InappropriateMessage")
+        {
+            format!(
+                "is port {port} a TLS listener? The server did not answer in TLS ({text}); \
+                 a plain-text port takes the URL without the `s` (amqp://, redis://)"
+            )
+        } else if let Some(at) = text.find("received fatal alert: ") {
+            let alert = &text[at + "received fatal alert: ".len()..];
+            let client_cert = [
+                "CertificateRequired",
+                "BadCertificate",
+                "UnknownCA",
+                "CertificateUnknown",
+                "AccessDenied",
+                "HandshakeFailure",
+            ]
+            .iter()
+            .any(|a| alert.starts_with(a));
+            if client_cert {
+                format!(
+                    "the server refused the connection ({alert}); it may require a client \
+                     certificate: set certfile and keyfile to one its CA trusts"
+                )
+            } else {
+                format!("the server ended the handshake ({alert})")
+            }
+        } else if text.contains("peer is incompatible") || text.contains("peer misbehaved") {
+            text.to_owned()
+        } else {
+            return None;
+        };
+        Some(format!("TLS handshake failed: {why}"))
+    }
+}
+
+/// Without the `tls` feature, `amqps://` is a configuration error: never plain text.
+#[cfg(not(feature = "tls"))]
+pub(crate) mod tls {
+    use lapin::uri::AMQPUri;
+    use lapin::{Connection, ConnectionProperties};
+
+    use super::ConnectError;
+    use crate::Error;
+    use crate::config::TlsParams;
+
+    pub(super) async fn connect(
+        _uri: AMQPUri,
+        _raw_url: &str,
+        redacted: &str,
+        _params: &TlsParams,
+        _props: ConnectionProperties,
+    ) -> Result<Connection, ConnectError> {
+        Err(ConnectError::Setup(Error::Config(format!(
+            "AMQP_URL {redacted} is amqps://, but reliable-mq was built without its `tls` \
+             feature: enable it (it is a default feature)"
+        ))))
+    }
+
+    pub(crate) fn describe(_io: &std::io::Error, _port: u16) -> Option<String> {
+        None
+    }
+
+    pub(crate) fn describe_chain(
+        _e: &(dyn std::error::Error + 'static),
+        _port: u16,
+    ) -> Option<String> {
+        None
     }
 }
 

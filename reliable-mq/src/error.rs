@@ -146,9 +146,31 @@ pub enum Error {
         #[source]
         source: lapin::Error,
     },
+    /// A TLS problem: the handshake failed (untrusted CA, wrong host name, expired
+    /// certificate, client certificate refused), or one side of the connection speaks TLS
+    /// and the other does not. Never retried in plain text.
+    #[error("cannot connect to {url}: {reason}")]
+    Tls {
+        /// The URL, password removed.
+        url: String,
+        /// What failed and what to do about it.
+        reason: String,
+    },
+    /// The broker refused the login: wrong user or password (ACCESS_REFUSED), or a vhost
+    /// that does not exist or the user may not use (NOT_ALLOWED).
+    #[error(
+        "RabbitMQ at {url} refused the login: {reason}; check the user name and password in AMQP_URL, and that the vhost exists and the user may access it"
+    )]
+    AccessRefused {
+        /// The URL, password removed.
+        url: String,
+        /// The broker's reply.
+        reason: String,
+    },
     /// The broker did not complete the connection in time.
     #[error(
-        "connecting to RabbitMQ at {url} took longer than {timeout:?}; is the address reachable (a firewall dropping packets looks like this)?"
+        "connecting to RabbitMQ at {url} took longer than {timeout:?}; is the address reachable (a firewall dropping packets looks like this)?{}",
+        timeout_hint(.url)
     )]
     ConnectTimeout {
         /// The URL, password removed.
@@ -239,6 +261,15 @@ pub enum Error {
     /// Waiting for the signal handler failed.
     #[error("cannot listen for shutdown signals: {0}")]
     Signal(#[source] std::io::Error),
+}
+
+/// A TLS handshake with a server that waits for something else stalls rather than fails.
+fn timeout_hint(url: &str) -> &'static str {
+    if url.starts_with("amqps://") {
+        " With amqps://, also check that the port is a TLS listener."
+    } else {
+        ""
+    }
 }
 
 impl Error {

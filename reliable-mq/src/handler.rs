@@ -110,9 +110,19 @@ impl<E: Into<anyhow::Error>> IntoHandlerError for E {
 
 /// Decode the body of `delivery` as JSON into `T`.
 ///
-/// A content type other than JSON (when one is set) or a body that does not decode is a
-/// [`HandlerError`] of kind `decode`: the message goes to the DLQ, never back to the queue.
+/// A content type other than JSON (when one is set), a `content_encoding` other than
+/// none, `identity` or a charset name (`utf-8`, which some publishers put there), or a body
+/// that does not decode is a [`HandlerError`] of kind `decode`: the message goes to the
+/// DLQ, never back to the queue.
 pub fn decode<T: Payload>(delivery: &Delivery) -> Result<T, HandlerError> {
+    if let Some(encoding) = delivery.properties.content_encoding()
+        && !is_plain_encoding(encoding.as_str())
+    {
+        return Err(HandlerError::decode(format!(
+            "content_encoding `{}` is not supported: the body is read as plain JSON; publish it without a content_encoding",
+            encoding.as_str().escape_debug()
+        )));
+    }
     if let Some(content_type) = delivery.content_type()
         && !is_json(content_type)
     {
@@ -126,6 +136,16 @@ pub fn decode<T: Payload>(delivery: &Delivery) -> Result<T, HandlerError> {
             std::any::type_name::<T>()
         ))
     })
+}
+
+/// Whether a `content_encoding` leaves the body as it is. `utf-8` is a charset, not an
+/// encoding, but publishers (Spring AMQP among them) set it on plain text bodies.
+fn is_plain_encoding(encoding: &str) -> bool {
+    let e = encoding.trim();
+    e.is_empty()
+        || ["identity", "utf-8", "utf8"]
+            .iter()
+            .any(|plain| e.eq_ignore_ascii_case(plain))
 }
 
 fn is_json(content_type: &str) -> bool {
@@ -244,5 +264,22 @@ mod tests {
         assert!(is_json("application/json; charset=utf-8"));
         assert!(is_json("application/vnd.shop.order+json"));
         assert!(!is_json("text/plain"));
+    }
+
+    #[test]
+    fn only_plain_encodings_are_read() {
+        for plain in ["", "identity", "UTF-8", "utf8"] {
+            assert!(is_plain_encoding(plain), "{plain}");
+        }
+        for packed in ["gzip", "deflate", "br", "x-custom"] {
+            assert!(!is_plain_encoding(packed), "{packed}");
+        }
+        let d = Delivery::for_test(b"{}".to_vec());
+        let mut gz = Delivery::for_test(b"{}".to_vec());
+        gz.properties = gz.properties.with_content_encoding("gzip".into());
+        assert!(decode::<serde_json::Value>(&d).is_ok());
+        let e = decode::<serde_json::Value>(&gz).expect_err("gzip is refused");
+        assert_eq!(e.kind(), crate::FailureKind::Decode);
+        assert!(e.message().contains("content_encoding `gzip`"));
     }
 }

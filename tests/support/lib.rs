@@ -15,6 +15,8 @@ use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use reliable_mq::Config;
 
 pub mod fault;
+pub mod raw;
+pub mod tls;
 
 /// The broker of this machine (or `AMQP_URL`).
 pub fn amqp_url() -> String {
@@ -76,11 +78,18 @@ pub fn unique(base: &str) -> String {
     format!("{base}-{}", &id[..8])
 }
 
-/// Log to stderr once per process when `RUST_LOG` is set.
+/// Log to stderr once per process when `RUST_LOG` is set, without message bodies (the
+/// directives the crate documents for that).
 pub fn init_tracing() {
     if std::env::var_os("RUST_LOG").is_some() {
+        let mut filter = tracing_subscriber::EnvFilter::from_default_env();
+        for d in reliable_mq::Config::QUIET_LAPIN_DIRECTIVES {
+            if let Ok(d) = d.parse() {
+                filter = filter.add_directive(d);
+            }
+        }
         let _ = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_env_filter(filter)
             .with_test_writer()
             .try_init();
     }

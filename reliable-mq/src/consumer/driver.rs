@@ -24,6 +24,7 @@ use tracing::{Instrument, debug, error, info, info_span, warn};
 use crate::connection::{self, Backoff};
 use crate::consumer::ConsumerStats;
 use crate::consumer::claim::{ClaimDecision, claim};
+use crate::consumer::inspect;
 use crate::consumer::invoke::invoke;
 use crate::consumer::settle::{SettleOutcome, Settler};
 use crate::dedup::DedupStore;
@@ -79,12 +80,13 @@ impl ConsumerRuntime {
     pub(crate) async fn run(self: Arc<Self>) -> Result<(), Error> {
         let mut backoff = Backoff::new(self.config.max_reconnect_delay);
         let mut signal = self.shutdown.signal();
+        let mut unreadable_frames = inspect::UnreadableFrames::default();
         loop {
             if signal.is_triggered() {
                 return Ok(());
             }
             let attached_before = self.stats.sessions.load(Ordering::Relaxed);
-            let end = match self.session().await {
+            let end = match self.session(unreadable_frames.narrow()).await {
                 Ok(end) => end,
                 Err(e @ Error::TopologyMismatch { .. }) => return Err(e),
                 Err(e) => SessionEnd::Broken(e.to_string()),
@@ -95,7 +97,13 @@ impl ConsumerRuntime {
                 SessionEnd::Broken(reason) => {
                     // A session that got as far as consuming was healthy: start the backoff
                     // over, so a week of rare disconnects never builds up to the cap.
-                    if self.stats.sessions.load(Ordering::Relaxed) > attached_before {
+                    // Unless it died of a frame the client cannot read, which the next
+                    // session receives again first.
+                    let unreadable = unreadable_frames
+                        .after_session(&self.config, &self.consumer, &reason)
+                        .await;
+                    if self.stats.sessions.load(Ordering::Relaxed) > attached_before && !unreadable
+                    {
                         backoff.reset();
                     }
                     let delay = backoff.next_delay();
@@ -109,7 +117,9 @@ impl ConsumerRuntime {
         }
     }
 
-    async fn session(self: &Arc<Self>) -> Result<SessionEnd, Error> {
+    /// One session. `narrow`: the last one died of a frame the client cannot read, so
+    /// this one starts with a window of one delivery (see [`inspect::UnreadableFrames`]).
+    async fn session(self: &Arc<Self>, mut narrow: bool) -> Result<SessionEnd, Error> {
         let queue = self.consumer.queue();
         let conn = connection::open(&self.config, &format!("consumer {queue}")).await?;
         self.topology.declare(&conn).await?;
@@ -117,15 +127,13 @@ impl ConsumerRuntime {
             .create_channel()
             .await
             .map_err(|e| Error::amqp("opening the consumer channel", e))?;
+        let prefetch = if narrow { 1 } else { self.consumer.prefetch() };
         channel
-            .basic_qos(self.consumer.prefetch(), BasicQosOptions::default())
+            .basic_qos(prefetch, BasicQosOptions::default())
             .await
             .map_err(|e| Error::amqp("setting prefetch", e))?;
-        // Cut to fit an AMQP short string whatever the consumer's name.
-        let tag = reliable_mq_model::consumer_tag(
-            self.consumer.name(),
-            &uuid::Uuid::new_v4().simple().to_string(),
-        );
+        let mut tag = self.consumer_tag();
+        let mut narrow_reads = 0u8;
         let mut deliveries = channel
             .basic_consume(
                 queue.into(),
@@ -137,8 +145,12 @@ impl ConsumerRuntime {
             .map_err(|e| Error::amqp(format!("subscribing to queue '{queue}'"), e))?;
         ConsumerStats::bump(&self.stats.sessions);
         self.stats.attached.store(true, Ordering::Relaxed);
-        info!(%queue, prefetch = self.consumer.prefetch(), concurrency = self.consumer.concurrency(), "consumer attached");
+        info!(%queue, prefetch, concurrency = self.consumer.concurrency(), "consumer attached");
 
+        let limits = inspect::Limits {
+            max_body_size: self.config.max_body_size,
+            frame_max: usize::try_from(conn.configuration().frame_max()).unwrap_or(usize::MAX),
+        };
         let slots = Arc::new(Semaphore::new(usize::from(self.consumer.concurrency())));
         let mut in_flight = JoinSet::new();
         let (topology_broken, mut broken) = mpsc::channel::<String>(1);
@@ -152,8 +164,22 @@ impl ConsumerRuntime {
                 next = deliveries.next() => next,
             };
             let raw = match next {
+                Some(Ok(d)) if narrow => {
+                    // With a prefetch of one, a second delivery means the first was settled
+                    // and both were readable: the unreadable one is gone (or behind, and
+                    // nothing unsettled is lost with the connection): full window again.
+                    narrow_reads += 1;
+                    if narrow_reads == 2 {
+                        narrow = false;
+                        match self.widen(&channel, &mut tag).await {
+                            Ok(stream) => deliveries = stream,
+                            Err(e) => break SessionEnd::Broken(e.to_string()),
+                        }
+                    }
+                    d
+                }
                 Some(Ok(d)) => d,
-                Some(Err(e)) => break SessionEnd::Broken(e.to_string()),
+                Some(Err(e)) => break SessionEnd::Broken(inspect::stream_error(&e)),
                 None => {
                     break SessionEnd::Broken(
                         "the broker cancelled the subscription (queue deleted?)".into(),
@@ -161,6 +187,18 @@ impl ConsumerRuntime {
                 }
             };
             let (delivery, acker, span) = self.receive(raw);
+            if let Some(refusal) = inspect::refuse(&delivery, limits) {
+                // Hostile input: to the DLQ without a slot, a claim or a handler call.
+                let (this, topology_broken) = (Arc::clone(self), topology_broken.clone());
+                in_flight.spawn(
+                    async move {
+                        this.refuse(delivery, &acker, refusal, &topology_broken)
+                            .await
+                    }
+                    .instrument(span),
+                );
+                continue;
+            }
             // Claim ahead: an idempotent delivery starts its claim now, while it waits for a
             // slot, so the store's round trip overlaps the handlers still running (at
             // concurrency 1: the previous one). It waits at most one handler call for a
@@ -186,7 +224,9 @@ impl ConsumerRuntime {
                 },
                 // With every slot busy the delivery stream is not polled, so watch the
                 // link directly: a broker restart must not go unnoticed behind slow handlers.
-                reason = link_lost(&conn, &channel) => break SessionEnd::Broken(reason),
+                reason = link_lost(&conn, &channel) => {
+                    break SessionEnd::Broken(inspect::lost_because(&mut deliveries, reason).await);
+                }
             };
             // Reap finished tasks so the set does not grow with the session.
             while in_flight.try_join_next().is_some() {}
@@ -311,6 +351,78 @@ impl ConsumerRuntime {
             attempt = delivery.attempt(),
         );
         (delivery, acker, span)
+    }
+
+    /// Re-subscribe with the full prefetch window (a consumer's prefetch is fixed when it
+    /// subscribes). Deliveries already received stay unacked on the channel and settle as
+    /// usual.
+    async fn widen(
+        &self,
+        channel: &lapin::Channel,
+        tag: &mut String,
+    ) -> Result<lapin::Consumer, Error> {
+        let queue = self.consumer.queue();
+        channel
+            .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
+            .await
+            .map_err(|e| Error::amqp("widening the prefetch window", e))?;
+        // A fresh tag: RabbitMQ 3.10 crashes the channel when a quorum queue consumer
+        // subscribes again under the tag it just cancelled.
+        *tag = self.consumer_tag();
+        channel
+            .basic_qos(self.consumer.prefetch(), BasicQosOptions::default())
+            .await
+            .map_err(|e| Error::amqp("setting prefetch", e))?;
+        channel
+            .basic_consume(
+                queue.into(),
+                tag.as_str().into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| Error::amqp(format!("subscribing to queue '{queue}'"), e))
+    }
+
+    /// A fresh consumer tag, cut to fit an AMQP short string whatever the consumer's name.
+    fn consumer_tag(&self) -> String {
+        reliable_mq_model::consumer_tag(
+            self.consumer.name(),
+            &uuid::Uuid::new_v4().simple().to_string(),
+        )
+    }
+
+    /// Dead-letter a delivery that failed the receive-side checks ([`inspect::refuse`]).
+    async fn refuse(
+        &self,
+        mut delivery: Arc<Delivery>,
+        acker: &lapin::Acker,
+        refusal: inspect::Refusal,
+        topology_broken: &mpsc::Sender<String>,
+    ) {
+        let inspect::Refusal {
+            reason,
+            drop_headers,
+        } = refusal;
+        warn!(%reason, "refusing a delivery before decoding it");
+        if drop_headers {
+            // Nothing else holds a refused delivery yet (no claim, no handler).
+            match Arc::get_mut(&mut delivery) {
+                Some(d) => d.properties = d.properties.clone().with_headers(FieldTable::default()),
+                None => error!("a refused delivery is shared; its headers stay on the dead letter"),
+            }
+        }
+        let settler = Settler {
+            topology: &self.topology,
+            publisher: &self.publisher,
+            stats: &self.stats,
+            topology_broken,
+        };
+        let outcome = SettleOutcome::DeadLetter {
+            kind: crate::FailureKind::Decode,
+            message: reason,
+        };
+        settler.settle(acker, &delivery, outcome).await;
     }
 
     /// One delivery through claim (started by the driver for idempotent consumers) ->

@@ -4,7 +4,9 @@
 
 pub(crate) mod claim;
 pub(crate) mod driver;
+pub(crate) mod inspect;
 pub(crate) mod invoke;
+pub(crate) mod quarantine;
 pub(crate) mod settle;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

@@ -28,33 +28,53 @@
 //! }
 //! ```
 //!
-//! Two details of lapin 4 that this module works around:
-//! - lapin numbers a publish (for its confirm) and queues its frames in two separate
-//!   steps; two threads publishing on one channel at once could be numbered in one
-//!   order and sent in the other, so a nack or return would land on the wrong publish.
-//!   We take a lock around that first, synchronous step of every `basic_publish`.
-//! - When the broker folds several confirms into one `multiple` ack, lapin hands a
-//!   returned (unroutable) message to whichever of those publishes it resolves first, not
-//!   necessarily the one that was returned. We match returns to publishes by
-//!   `message_id` instead (see `ReturnBook`).
+//! # How each outcome is known to be this publish's own
+//!
+//! lapin 4 pairs a `basic.return` with whichever confirm the next ack resolves first, and
+//! a return carries no delivery tag, so under load one publish's return can arrive on
+//! another's confirm. Outcomes are therefore decided by the [`ledger`], from what
+//! identifies the very publish: its `message_id` while it is the only publish in flight
+//! with that id, otherwise a per-attempt token header
+//! ([`TOKEN_HEADER`](ledger::TOKEN_HEADER)). Every return is recorded under its owner,
+//! in the order lapin received it, before any ack of its batch is judged. The ledger owns
+//! lapin's futures, so a cancelled or timed-out publish leaves nothing behind in lapin.
+//!
+//! The other way, patching lapin, was rejected: a `[patch]` applies only inside this
+//! repository, so applications depending on reliable-mq would build against the
+//! unpatched lapin; and a return carries no delivery tag, so even a patched lapin needs
+//! something in the message to name its publish. The token costs nothing in the usual
+//! case (ids unique among the publishes in flight): only a publish reusing an id still
+//! in flight carries it.
+//!
+//! lapin numbers a publish (for its confirm) and queues its frames in one synchronous
+//! step; the ledger takes that step under its lock, so the numbering order is the wire
+//! order and each ack and nack reaches the publish it is for.
+//!
+//! # Limits
+//!
+//! Exchange, routing key, `message_id`, header keys and every string property are AMQP
+//! short strings (255 bytes); headers nest at most
+//! [`MAX_HEADER_DEPTH`](limits::MAX_HEADER_DEPTH) levels and, with the other properties,
+//! must fit in one frame; the body at most [`Config::max_body_size`]. A value over a
+//! limit is [`PublishError::Invalid`] (or [`PublishError::TooLarge`]) before anything is
+//! sent; the publisher stays usable.
 
-use std::collections::HashMap;
-use std::future::Future;
-use std::pin::{Pin, pin};
+pub mod ledger;
+pub mod limits;
+
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use lapin::message::BasicReturnMessage;
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::options::ConfirmSelectOptions;
 use lapin::types::{AMQPValue, FieldTable, ShortString};
-use lapin::{BasicProperties, Channel, Confirmation, Connection};
+use lapin::{BasicProperties, Channel, Connection};
 use serde::Serialize;
-use tracing::{Instrument, debug, error, warn};
+use tracing::{Instrument, debug, warn};
 
 use crate::connection;
 use crate::{Config, Error};
+use ledger::{Ledger, Outcome};
 
 /// Why a publish did not get the broker's confirmation.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -81,7 +101,7 @@ pub enum PublishError {
         exchange: String,
         /// Routing key used.
         routing_key: String,
-        /// The broker's reply text, e.g. `NO_ROUTE`.
+        /// The broker's reply code and text, e.g. `312 NO_ROUTE`.
         reply: String,
     },
     /// No confirm arrived within the timeout on the last attempt, even after retries; the
@@ -125,14 +145,27 @@ pub enum PublishError {
     /// The broker refused the publish itself (e.g. the exchange does not exist or the user
     /// may not write to it); not retried.
     #[error(
-        "broker refused message {message_id} for exchange {exchange:?}: {reason}; declare the exchange (or grant access) first"
+        "broker refused message {message_id} for exchange {exchange:?} (reply code {code}): {reason}; declare the exchange (or grant access) first"
     )]
     Refused {
         /// The message's id.
         message_id: String,
         /// Exchange published to.
         exchange: String,
+        /// The broker's reply code: 404 NOT_FOUND, 403 ACCESS_REFUSED, 406
+        /// PRECONDITION_FAILED, ...
+        code: u16,
         /// The broker's reply, e.g. `NOT_FOUND - no exchange 'x' in vhost '/'`.
+        reason: String,
+    },
+    /// A value breaks an AMQP or configured limit (a short string over 255 bytes, headers
+    /// nested too deep or too large for a frame); nothing was sent.
+    #[error("invalid {field}: {reason}; nothing was sent")]
+    Invalid {
+        /// The field: `exchange`, `routing_key`, `message_id`, `header key "..."`,
+        /// `headers`, `content_type`, ...
+        field: String,
+        /// Which limit it breaks.
         reason: String,
     },
     /// The broker kept the connection blocked (memory or disk alarm) past the limit.
@@ -173,6 +206,23 @@ pub struct PublishOptions {
     pub message_id: Option<String>,
     /// Headers to add.
     pub headers: FieldTable,
+    /// `content_type`, instead of `application/json`.
+    pub content_type: Option<String>,
+    /// The AMQP `type` property.
+    pub kind: Option<String>,
+    /// `app_id`.
+    pub app_id: Option<String>,
+    /// `correlation_id`.
+    pub correlation_id: Option<String>,
+    /// `reply_to`.
+    pub reply_to: Option<String>,
+    /// `expiration` (a per-message TTL in milliseconds, as a string).
+    pub expiration: Option<String>,
+    /// `user_id` (the broker checks it against the connection's user).
+    pub user_id: Option<String>,
+    /// A header key given to [`PublishOptions::header`] over the short-string limit:
+    /// reported by the publish as [`PublishError::Invalid`], never a panic here.
+    bad_header_key: Option<String>,
 }
 
 impl PublishOptions {
@@ -180,16 +230,20 @@ impl PublishOptions {
     pub fn with_message_id(id: impl Into<String>) -> Self {
         Self {
             message_id: Some(id.into()),
-            headers: FieldTable::default(),
+            ..Self::default()
         }
     }
 
-    /// Add a string header.
+    /// Add a string header. A key over 255 bytes makes the publish fail with
+    /// [`PublishError::Invalid`] (nothing is sent).
     pub fn header(mut self, key: &str, value: impl Into<String>) -> Self {
-        self.headers.insert(
-            ShortString::from(key),
-            AMQPValue::LongString(value.into().into()),
-        );
+        match ShortString::try_new(key) {
+            Ok(k) => {
+                self.headers
+                    .insert(k, AMQPValue::LongString(value.into().into()));
+            }
+            Err(_) => self.bad_header_key = Some(key.to_owned()),
+        }
         self
     }
 }
@@ -232,16 +286,13 @@ struct Inner {
     connect_failures: AtomicU64,
     last_connect_error: Mutex<String>,
     generation: AtomicU64,
-    returns: ReturnBook,
 }
 
-struct Link {
+pub(crate) struct Link {
     connection: Connection,
     channel: Channel,
     generation: u64,
-    /// Held during the first (synchronous) poll of each `basic_publish`, where lapin
-    /// assigns the confirm number and queues the frames: see the module docs.
-    send_lock: Mutex<()>,
+    ledger: Arc<Ledger>,
 }
 
 impl Link {
@@ -250,12 +301,24 @@ impl Link {
     }
 }
 
+/// Reply codes with which the broker refuses a publish itself (closing the channel):
+/// 403 ACCESS_REFUSED, 404 NOT_FOUND, 406 PRECONDITION_FAILED, 530 NOT_ALLOWED.
+fn is_refusal(code: u16) -> bool {
+    matches!(code, 403 | 404 | 406 | 530)
+}
+
 /// One attempt's failure, before retry policy is applied.
+#[derive(Debug)]
 enum AttemptError {
     Nacked,
-    Unroutable(String),
-    Refused(String),
+    Unroutable(u16, String),
+    /// A refusal reply code closed the channel. The close does not say which publish
+    /// caused it, and every publish in flight on the channel sees it, so one sighting is
+    /// not proof: see [`Publisher::publish_with_retries`].
+    Refused(u16, String),
     Timeout,
+    /// Outcome unknown: the channel or connection failed (320 CONNECTION_FORCED, 541
+    /// INTERNAL_ERROR, I/O, heartbeat), before its confirm.
     Lost(String),
     Blocked,
 }
@@ -264,8 +327,8 @@ impl AttemptError {
     fn outcome(&self) -> &'static str {
         match self {
             Self::Nacked => "nacked",
-            Self::Unroutable(_) => "unroutable",
-            Self::Refused(_) => "refused",
+            Self::Unroutable(..) => "unroutable",
+            Self::Refused(..) => "refused",
             Self::Timeout => "confirm_timeout",
             Self::Lost(_) => "connection_lost",
             Self::Blocked => "blocked",
@@ -276,6 +339,17 @@ impl AttemptError {
     fn retryable(&self) -> bool {
         matches!(self, Self::Nacked | Self::Timeout | Self::Lost(_))
     }
+}
+
+/// How a publish path treats a confirm that is late.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Patience {
+    /// After the confirm timeout, republish with the same `message_id` (the consumer's
+    /// dedup absorbs a duplicate).
+    Republish,
+    /// Never republish a copy whose outcome is only late: keep waiting for its own
+    /// confirm (see [`Publisher::publish_copy`]).
+    AwaitOwnConfirm,
 }
 
 /// The delay before retry number `retry` (1-based): 50ms, 100ms, 200ms, ... capped at
@@ -305,7 +379,6 @@ impl Publisher {
                 connect_failures: AtomicU64::new(0),
                 last_connect_error: Mutex::new(String::new()),
                 generation: AtomicU64::new(0),
-                returns: ReturnBook::default(),
             }),
         };
         let link = publisher.open_link().await?;
@@ -316,6 +389,22 @@ impl Publisher {
     /// The configuration this publisher runs with.
     pub fn config(&self) -> &Config {
         &self.inner.config
+    }
+
+    /// Publishes on the current channel whose broker answer has not been processed yet,
+    /// including cancelled and timed-out ones (bounded; for monitoring and tests).
+    pub fn in_flight(&self) -> usize {
+        read(&self.inner.link)
+            .as_ref()
+            .map_or(0, |l| l.ledger.in_flight())
+    }
+
+    /// Returned messages on the current channel that matched no publish in flight. Always
+    /// 0 unless the broker breaks the rule that a return precedes its publish's ack.
+    pub fn stray_returns(&self) -> u64 {
+        read(&self.inner.link)
+            .as_ref()
+            .map_or(0, |l| l.ledger.stray_returns())
     }
 
     /// Publish `value` as JSON and wait for the broker's confirm; returns the message id
@@ -338,19 +427,55 @@ impl Publisher {
         value: &T,
         options: PublishOptions,
     ) -> Result<String, PublishError> {
+        if let Some(key) = options.bad_header_key {
+            return Err(limits::invalid(
+                "header key",
+                format!(
+                    "is {} bytes; AMQP allows at most {}",
+                    key.len(),
+                    limits::MAX_SHORT_STRING
+                ),
+            ));
+        }
+        let (message_id, id) = match options.message_id {
+            Some(id) => (limits::short("message_id", &id)?, id),
+            None => {
+                let id = uuid::Uuid::now_v7().to_string();
+                (ShortString::from(id.as_str()), id)
+            }
+        };
         let body = serde_json::to_vec(value).map_err(|e| PublishError::Serialize(e.to_string()))?;
-        let message_id = options
-            .message_id
-            .unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
+        let content_type = match &options.content_type {
+            Some(v) => limits::short("content_type", v)?,
+            None => ShortString::from("application/json"),
+        };
         let mut properties = BasicProperties::default()
-            .with_content_type(ShortString::from("application/json"))
-            .with_message_id(message_id.as_str().into());
+            .with_content_type(content_type)
+            .with_message_id(message_id);
+        if let Some(v) = &options.kind {
+            properties = properties.with_type(limits::short("type", v)?);
+        }
+        if let Some(v) = &options.app_id {
+            properties = properties.with_app_id(limits::short("app_id", v)?);
+        }
+        if let Some(v) = &options.correlation_id {
+            properties = properties.with_correlation_id(limits::short("correlation_id", v)?);
+        }
+        if let Some(v) = &options.reply_to {
+            properties = properties.with_reply_to(limits::short("reply_to", v)?);
+        }
+        if let Some(v) = &options.expiration {
+            properties = properties.with_expiration(limits::short("expiration", v)?);
+        }
+        if let Some(v) = &options.user_id {
+            properties = properties.with_user_id(limits::short("user_id", v)?);
+        }
         if !options.headers.inner().is_empty() {
             properties = properties.with_headers(options.headers);
         }
         self.publish_raw(exchange, routing_key, body, properties)
             .await?;
-        Ok(message_id)
+        Ok(id)
     }
 
     /// Publish each value of `values` with all confirms in flight at once; one outcome per
@@ -368,8 +493,7 @@ impl Publisher {
     }
 
     /// Publish a body with the given properties (made persistent and timestamped for you;
-    /// a `message_id` is added if missing) and wait for the confirm. Used for retry and
-    /// dead-letter copies, which keep the original's properties.
+    /// a `message_id` is added if missing) and wait for the confirm.
     pub async fn publish_raw(
         &self,
         exchange: &str,
@@ -383,13 +507,20 @@ impl Publisher {
             body,
             properties,
             Some(self.inner.config.max_body_size),
+            Patience::Republish,
         )
         .await
     }
 
-    /// A retry or dead-letter copy of a message the broker already accepted: the body
-    /// limit does not apply (the broker took this body once; refusing the copy would leave
-    /// the original with nowhere to go).
+    /// A retry or dead-letter copy of a message the broker already accepted, judged by the
+    /// same ledger as every other publish. Two differences:
+    /// - the body limit does not apply (the broker took this body once; refusing the copy
+    ///   would leave the original with nowhere to go);
+    /// - a late confirm is never answered by republishing: a copy whose confirm is only
+    ///   late may already be stored, and a second copy would run the handler again and
+    ///   start a second retry ladder or dead letter. The copy waits for its own confirm
+    ///   (ack, nack, or the connection failing), so each failure has one lineage. Only a
+    ///   nack (the broker did not take it) or a lost connection leads to a second attempt.
     pub(crate) async fn publish_copy(
         &self,
         exchange: &str,
@@ -397,8 +528,15 @@ impl Publisher {
         body: Vec<u8>,
         properties: BasicProperties,
     ) -> Result<(), PublishError> {
-        self.publish_bytes(exchange, routing_key, body, properties, None)
-            .await
+        self.publish_bytes(
+            exchange,
+            routing_key,
+            body,
+            properties,
+            None,
+            Patience::AwaitOwnConfirm,
+        )
+        .await
     }
 
     async fn publish_bytes(
@@ -408,7 +546,10 @@ impl Publisher {
         body: Vec<u8>,
         mut properties: BasicProperties,
         max_body_size: Option<usize>,
+        patience: Patience,
     ) -> Result<(), PublishError> {
+        let exchange_name = limits::short("exchange", exchange)?;
+        let routing_key_name = limits::short("routing_key", routing_key)?;
         let message_id = match properties.message_id() {
             Some(id) => id.to_string(),
             None => {
@@ -417,6 +558,21 @@ impl Publisher {
                 id
             }
         };
+        if properties
+            .headers()
+            .as_ref()
+            .is_some_and(|h| h.inner().contains_key(ledger::TOKEN_HEADER))
+            && let Some(mut headers) = properties.headers().clone()
+        {
+            ledger::strip_token(&mut headers);
+            properties = properties.with_headers(headers);
+        }
+        // A copy carries properties the broker already accepted (and lapin decoded with
+        // the same nesting); refusing it would send the original back to the queue again
+        // and again, never to the DLQ.
+        if patience == Patience::Republish {
+            limits::check_properties(&properties)?;
+        }
         let span = tracing::debug_span!(
             "publish",
             exchange,
@@ -439,29 +595,33 @@ impl Publisher {
         if properties.timestamp().is_none() {
             properties = properties.with_timestamp(unix_seconds());
         }
-        self.publish_with_retries(exchange, routing_key, &body, &properties, message_id)
-            .instrument(span)
-            .await
+        let send = Send {
+            exchange,
+            routing_key,
+            exchange_name,
+            routing_key_name,
+            body: Arc::new(body),
+            properties,
+            message_id,
+            patience,
+        };
+        self.publish_with_retries(send).instrument(span).await
     }
 
-    async fn publish_with_retries(
-        &self,
-        exchange: &str,
-        routing_key: &str,
-        body: &[u8],
-        properties: &BasicProperties,
-        message_id: String,
-    ) -> Result<(), PublishError> {
+    /// Attempt, and retry while the outcome allows it.
+    ///
+    /// A refusal code (403, 404, 406) closes the channel for every publish in flight on
+    /// it, and the close does not name the publish that caused it; so a publish is
+    /// reported [`PublishError::Refused`] only when its own retry is refused again with
+    /// the same code. A publish that was merely on the same channel goes through on the
+    /// retry.
+    async fn publish_with_retries(&self, send: Send<'_>) -> Result<(), PublishError> {
         let config = &self.inner.config;
         let max_delay = config.max_reconnect_delay.min(Duration::from_secs(2));
-        // Returns are matched by message id for as long as this publish runs.
-        let watch = self.inner.returns.watch(&message_id);
         let mut retries = 0;
+        let mut refused_before: Option<u16> = None;
         let err = loop {
-            let err = match self
-                .attempt(exchange, routing_key, body, properties, &watch)
-                .await
-            {
+            let err = match self.attempt(&send).await {
                 Ok(()) => {
                     let span = tracing::Span::current();
                     span.record("outcome", "confirmed");
@@ -470,7 +630,15 @@ impl Publisher {
                 }
                 Err(e) => e,
             };
-            if !err.retryable() || retries >= config.publish_retries {
+            let again = match &err {
+                AttemptError::Refused(code, _) => {
+                    let seen = refused_before == Some(*code);
+                    refused_before = Some(*code);
+                    !seen
+                }
+                e => e.retryable(),
+            };
+            if !again || retries >= config.publish_retries {
                 break err;
             }
             retries += 1;
@@ -486,7 +654,7 @@ impl Publisher {
         let span = tracing::Span::current();
         span.record("outcome", err.outcome());
         span.record("retries", retries);
-        drop(watch);
+        let message_id = send.message_id;
         Err(match err {
             AttemptError::Nacked => PublishError::Nacked {
                 message_id,
@@ -503,94 +671,72 @@ impl Publisher {
                 retries,
                 reason,
             },
-            AttemptError::Unroutable(reply) => PublishError::Unroutable {
+            AttemptError::Unroutable(code, text) => PublishError::Unroutable {
                 message_id,
-                exchange: exchange.to_owned(),
-                routing_key: routing_key.to_owned(),
-                reply,
+                exchange: send.exchange.to_owned(),
+                routing_key: send.routing_key.to_owned(),
+                reply: format!("{code} {text}"),
             },
-            AttemptError::Refused(reason) => PublishError::Refused {
+            AttemptError::Refused(code, reason) => PublishError::Refused {
                 message_id,
-                exchange: exchange.to_owned(),
+                exchange: send.exchange.to_owned(),
+                code,
                 reason,
             },
         })
     }
 
     /// One publish and its confirm, bounded by the confirm timeout from the moment it is
-    /// handed to the connection.
-    async fn attempt(
-        &self,
-        exchange: &str,
-        routing_key: &str,
-        body: &[u8],
-        properties: &BasicProperties,
-        watch: &Watch<'_>,
-    ) -> Result<(), AttemptError> {
+    /// handed to the ledger (unless the path awaits its own confirm).
+    async fn attempt(&self, send: &Send<'_>) -> Result<(), AttemptError> {
         let link = self.link().await.map_err(AttemptError::Lost)?;
         if link.connection.status().blocked() {
             self.wait_unblocked(&link).await?;
         }
-        let options = BasicPublishOptions {
-            mandatory: true,
-            ..BasicPublishOptions::default()
-        };
-        let send = pin!(link.channel.basic_publish(
-            exchange.into(),
-            routing_key.into(),
-            options,
-            body,
-            properties.clone(),
-        ));
-        let send = LockedStart {
-            lock: &link.send_lock,
-            future: send,
-            started: false,
-        };
-        let confirmed = tokio::time::timeout(self.inner.config.confirm_timeout, async {
-            send.await?.await
-        })
-        .await;
-        let confirmation = match confirmed {
-            // Unknown outcome: the broker may have it. Republished with the same id.
-            Err(_elapsed) => return Err(AttemptError::Timeout),
-            Ok(Err(e)) => {
-                let reason = e.to_string();
-                self.invalidate(link.generation);
-                return Err(if refuses_exchange(&reason, exchange) {
-                    AttemptError::Refused(reason)
-                } else {
-                    AttemptError::Lost(reason)
-                });
-            }
-            Ok(Ok(confirmation)) => confirmation,
-        };
-        match confirmation {
-            Confirmation::Ack(returned) => {
-                if let Some(returned) = returned {
-                    if let Some(reply) = watch.claims(&returned) {
-                        return Err(AttemptError::Unroutable(reply));
+        let timeout = self.inner.config.confirm_timeout;
+        let deadline = tokio::time::Instant::now() + timeout;
+        let ticket = link
+            .ledger
+            .send(
+                &link,
+                send.exchange_name.clone(),
+                send.routing_key_name.clone(),
+                Arc::clone(&send.body),
+                send.properties.clone(),
+                &send.message_id,
+                deadline,
+                (send.patience == Patience::Republish).then_some(deadline),
+            )
+            .await
+            // No room within the timeout: nothing was sent.
+            .ok_or(AttemptError::Timeout)?;
+        let outcome = match send.patience {
+            Patience::Republish => ticket.await,
+            Patience::AwaitOwnConfirm => {
+                let mut ticket = std::pin::pin!(ticket);
+                match tokio::time::timeout_at(deadline, ticket.as_mut()).await {
+                    Ok(outcome) => outcome,
+                    Err(_late) => {
+                        warn!(
+                            ?timeout,
+                            "settle copy not confirmed in time; waiting for its own confirm rather than publishing a second copy"
+                        );
+                        ticket.await
                     }
-                    self.inner.returns.record(&returned);
-                }
-                // lapin may have resolved the ack that covers our message a moment before
-                // the one that carries our return (same `multiple` ack): let it finish.
-                tokio::task::yield_now().await;
-                match watch.take_return() {
-                    Some(reply) => Err(AttemptError::Unroutable(reply)),
-                    None => Ok(()),
                 }
             }
-            Confirmation::Nack(returned) => {
-                if let Some(returned) = returned {
-                    self.inner.returns.record(&returned);
-                }
-                Err(AttemptError::Nacked)
-            }
-            Confirmation::NotRequested => {
-                // Cannot happen on a confirm-mode channel; treat as unknown, never as success.
+        };
+        match outcome {
+            Outcome::Confirmed => Ok(()),
+            Outcome::Returned(code, reply) => Err(AttemptError::Unroutable(code, reply)),
+            Outcome::Nacked => Err(AttemptError::Nacked),
+            Outcome::TimedOut => Err(AttemptError::Timeout),
+            Outcome::Failed(code, reason) => {
                 self.invalidate(link.generation);
-                Err(AttemptError::Lost("channel was not in confirm mode".into()))
+                Err(match code {
+                    Some(code) if is_refusal(code) => AttemptError::Refused(code, reason),
+                    _ => AttemptError::Lost(reason),
+                })
             }
         }
     }
@@ -660,12 +806,15 @@ impl Publisher {
             .await
             .map_err(|e| Error::amqp("enabling publisher confirms", e))?;
         let generation = self.inner.generation.fetch_add(1, Ordering::Relaxed) + 1;
-        Ok(Arc::new(Link {
+        let ledger = Ledger::new();
+        let link = Arc::new(Link {
             connection,
             channel,
             generation,
-            send_lock: Mutex::new(()),
-        }))
+            ledger: Arc::clone(&ledger),
+        });
+        ledger.spawn_background(Arc::downgrade(&link));
+        Ok(link)
     }
 
     /// Forget the link of `generation` (if still current) so the next publish reconnects.
@@ -698,119 +847,22 @@ impl Publisher {
     }
 }
 
+/// One publish, validated and ready to (re)send.
+struct Send<'a> {
+    exchange: &'a str,
+    routing_key: &'a str,
+    exchange_name: ShortString,
+    routing_key_name: ShortString,
+    body: Arc<Vec<u8>>,
+    properties: BasicProperties,
+    message_id: String,
+    patience: Patience,
+}
+
 fn close_in_background(link: Arc<Link>, why: &'static str) {
     tokio::spawn(async move {
         let _ = link.connection.close(320, why.into()).await;
     });
-}
-
-/// Whether a channel error is the broker refusing this very exchange (missing, or no
-/// permission): retrying cannot help. Other channel errors leave the outcome unknown.
-fn refuses_exchange(reason: &str, exchange: &str) -> bool {
-    (reason.contains("NOT_FOUND") || reason.contains("ACCESS_REFUSED"))
-        && reason.contains(&format!("exchange '{exchange}'"))
-}
-
-/// Polls a future's first step under a lock, then lets it run freely.
-struct LockedStart<'a, F> {
-    lock: &'a Mutex<()>,
-    future: Pin<&'a mut F>,
-    started: bool,
-}
-
-impl<F: Future> Future for LockedStart<'_, F> {
-    type Output = F::Output;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
-        let this = self.get_mut();
-        if this.started {
-            return this.future.as_mut().poll(cx);
-        }
-        this.started = true;
-        let _guard = lock(this.lock);
-        this.future.as_mut().poll(cx)
-    }
-}
-
-/// Unroutable messages by `message_id`, for the publishes currently running.
-///
-/// lapin attaches a returned message to one of the confirms resolved by the ack that
-/// follows it; with a `multiple` ack that can be another publish's confirm. Whoever
-/// receives a return records it here, and each publish checks here for its own id after
-/// its ack, so the return reaches its owner either way.
-#[derive(Default)]
-struct ReturnBook(Mutex<HashMap<String, Watched>>);
-
-struct Watched {
-    /// Publishes running with this id (a caller may reuse an id concurrently).
-    publishes: usize,
-    returned: Option<String>,
-}
-
-impl ReturnBook {
-    fn watch<'a>(&'a self, message_id: &'a str) -> Watch<'a> {
-        lock(&self.0)
-            .entry(message_id.to_owned())
-            .and_modify(|w| w.publishes += 1)
-            .or_insert(Watched {
-                publishes: 1,
-                returned: None,
-            });
-        Watch {
-            book: self,
-            message_id,
-        }
-    }
-
-    /// Record a returned message for its owner.
-    fn record(&self, returned: &BasicReturnMessage) {
-        let Some(id) = returned.delivery.properties.message_id() else {
-            return;
-        };
-        let mut book = lock(&self.0);
-        match book.get_mut(id.as_str()) {
-            Some(w) => w.returned = Some(returned.reply_text.to_string()),
-            None => error!(
-                message_id = %id,
-                reply = %returned.reply_text,
-                "a message was returned as unroutable after its publish had finished; \
-                 it may have been reported as confirmed"
-            ),
-        }
-    }
-}
-
-/// A running publish's registration in the [`ReturnBook`].
-struct Watch<'a> {
-    book: &'a ReturnBook,
-    message_id: &'a str,
-}
-
-impl Watch<'_> {
-    /// The reply text if `returned` is our own message.
-    fn claims(&self, returned: &BasicReturnMessage) -> Option<String> {
-        let id = returned.delivery.properties.message_id().as_ref()?;
-        (id.as_str() == self.message_id).then(|| returned.reply_text.to_string())
-    }
-
-    /// A return recorded for our id by another publish.
-    fn take_return(&self) -> Option<String> {
-        lock(&self.book.0)
-            .get_mut(self.message_id)
-            .and_then(|w| w.returned.take())
-    }
-}
-
-impl Drop for Watch<'_> {
-    fn drop(&mut self) {
-        let mut book = lock(&self.book.0);
-        if let Some(w) = book.get_mut(self.message_id) {
-            w.publishes -= 1;
-            if w.publishes == 0 {
-                book.remove(self.message_id);
-            }
-        }
-    }
 }
 
 // A panic while holding one of these locks leaves consistent data (plain inserts and
@@ -851,16 +903,17 @@ mod tests {
         assert!(AttemptError::Nacked.retryable());
         assert!(AttemptError::Timeout.retryable());
         assert!(AttemptError::Lost("x".into()).retryable());
-        assert!(!AttemptError::Unroutable("NO_ROUTE".into()).retryable());
-        assert!(!AttemptError::Refused("x".into()).retryable());
+        assert!(!AttemptError::Unroutable(312, "NO_ROUTE".into()).retryable());
         assert!(!AttemptError::Blocked.retryable());
     }
 
     #[test]
-    fn recognises_a_refused_exchange() {
-        let text = "protocol error: NOT_FOUND - no exchange 'shop' in vhost '/'";
-        assert!(refuses_exchange(text, "shop"));
-        assert!(!refuses_exchange(text, "other"));
-        assert!(!refuses_exchange("connection reset", "shop"));
+    fn refusals_are_recognised_by_reply_code() {
+        for code in [403, 404, 406] {
+            assert!(is_refusal(code), "{code}");
+        }
+        for code in [312, 313, 320, 541] {
+            assert!(!is_refusal(code), "{code}");
+        }
     }
 }
