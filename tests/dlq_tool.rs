@@ -332,6 +332,26 @@ async fn list_show_filters_dry_run_and_purge_leave_the_rest_in_place() {
         "untouched dead letters stay, in order"
     );
 
+    // An unroutable target: the copy is returned, the dead letter stays, exit status 1.
+    let nowhere = cli(&[
+        "dlq",
+        "replay",
+        &dlq,
+        "--json",
+        "--id",
+        "old-2",
+        "--to",
+        &format!(":{target}.missing"),
+    ]);
+    assert!(!nowhere.status.success(), "{}", stdout(&nowhere));
+    let s: serde_json::Value = serde_json::from_slice(&nowhere.stdout).expect("JSON summary");
+    assert_eq!(
+        (s["failed"].as_u64(), s["replayed"].as_u64()),
+        (Some(1), Some(0)),
+        "{s}"
+    );
+    assert_eq!(broker.ready_count(&dlq).await, Some(3));
+
     // purge: refused without --yes; then only the matching kind.
     let refused = cli(&["dlq", "purge", &dlq, "--kind", "rejected"]);
     assert!(!refused.status.success());
@@ -406,6 +426,14 @@ async fn a_message_that_keeps_failing_is_replayed_at_most_max_replays_times() {
         (third.replayed, third.refused_replay_limit),
         (0, 1),
         "{third:?}"
+    );
+    // The binary says so too, and why.
+    let text = stdout(&cli(&["dlq", "replay", &dlq, "--max-replays", "2"]));
+    println!("{text}");
+    assert!(text.contains("0 replayed"), "{text}");
+    assert!(
+        text.contains("1 left in the DLQ: already replayed 2 times"),
+        "{text}"
     );
     assert_eq!(
         broker.ready_count(&dlq).await,

@@ -33,17 +33,18 @@
 //! | what you write | items |
 //! |---|---|
 //! | a consumer | [`consumer`] (the attribute), [`HandlerError`], [`Delivery`], [`State`] |
-//! | running it | [`run`], [`run_with`], [`App`], [`RunningApp`], [`Config`], [`Error`], [`ShutdownHandle`] |
+//! | running it | [`run`], [`run_with`], [`App`], [`RunningApp`], [`Config`], [`Error`], [`ShutdownHandle`], [`ExportFormat`] (the AsyncAPI export) |
 //! | watching it | [`Health`], [`StatsSnapshot`] |
 //! | publishing | [`Publisher`], [`PublishOptions`], [`PublishError`] |
 //! | consumers built by hand | [`ConsumerConfig`], [`ConsumerSpec`], [`handler_fn`], [`delivery_handler_fn`], [`Handler`], [`ExchangeKind`], [`QueueKind`], [`RetryBackoff`] |
-//! | dead letters | [`FailureKind`], the [`headers`] module (names, replay helper) |
+//! | dead letters | [`FailureKind`], the [`headers`] module (names, replay helper), the `dlq` module (feature `cli`: list, show, replay, purge) |
 //! | your own dedup store | the [`dedup`] module ([`DedupStore`], [`RedisStore`], [`MemoryStore`]) |
 //! | lapin's types in this API | [`lapin`] (re-exported, so you never match its version by hand) |
 //!
 //! Cargo features: `anyhow` (handlers may return `anyhow::Result<()>`), `redis-cluster`
 //! (a Redis Cluster dedup store), `testing` (`Delivery::for_test`, for unit tests of
-//! handlers).
+//! handlers), `cli` (the `reliable-mq` binary, `dlq list|show|replay|purge`, and its
+//! library module `dlq`).
 //!
 //! # State
 //!
