@@ -81,10 +81,34 @@ impl DeadLetter {
             first_failure: failure::header_int(h, header::FIRST_FAILURE),
             last_failure: failure::header_int(h, header::LAST_FAILURE),
             replays: failure::header_int(h, REPLAYS).unwrap_or(0),
-            original_exchange: s(header::ORIGINAL_EXCHANGE),
-            original_routing_key: s(header::ORIGINAL_ROUTING_KEY),
-            original_queue: s(header::ORIGINAL_QUEUE),
+            original_exchange: s(header::ORIGINAL_EXCHANGE).or_else(|| first_death(h, "exchange")),
+            original_routing_key: s(header::ORIGINAL_ROUTING_KEY)
+                .or_else(|| first_death(h, "routing-keys")),
+            original_queue: s(header::ORIGINAL_QUEUE).or_else(|| first_death(h, "queue")),
         }
+    }
+}
+
+/// A field of the broker's oldest `x-death` entry: a message dead-lettered by the broker
+/// itself (a quorum queue's delivery limit, a plain reject) has no `x-original-*` headers,
+/// but `x-death` says where it came from. `routing-keys` gives its first key.
+fn first_death(headers: Option<&FieldTable>, field: &str) -> Option<String> {
+    use lapin::types::AMQPValue;
+    let AMQPValue::FieldArray(deaths) = headers?.inner().get("x-death")? else {
+        return None;
+    };
+    // The broker keeps the most recent death first.
+    let AMQPValue::FieldTable(oldest) = deaths.as_slice().last()? else {
+        return None;
+    };
+    let value = match oldest.inner().get(field)? {
+        AMQPValue::FieldArray(a) => a.as_slice().first()?.clone(),
+        v => v.clone(),
+    };
+    match value {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        AMQPValue::ShortString(s) => Some(s.to_string()),
+        _ => None,
     }
 }
 
