@@ -107,8 +107,8 @@ fn store() -> RedisStore {
 async fn redis_claim_is_exclusive_and_complete_turns_it_into_done_with_the_ttl() {
     let (s, redis) = (store(), Inspector::new());
     let prefix = unique("rmq-test:store");
-    let k = dedup::key(&prefix, "q", "m-1");
-    assert_eq!(k, format!("{prefix}:q:m-1"));
+    let k = dedup::KeyScope::new(&prefix, "/").key("q", "m-1");
+    assert_eq!(k, format!("{prefix}:/:q:m-1"));
 
     assert_eq!(s.claim(&k, "t1", LEASE).await.ok(), Some(Claim::Acquired));
     assert_eq!(
@@ -152,7 +152,7 @@ async fn redis_claim_is_exclusive_and_complete_turns_it_into_done_with_the_ttl()
 async fn redis_release_only_with_the_token_and_then_the_retry_claims() {
     let (s, redis) = (store(), Inspector::new());
     let prefix = unique("rmq-test:store");
-    let k = dedup::key(&prefix, "q", "m-1");
+    let k = dedup::KeyScope::new(&prefix, "/").key("q", "m-1");
 
     assert_eq!(s.claim(&k, "t1", LEASE).await.ok(), Some(Claim::Acquired));
     assert_eq!(s.release(&k, "someone-else").await.ok(), Some(false));
@@ -178,7 +178,7 @@ async fn redis_release_only_with_the_token_and_then_the_retry_claims() {
 async fn redis_renew_extends_only_the_holders_lease() {
     let (s, redis) = (store(), Inspector::new());
     let prefix = unique("rmq-test:store");
-    let k = dedup::key(&prefix, "q", "m-1");
+    let k = dedup::KeyScope::new(&prefix, "/").key("q", "m-1");
 
     assert_eq!(
         s.claim(&k, "t1", Duration::from_secs(10)).await.ok(),
@@ -200,7 +200,7 @@ async fn redis_renew_extends_only_the_holders_lease() {
     assert!(left > 10_000 && left <= 600_000, "lease extended: {left}");
     assert_eq!(redis.get(&k).await.as_deref(), Some("t1"));
     // Renewing a key that is gone does not resurrect it.
-    let gone = dedup::key(&prefix, "q", "never-claimed");
+    let gone = dedup::KeyScope::new(&prefix, "/").key("q", "never-claimed");
     assert_eq!(s.renew(&gone, "t1", LEASE).await.ok(), Some(false));
     assert_eq!(redis.pttl(&gone).await, -2);
     redis.delete_prefix(&prefix).await;
@@ -210,7 +210,7 @@ async fn redis_renew_extends_only_the_holders_lease() {
 async fn redis_an_unfinished_claim_expires_with_its_lease() {
     let (s, redis) = (store(), Inspector::new());
     let prefix = unique("rmq-test:store");
-    let k = dedup::key(&prefix, "q", "m-1");
+    let k = dedup::KeyScope::new(&prefix, "/").key("q", "m-1");
 
     // A holder that crashed: it never completes nor releases.
     assert_eq!(
@@ -241,8 +241,8 @@ async fn redis_a_late_success_is_recorded_unless_another_claim_took_over() {
     let (s, redis) = (store(), Inspector::new());
     let prefix = unique("rmq-test:store");
     let (k1, k2) = (
-        dedup::key(&prefix, "q", "m-1"),
-        dedup::key(&prefix, "q", "m-2"),
+        dedup::KeyScope::new(&prefix, "/").key("q", "m-1"),
+        dedup::KeyScope::new(&prefix, "/").key("q", "m-2"),
     );
     let short = Duration::from_millis(200);
 
@@ -292,7 +292,7 @@ async fn redis_concurrent_claims_of_one_key_have_exactly_one_winner() {
     let s = Arc::new(store());
     let redis = Inspector::new();
     let prefix = unique("rmq-test:store");
-    let k = dedup::key(&prefix, "q", "m-1");
+    let k = dedup::KeyScope::new(&prefix, "/").key("q", "m-1");
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..32 {
         let (s, k) = (Arc::clone(&s), k.clone());
@@ -449,7 +449,7 @@ async fn a_handler_that_fails_once_runs_again_and_is_never_skipped() {
         "the retry was not taken for a duplicate"
     );
     assert_eq!(stats.dead_lettered, 0);
-    let key = format!("{prefix}:{q}:flaky-1");
+    let key = format!("{prefix}:/:{q}:flaky-1");
     assert_eq!(
         redis.get(&key).await.as_deref(),
         Some("done"),
@@ -514,7 +514,7 @@ async fn a_handler_failing_for_good_releases_its_claim() {
         .await
         .expect("dead-lettered");
     assert_eq!(dead.header("x-error-kind").as_deref(), Some("rejected"));
-    let key = format!("{prefix}:{q}:rej-1");
+    let key = format!("{prefix}:/:{q}:rej-1");
     assert!(
         eventually(WAIT, || async { redis.pttl(&key).await == -2 }).await,
         "claim released: {:?}",
@@ -634,7 +634,7 @@ async fn done_keys_are_namespaced_with_the_configured_prefix_and_expire() {
         })
         .await
     );
-    let expected: Vec<String> = (0..3).map(|i| format!("{prefix}:{q}:id-{i}")).collect();
+    let expected: Vec<String> = (0..3).map(|i| format!("{prefix}:/:{q}:id-{i}")).collect();
     assert_eq!(redis.keys(&format!("{prefix}:")).await, expected);
     for key in &expected {
         assert_eq!(redis.get(key).await.as_deref(), Some("done"), "{key}");
@@ -699,5 +699,107 @@ async fn a_message_without_message_id_is_dead_lettered_with_the_reason() {
     assert!(redis.keys(&prefix).await.is_empty(), "no key was written");
     app.shutdown().await.expect("clean shutdown");
     assert_eq!(broker.ready_count(&q).await, Some(0), "originals acked");
+    cleanup(&broker, &redis, &q, &dlx, &prefix).await;
+}
+
+/// A RabbitMQ virtual host of its own (guest may use it), deleted with everything in it
+/// when dropped, also when an assertion fails.
+struct Vhost(String);
+
+impl Vhost {
+    fn create() -> Self {
+        let name = unique("rmq-test-vhost");
+        assert!(
+            reliable_mq_tests::sh(&format!("rabbitmqctl -q add_vhost '{name}' >/dev/null")),
+            "rabbitmqctl add_vhost"
+        );
+        let vhost = Self(name);
+        assert!(
+            reliable_mq_tests::sh(&format!(
+                "rabbitmqctl -q set_permissions -p '{}' guest '.*' '.*' '.*' >/dev/null",
+                vhost.0
+            )),
+            "rabbitmqctl set_permissions"
+        );
+        vhost
+    }
+
+    /// The test broker's URL with this vhost instead of the default one.
+    fn url(&self) -> String {
+        let base = reliable_mq_tests::amqp_url();
+        let authority = base.rsplit_once('/').map_or(base.as_str(), |(a, _)| a);
+        format!("{authority}/{}", self.0)
+    }
+}
+
+impl Drop for Vhost {
+    fn drop(&mut self) {
+        reliable_mq_tests::sh(&format!(
+            "rabbitmqctl -q delete_vhost '{}' >/dev/null",
+            self.0
+        ));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_vhosts_sharing_redis_and_prefix_never_take_each_others_messages_for_duplicates() {
+    // Two environments (a vhost each) on one Redis with the same dedup prefix: a message
+    // handled in one must not make the same message_id a "duplicate" in the other.
+    init_tracing();
+    let (broker, redis) = (Broker::connect().await, Inspector::new());
+    let vhost = Vhost::create();
+    let q = unique("dedup-vhosts");
+    let dlx = format!("{q}.dlx");
+    let _cleanup = Cleanup::consumer(&q, &["200ms", "1s", "2s", "4s"], &[])
+        .redis_keys(&format!("rmq-test:{q}"));
+    let config = test_config(&q).with_redis_url(Some(redis_url()));
+    let prefix = config.dedup_prefix.clone();
+    let calls = Arc::new(Mutex::new(HashMap::new()));
+    let consumer = idempotent_consumer(&q, &dlx, counting(&calls, Duration::ZERO));
+    let mut apps = Vec::new();
+    for url in [reliable_mq_tests::amqp_url(), vhost.url()] {
+        let app = App::new(config.clone().with_amqp_url(url))
+            .consumer(consumer.clone())
+            .start()
+            .await
+            .expect("start");
+        apps.push(app);
+    }
+    for app in &apps {
+        app.publisher()
+            .publish_with(
+                "",
+                &q,
+                &7u64,
+                reliable_mq::PublishOptions::with_message_id("same-id"),
+            )
+            .await
+            .expect("published");
+    }
+    assert!(
+        eventually(WAIT, || async {
+            apps.iter()
+                .all(|a| a.stats(&q).is_some_and(|s| s.handled == 1))
+        })
+        .await,
+        "each environment handles its own copy: {:?}",
+        apps.iter().map(|a| a.stats(&q)).collect::<Vec<_>>()
+    );
+    for app in &apps {
+        assert_eq!(app.stats(&q).map(|s| s.duplicates), Some(0));
+    }
+    assert_eq!(total(&calls), 2);
+    let keys = redis.keys(&format!("{prefix}:")).await;
+    assert_eq!(
+        keys,
+        vec![
+            format!("{prefix}:/:{q}:same-id"),
+            format!("{prefix}:{}:{q}:same-id", vhost.0)
+        ],
+        "one done mark per vhost"
+    );
+    for app in apps {
+        app.shutdown().await.expect("clean shutdown");
+    }
     cleanup(&broker, &redis, &q, &dlx, &prefix).await;
 }

@@ -247,7 +247,7 @@ async fn cluster_claim_protocol_on_keys_owned_by_every_primary() {
     let mut keys: Vec<(String, u16)> = Vec::new();
     let mut per_node: HashMap<u16, usize> = HashMap::new();
     for i in 0..300 {
-        let k = dedup::key(&prefix, "q", &format!("m-{i}"));
+        let k = dedup::KeyScope::new(&prefix, "/").key("q", &format!("m-{i}"));
         let owner = cluster.owner(&k).await;
         let n = per_node.entry(owner).or_insert(0);
         if *n < 2 {
@@ -312,7 +312,7 @@ async fn cluster_claim_protocol_on_keys_owned_by_every_primary() {
     }
 
     // A key that was never claimed is not resurrected by a renew; a gone claim completes.
-    let gone = dedup::key(&prefix, "q", "never-claimed");
+    let gone = dedup::KeyScope::new(&prefix, "/").key("q", "never-claimed");
     assert_eq!(store.renew(&gone, "t1", LEASE).await.ok(), Some(false));
     assert_eq!(pttl(&mut inspect, &gone).await, -2);
     assert_eq!(store.complete(&gone, "t1", TTL).await.ok(), Some(true));
@@ -320,7 +320,7 @@ async fn cluster_claim_protocol_on_keys_owned_by_every_primary() {
 
     // Concurrent claims of one key: exactly one winner.
     let store = Arc::new(store);
-    let k = dedup::key(&prefix, "q", "raced");
+    let k = dedup::KeyScope::new(&prefix, "/").key("q", "raced");
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..32 {
         let (s, k) = (Arc::clone(&store), k.clone());
@@ -409,7 +409,7 @@ async fn cluster_redis_url_the_same_message_id_twice_runs_the_handler_once() {
     assert_eq!(broker.ready_count(&q).await, Some(0), "both copies acked");
     assert_eq!(broker.ready_count(&format!("{q}.dlq")).await, Some(0));
 
-    let k = dedup::key(&prefix, &q, "same-id");
+    let k = dedup::KeyScope::new(&prefix, "/").key(&q, "same-id");
     let mut inspect = cluster.inspector().await;
     assert_eq!(
         get(&mut inspect, &k).await.as_deref(),

@@ -390,7 +390,7 @@ async fn a_redis_cluster_over_tls_with_client_certificates() {
     // Keys spread over the three primaries: the scripts run on each over TLS.
     let prefix = unique("rmq-test:tls-cluster");
     for i in 0..16 {
-        let key = reliable_mq::dedup::key(&prefix, "q", &format!("m-{i}"));
+        let key = reliable_mq::dedup::KeyScope::new(&prefix, "/").key("q", &format!("m-{i}"));
         assert_eq!(
             store
                 .claim(&key, "t", Duration::from_secs(30))

@@ -9,7 +9,7 @@ use tracing::{info, warn};
 
 use crate::consumer::driver::ConsumerRuntime;
 use crate::consumer::{ConsumerStats, StatsSnapshot};
-use crate::dedup::{DedupStore, MemoryStore, RedisStore};
+use crate::dedup::{DedupStore, KeyScope, MemoryStore, RedisStore};
 use crate::publisher::Publisher;
 use crate::shutdown::{self, ShutdownHandle};
 use crate::spec::{self, ConsumerConfig};
@@ -203,7 +203,7 @@ impl App {
             return Err(Error::NoConsumers);
         }
         for c in &self.consumers {
-            topology::validate(c, spec::defaults::BROKER_CONSUMER_TIMEOUT)?;
+            topology::validate(c, self.config.consumer_timeout)?;
             for needed in c.handler.states() {
                 if !self.states.contains(&needed) {
                     return Err(Error::MissingState {
@@ -225,16 +225,20 @@ impl App {
         };
         let publisher = Publisher::from_config(&config).await?;
 
+        let key_scope = KeyScope::from_config(&config)?;
         let mut tasks = JoinSet::new();
-        let mut stats = BTreeMap::new();
+        let mut stats = Vec::new();
         let mut runtimes = Vec::new();
         for consumer in self.consumers {
             let topology = Topology::of(&consumer);
-            let consumer_stats = Arc::clone(
-                stats
-                    .entry(consumer.queue().to_owned())
-                    .or_insert_with(|| Arc::new(ConsumerStats::default())),
-            );
+            // One set of counters per consumer, even when two consume one queue: each
+            // has its own session, so its own `attached` and health.
+            let consumer_stats = Arc::new(ConsumerStats::default());
+            stats.push(ConsumerEntry {
+                name: consumer.name().to_owned(),
+                queue: consumer.queue().to_owned(),
+                stats: Arc::clone(&consumer_stats),
+            });
             runtimes.push(Arc::new(ConsumerRuntime {
                 config: Arc::clone(&config),
                 dedup: if consumer.is_idempotent() {
@@ -247,6 +251,10 @@ impl App {
                 publisher: publisher.clone(),
                 stats: consumer_stats,
                 shutdown: self.shutdown.clone(),
+                key_scope: key_scope.clone(),
+                retry_gate: tokio::sync::Mutex::new(crate::connection::Backoff::new(
+                    config.max_reconnect_delay,
+                )),
                 states: Arc::clone(&states),
             }));
         }
@@ -386,10 +394,17 @@ fn fallback_silenced() -> bool {
     std::env::var("RELIABLE_MQ_LOG").is_ok_and(|v| v.trim().eq_ignore_ascii_case("off"))
 }
 
+/// One running consumer's counters.
+struct ConsumerEntry {
+    name: String,
+    queue: String,
+    stats: Arc<ConsumerStats>,
+}
+
 /// A started app: consumers attached and running in the background.
 pub struct RunningApp {
     tasks: JoinSet<Result<(), Error>>,
-    stats: BTreeMap<String, Arc<ConsumerStats>>,
+    stats: Vec<ConsumerEntry>,
     shutdown: ShutdownHandle,
     publisher: Publisher,
     dedup: Option<Arc<dyn DedupStore>>,
@@ -398,13 +413,17 @@ pub struct RunningApp {
 impl std::fmt::Debug for RunningApp {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RunningApp")
-            .field("queues", &self.stats.keys().collect::<Vec<_>>())
+            .field(
+                "consumers",
+                &self.stats.iter().map(|c| &c.name).collect::<Vec<_>>(),
+            )
             .finish_non_exhaustive()
     }
 }
 
 /// Readiness of a running app, for health endpoints.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Health {
     /// Every consumer subscribed right now.
     pub consumers_attached: bool,
@@ -412,6 +431,23 @@ pub struct Health {
     pub publisher_connected: bool,
     /// The dedup store answers (`true` when no consumer needs one).
     pub dedup_up: bool,
+    /// Each consumer on its own, in the order they were added.
+    pub consumers: Vec<ConsumerHealth>,
+}
+
+/// The state of one consumer, in [`Health`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ConsumerHealth {
+    /// The consumer's name (the function's name for a `#[consumer]`).
+    pub name: String,
+    /// The queue it consumes.
+    pub queue: String,
+    /// Subscribed right now.
+    pub attached: bool,
+    /// Why it cannot settle some deliveries right now (they are held, unacked), e.g.
+    /// `cannot publish to orders.dlx: ACCESS_REFUSED - ...`; `None` when it can.
+    pub degraded: Option<String>,
 }
 
 impl Health {
@@ -419,20 +455,41 @@ impl Health {
     pub fn is_ready(&self) -> bool {
         self.consumers_attached && self.publisher_connected && self.dedup_up
     }
+
+    /// The consumers that are degraded (see [`ConsumerHealth::degraded`]).
+    pub fn degraded(&self) -> impl Iterator<Item = &ConsumerHealth> {
+        self.consumers.iter().filter(|c| c.degraded.is_some())
+    }
 }
 
 impl RunningApp {
-    /// Counters of the consumer(s) of `queue`.
+    /// Counters of the consumer(s) of `queue`, added up (`attached`: all of them are).
     pub fn stats(&self, queue: &str) -> Option<StatsSnapshot> {
-        self.stats.get(queue).map(|s| s.snapshot())
-    }
-
-    /// Counters of every queue.
-    pub fn all_stats(&self) -> BTreeMap<String, StatsSnapshot> {
         self.stats
             .iter()
-            .map(|(q, s)| (q.clone(), s.snapshot()))
-            .collect()
+            .filter(|c| c.queue == queue)
+            .map(|c| c.stats.snapshot())
+            .reduce(StatsSnapshot::combine)
+    }
+
+    /// Counters of the consumer named `name` (the first, if several share the name).
+    pub fn consumer_stats(&self, name: &str) -> Option<StatsSnapshot> {
+        self.stats
+            .iter()
+            .find(|c| c.name == name)
+            .map(|c| c.stats.snapshot())
+    }
+
+    /// Counters of every queue (its consumers added up).
+    pub fn all_stats(&self) -> BTreeMap<String, StatsSnapshot> {
+        let mut all: BTreeMap<String, StatsSnapshot> = BTreeMap::new();
+        for c in &self.stats {
+            let snapshot = c.stats.snapshot();
+            all.entry(c.queue.clone())
+                .and_modify(|s| *s = s.combine(snapshot))
+                .or_insert(snapshot);
+        }
+        all
     }
 
     /// The app's confirmed publisher (its own connection, separate from consumers').
@@ -451,13 +508,21 @@ impl RunningApp {
             Some(store) => store.ping().await.is_ok(),
             None => true,
         };
+        let consumers: Vec<ConsumerHealth> = self
+            .stats
+            .iter()
+            .map(|c| ConsumerHealth {
+                name: c.name.clone(),
+                queue: c.queue.clone(),
+                attached: c.stats.attached.load(std::sync::atomic::Ordering::Relaxed),
+                degraded: c.stats.degraded(),
+            })
+            .collect();
         Health {
-            consumers_attached: self
-                .stats
-                .values()
-                .all(|s| s.attached.load(std::sync::atomic::Ordering::Relaxed)),
+            consumers_attached: consumers.iter().all(|c| c.attached),
             publisher_connected: self.publisher.is_connected().await,
             dedup_up,
+            consumers,
         }
     }
 
@@ -470,8 +535,8 @@ impl RunningApp {
         loop {
             let attached = self
                 .stats
-                .values()
-                .all(|s| s.sessions.load(std::sync::atomic::Ordering::Relaxed) > 0);
+                .iter()
+                .all(|c| c.stats.sessions.load(std::sync::atomic::Ordering::Relaxed) > 0);
             if attached {
                 return Ok(());
             }

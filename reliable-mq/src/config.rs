@@ -9,6 +9,8 @@
 //! | `RELIABLE_MQ_CONFIRM_TIMEOUT` | how long a publish waits for the broker's confirm | `10s` |
 //! | `RELIABLE_MQ_HEARTBEAT` | AMQP heartbeat interval | `20s` |
 //! | `RELIABLE_MQ_DEDUP_PREFIX` | namespace of dedup keys in Redis | `reliable-mq` |
+//! | `RELIABLE_MQ_DEDUP_NAMESPACE` | extra dedup key scope (an environment's name), after the prefix | unset |
+//! | `RELIABLE_MQ_CONSUMER_TIMEOUT` | the broker's `consumer_timeout`: how long it lets a delivery stay unacked | `30m` |
 //!
 //! # TLS
 //!
@@ -63,13 +65,20 @@ pub struct Config {
     pub connect_timeout: Duration,
     /// Longest wait between reconnection attempts.
     pub max_reconnect_delay: Duration,
-    /// Prefix of dedup keys (`{prefix}:{queue}:{message_id}`).
+    /// Prefix of dedup keys (`{prefix}:{vhost}:{queue}:{message_id}`).
     pub dedup_prefix: String,
     /// How long publishes wait while the broker blocks the connection (memory or disk alarm)
     /// before failing.
     pub blocked_timeout: Duration,
     /// Connection name shown in the broker's management tools.
     pub connection_name: String,
+    /// An extra scope for dedup keys, after the prefix (e.g. the environment's name), so
+    /// apps sharing one Redis, prefix and vhost can still keep their dedup marks apart.
+    pub dedup_namespace: Option<String>,
+    /// The broker's `consumer_timeout` (RabbitMQ's default: 30 minutes): a delivery left
+    /// unacked longer makes the broker close the channel. A delivery held back by the
+    /// consumer (dedup store down, a settle copy refused) is handed back before then.
+    pub consumer_timeout: Duration,
 }
 
 impl std::fmt::Debug for Config {
@@ -88,6 +97,8 @@ impl std::fmt::Debug for Config {
             dedup_prefix,
             blocked_timeout,
             connection_name,
+            dedup_namespace,
+            consumer_timeout,
         } = self;
         f.debug_struct("Config")
             .field("amqp_url", &self.redacted_amqp_url())
@@ -102,6 +113,8 @@ impl std::fmt::Debug for Config {
             .field("dedup_prefix", dedup_prefix)
             .field("blocked_timeout", blocked_timeout)
             .field("connection_name", connection_name)
+            .field("dedup_namespace", dedup_namespace)
+            .field("consumer_timeout", consumer_timeout)
             .finish()
     }
 }
@@ -128,6 +141,8 @@ impl Default for Config {
                         .map(|s| s.to_string_lossy().into_owned())
                 })
                 .unwrap_or_else(|| "reliable-mq".to_owned()),
+            dedup_namespace: None,
+            consumer_timeout: Duration::from_secs(30 * 60),
         }
     }
 }
@@ -171,6 +186,10 @@ impl Config {
         }
         if let Some(v) = env("RELIABLE_MQ_DEDUP_PREFIX") {
             c.dedup_prefix = v;
+        }
+        c.dedup_namespace = env("RELIABLE_MQ_DEDUP_NAMESPACE");
+        if let Some(v) = env("RELIABLE_MQ_CONSUMER_TIMEOUT") {
+            c.consumer_timeout = parse_env_duration("RELIABLE_MQ_CONSUMER_TIMEOUT", &v)?;
         }
         Ok(c)
     }
@@ -226,6 +245,18 @@ impl Config {
     /// Set the dedup key prefix.
     pub fn with_dedup_prefix(mut self, prefix: impl Into<String>) -> Self {
         self.dedup_prefix = prefix.into();
+        self
+    }
+
+    /// Scope dedup keys further by `namespace` (`None`: prefix and vhost only).
+    pub fn with_dedup_namespace(mut self, namespace: Option<String>) -> Self {
+        self.dedup_namespace = namespace;
+        self
+    }
+
+    /// Set the broker's `consumer_timeout`, as configured on the broker.
+    pub fn with_consumer_timeout(mut self, timeout: Duration) -> Self {
+        self.consumer_timeout = timeout;
         self
     }
 

@@ -34,7 +34,7 @@
 //! |---|---|
 //! | a consumer | [`consumer`] (the attribute), [`HandlerError`], [`Delivery`], [`State`] |
 //! | running it | [`run`], [`run_with`], [`App`], [`RunningApp`], [`Config`], [`Error`], [`ShutdownHandle`], [`ExportFormat`] (the AsyncAPI export) |
-//! | watching it | [`Health`], [`StatsSnapshot`] |
+//! | watching it | [`Health`], [`ConsumerHealth`], [`StatsSnapshot`] |
 //! | publishing | [`Publisher`], [`PublishOptions`], [`PublishError`] |
 //! | consumers built by hand | [`ConsumerConfig`], [`ConsumerSpec`], [`handler_fn`], [`delivery_handler_fn`], [`Handler`], [`ExchangeKind`], [`QueueKind`], [`RetryBackoff`] |
 //! | dead letters | [`FailureKind`], the [`headers`] module (names, replay helper), the `dlq` module (feature `cli`: list, show, replay, purge) |
@@ -95,7 +95,7 @@ mod spec;
 mod state;
 mod topology;
 
-pub use app::{App, ExportFormat, Health, RunningApp, run, run_with};
+pub use app::{App, ConsumerHealth, ExportFormat, Health, RunningApp, run, run_with};
 pub use config::Config;
 pub use consumer::StatsSnapshot;
 pub use dedup::{DedupStore, MemoryStore, RedisStore};
@@ -154,8 +154,8 @@ pub mod __private {
         crate::spec::registered()
     }
 
-    /// The dedup key of a message (tests check what is in Redis).
-    pub use crate::dedup::{key as dedup_key, lease_for};
+    /// The claim lease of a handler timeout (the dedup key is `dedup::KeyScope::key`).
+    pub use crate::dedup::lease_for;
     #[cfg(feature = "testing")]
     pub use crate::retry::crash_seam;
 

@@ -1,15 +1,23 @@
 //! The dedup claim around a handler call (`docs/architecture.md`, "The dedup claim"):
-//! claim, then `done` on success or release on failure, with the lease renewed while the
-//! handler runs.
+//! claim, then `done` on success or release on failure, with the lease renewed from the
+//! moment the claim is taken until it is settled.
+//!
+//! The renewal runs on a task of its own, beside the handler: a slow or stopped store
+//! delays only the renewal (each call has its own deadline), never the handler or its
+//! timeout. A claim taken ahead of a free slot is renewed while it waits, too.
 
-use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tracing::{debug, warn};
 
 use crate::Delivery;
-use crate::dedup::{self, Claim, DedupError, DedupStore};
+use crate::dedup::{self, Claim, DedupError, DedupStore, KeyScope};
+
+/// How long one store call may take before it counts as failed. A stopped Redis (SIGSTOP,
+/// a network partition without a reset) keeps its connection open and never answers; a
+/// claim must then become "store down" (the delivery is held), not hang for ever.
+pub(crate) const STORE_CALL_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What the claim step decided for a delivery.
 pub(crate) enum ClaimDecision {
@@ -25,24 +33,23 @@ pub(crate) enum ClaimDecision {
     StoreDown(DedupError),
 }
 
-/// A claim this delivery holds. Dropped without [`ClaimGuard::complete`] or
-/// [`ClaimGuard::release`] (its task aborted: the shutdown grace ran out), it releases the
-/// claim in the background, so the redelivery runs now rather than after the lease.
+/// A claim this delivery holds, its lease renewed in the background until it is settled.
+/// Dropped without [`ClaimGuard::complete`] or [`ClaimGuard::release`] (its task aborted:
+/// the shutdown grace ran out), it releases the claim in the background, so the
+/// redelivery runs now rather than after the lease.
 pub(crate) struct ClaimGuard {
     store: Arc<dyn DedupStore>,
     key: String,
     token: String,
-    lease: Duration,
-    /// When the claim was taken: renewals count from here, not from the handler's start
-    /// (a claimed delivery may wait for a slot first).
-    claimed_at: tokio::time::Instant,
+    /// The renewal task, stopped when the claim is settled or dropped.
+    renewal: Option<tokio::task::AbortHandle>,
     settled: bool,
 }
 
 /// Claim `delivery` for an idempotent consumer (`store` is `None` for the others).
 pub(crate) async fn claim(
     store: Option<&Arc<dyn DedupStore>>,
-    prefix: &str,
+    scope: &KeyScope,
     timeout: Duration,
     delivery: &Delivery,
 ) -> ClaimDecision {
@@ -52,19 +59,27 @@ pub(crate) async fn claim(
     let Some(message_id) = delivery.message_id().filter(|id| !id.is_empty()) else {
         return ClaimDecision::MissingMessageId;
     };
-    let key = dedup::key(prefix, delivery.queue(), message_id);
+    let key = scope.key(delivery.queue(), message_id);
     let token = uuid::Uuid::new_v4().to_string();
     let lease = dedup::lease_for(timeout);
-    let claimed_at = tokio::time::Instant::now();
-    match store.claim(&key, &token, lease).await {
-        Ok(Claim::Acquired) => ClaimDecision::Run(Some(ClaimGuard {
-            store: Arc::clone(store),
-            key,
-            token,
-            lease,
-            claimed_at,
-            settled: false,
-        })),
+    let answer = tokio::time::timeout(STORE_CALL_TIMEOUT, store.claim(&key, &token, lease))
+        .await
+        .unwrap_or_else(|_| {
+            Err(DedupError(format!(
+                "no answer within {STORE_CALL_TIMEOUT:?}"
+            )))
+        });
+    match answer {
+        Ok(Claim::Acquired) => {
+            let renewal = spawn_renewal(Arc::clone(store), key.clone(), token.clone(), lease);
+            ClaimDecision::Run(Some(ClaimGuard {
+                store: Arc::clone(store),
+                key,
+                token,
+                renewal,
+                settled: false,
+            }))
+        }
         Ok(Claim::Done) => ClaimDecision::Duplicate,
         Ok(Claim::Held) => ClaimDecision::HeldElsewhere,
         Err(e) => {
@@ -78,39 +93,72 @@ pub(crate) async fn claim(
     }
 }
 
+/// Renew the claim every third of its lease, on a task of its own, until aborted or the
+/// claim is found lost. Each call gets a third of the lease at most, so a call that hangs
+/// is given up in time for the next one; after a failed call the next comes within
+/// [`RENEW_RETRY`], so a store back from an outage renews well before the lease runs out.
+fn spawn_renewal(
+    store: Arc<dyn DedupStore>,
+    key: String,
+    token: String,
+    lease: Duration,
+) -> Option<tokio::task::AbortHandle> {
+    let runtime = tokio::runtime::Handle::try_current().ok()?;
+    let every = lease / 3;
+    let task = runtime.spawn(async move {
+        let mut next = tokio::time::Instant::now() + every;
+        loop {
+            tokio::time::sleep_until(next).await;
+            let renewed = match tokio::time::timeout(every, store.renew(&key, &token, lease)).await
+            {
+                Ok(Ok(true)) => {
+                    debug!(%key, "claim lease renewed");
+                    true
+                }
+                Ok(Ok(false)) => {
+                    warn!(%key, "claim lease lost while its delivery runs; a redelivery may run concurrently");
+                    return;
+                }
+                Ok(Err(e)) => {
+                    warn!(%key, error = %e, "cannot renew the claim lease; trying again");
+                    false
+                }
+                Err(_) => {
+                    warn!(%key, "the dedup store did not answer a lease renewal in time; trying again");
+                    false
+                }
+            };
+            let wait = if renewed { every } else { RENEW_RETRY.min(every) };
+            next = tokio::time::Instant::now() + wait;
+        }
+    });
+    Some(task.abort_handle())
+}
+
+/// How soon a failed lease renewal is tried again.
+const RENEW_RETRY: Duration = Duration::from_secs(1);
+
 /// Compare-and-delete `key` with `token` on a task of its own (best effort).
 fn release_in_background(store: Arc<dyn DedupStore>, key: String, token: String) {
     let Ok(runtime) = tokio::runtime::Handle::try_current() else {
         return;
     };
     runtime.spawn(async move {
-        match store.release(&key, &token).await {
-            Ok(true) => debug!(%key, "released an unsettled claim"),
-            Ok(false) => {}
-            Err(e) => debug!(%key, error = %e, "cannot release an unsettled claim; it expires with its lease"),
+        let released = tokio::time::timeout(STORE_CALL_TIMEOUT, store.release(&key, &token)).await;
+        match released {
+            Ok(Ok(true)) => debug!(%key, "released an unsettled claim"),
+            Ok(Ok(false)) => {}
+            Ok(Err(e)) => debug!(%key, error = %e, "cannot release an unsettled claim; it expires with its lease"),
+            Err(_) => debug!(%key, "no answer releasing an unsettled claim; it expires with its lease"),
         }
     });
 }
 
 impl ClaimGuard {
-    /// Run `fut`, renewing the lease every third of it, counted from the claim (so a
-    /// claim that waited for a slot is renewed at once if it is that old), until `fut`
-    /// finishes.
-    pub(crate) async fn renew_while<F: Future>(&self, fut: F) -> F::Output {
-        let every = self.lease / 3;
-        let mut ticker = tokio::time::interval_at(self.claimed_at + every, every);
-        tokio::pin!(fut);
-        loop {
-            tokio::select! {
-                out = &mut fut => return out,
-                _ = ticker.tick() => {
-                    match self.store.renew(&self.key, &self.token, self.lease).await {
-                        Ok(true) => debug!(key = %self.key, "claim lease renewed"),
-                        Ok(false) => warn!(key = %self.key, "claim lease lost while the handler runs; a redelivery may run concurrently"),
-                        Err(e) => warn!(key = %self.key, error = %e, "cannot renew claim lease"),
-                    }
-                }
-            }
+    fn settle(&mut self) {
+        self.settled = true;
+        if let Some(renewal) = self.renewal.take() {
+            renewal.abort();
         }
     }
 
@@ -118,14 +166,22 @@ impl ClaimGuard {
     /// returned: the work is done and the message will be acked; re-running the side
     /// effect on purpose would be worse than a possible duplicate later.
     pub(crate) async fn complete(mut self, ttl: Duration) {
-        self.settled = true;
-        match self.store.complete(&self.key, &self.token, ttl).await {
-            Ok(true) => {}
-            Ok(false) => {
+        self.settle();
+        let done = tokio::time::timeout(
+            STORE_CALL_TIMEOUT,
+            self.store.complete(&self.key, &self.token, ttl),
+        )
+        .await;
+        match done {
+            Ok(Ok(true)) => {}
+            Ok(Ok(false)) => {
                 warn!(key = %self.key, "claim lost before the handler finished and another delivery holds or finished it; done mark not written")
             }
-            Err(e) => {
+            Ok(Err(e)) => {
                 warn!(key = %self.key, error = %e, "handled, but cannot write the done mark; acking anyway (a redelivery would run again)")
+            }
+            Err(_) => {
+                warn!(key = %self.key, "handled, but the dedup store did not answer the done mark in time; acking anyway (a redelivery would run again)")
             }
         }
     }
@@ -133,15 +189,29 @@ impl ClaimGuard {
     /// The handler failed: delete the claim so the retry runs. On a store error the claim
     /// expires with its lease; until then a retry is requeued as held, never skipped.
     pub(crate) async fn release(mut self) {
-        self.settled = true;
-        if let Err(e) = self.store.release(&self.key, &self.token).await {
-            warn!(key = %self.key, error = %e, "cannot release claim; it expires with its lease");
+        self.settle();
+        let released = tokio::time::timeout(
+            STORE_CALL_TIMEOUT,
+            self.store.release(&self.key, &self.token),
+        )
+        .await;
+        match released {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                warn!(key = %self.key, error = %e, "cannot release claim; it expires with its lease")
+            }
+            Err(_) => {
+                warn!(key = %self.key, "no answer releasing the claim; it expires with its lease")
+            }
         }
     }
 }
 
 impl Drop for ClaimGuard {
     fn drop(&mut self) {
+        if let Some(renewal) = self.renewal.take() {
+            renewal.abort();
+        }
         if !self.settled {
             release_in_background(
                 Arc::clone(&self.store),
@@ -175,14 +245,18 @@ mod tests {
         (store, dyn_store)
     }
 
+    fn scope() -> KeyScope {
+        KeyScope::new("p", "/")
+    }
+
     async fn decide(store: &Arc<dyn DedupStore>, id: &str) -> ClaimDecision {
-        claim(Some(store), "p", TIMEOUT, &delivery(Some(id))).await
+        claim(Some(store), &scope(), TIMEOUT, &delivery(Some(id))).await
     }
 
     #[tokio::test]
     async fn consumers_that_are_not_idempotent_always_run() {
         assert!(matches!(
-            claim(None, "p", TIMEOUT, &delivery(None)).await,
+            claim(None, &scope(), TIMEOUT, &delivery(None)).await,
             ClaimDecision::Run(None)
         ));
     }
@@ -191,7 +265,7 @@ mod tests {
     async fn a_missing_or_empty_message_id_is_dead_lettered_without_touching_the_store() {
         let (mem, store) = memory();
         for d in [delivery(None), delivery(Some(""))] {
-            let decision = claim(Some(&store), "p", TIMEOUT, &d).await;
+            let decision = claim(Some(&store), &scope(), TIMEOUT, &d).await;
             assert!(matches!(decision, ClaimDecision::MissingMessageId));
         }
         assert!(mem.is_empty());
@@ -204,8 +278,8 @@ mod tests {
             panic!("first copy runs");
         };
         assert_eq!(
-            guard.key, "p:orders:m",
-            "{{prefix}}:{{queue}}:{{message_id}}"
+            guard.key, "p:/:orders:m",
+            "{{prefix}}:{{vhost}}:{{queue}}:{{message_id}}"
         );
         assert!(matches!(
             decide(&store, "m").await,
@@ -220,7 +294,7 @@ mod tests {
         let mut other = delivery(Some("m"));
         other.queue = "invoices".into();
         assert!(matches!(
-            claim(Some(&store), "p", TIMEOUT, &other).await,
+            claim(Some(&store), &scope(), TIMEOUT, &other).await,
             ClaimDecision::Run(Some(_))
         ));
     }
@@ -260,19 +334,20 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn the_lease_is_renewed_while_a_long_handler_runs() {
+    async fn the_lease_is_renewed_from_the_claim_until_it_is_settled() {
+        // Nothing drives the renewal: a claim taken ahead of a free slot, then a long
+        // handler, are both covered from the moment the claim is taken.
         let (_, store) = memory();
         let lease = dedup::lease_for(TIMEOUT);
         let ClaimDecision::Run(Some(guard)) = decide(&store, "m").await else {
             panic!("first copy runs");
         };
-        let probe = Arc::clone(&store);
-        let handler = async move {
-            tokio::time::sleep(lease * 3).await;
-            // Three leases later the claim still stands: another copy is held off.
-            probe.claim("p:orders:m", "other", lease).await.ok()
-        };
-        assert_eq!(guard.renew_while(handler).await, Some(Claim::Held));
+        tokio::time::sleep(lease * 3).await;
+        assert_eq!(
+            store.claim("p:/:orders:m", "other", lease).await.ok(),
+            Some(Claim::Held),
+            "three leases later the claim still stands"
+        );
         guard.complete(TTL).await;
         assert!(matches!(
             decide(&store, "m").await,
@@ -280,22 +355,78 @@ mod tests {
         ));
     }
 
+    /// A store whose renewals hang while `stalled` is set (a stopped Redis).
+    struct Stalling {
+        inner: MemoryStore,
+        stalled: std::sync::atomic::AtomicBool,
+    }
+
+    impl DedupStore for Stalling {
+        fn claim<'a>(
+            &'a self,
+            key: &'a str,
+            token: &'a str,
+            lease: Duration,
+        ) -> dedup::DedupFuture<'a, Claim> {
+            self.inner.claim(key, token, lease)
+        }
+        fn renew<'a>(
+            &'a self,
+            key: &'a str,
+            token: &'a str,
+            lease: Duration,
+        ) -> dedup::DedupFuture<'a, bool> {
+            if self.stalled.load(std::sync::atomic::Ordering::SeqCst) {
+                return Box::pin(std::future::pending());
+            }
+            self.inner.renew(key, token, lease)
+        }
+        fn complete<'a>(
+            &'a self,
+            key: &'a str,
+            token: &'a str,
+            ttl: Duration,
+        ) -> dedup::DedupFuture<'a, bool> {
+            self.inner.complete(key, token, ttl)
+        }
+        fn release<'a>(&'a self, key: &'a str, token: &'a str) -> dedup::DedupFuture<'a, bool> {
+            self.inner.release(key, token)
+        }
+        fn ping(&self) -> dedup::DedupFuture<'_, ()> {
+            self.inner.ping()
+        }
+    }
+
     #[tokio::test(start_paused = true)]
-    async fn a_claim_that_waited_for_a_slot_is_renewed_counting_from_the_claim() {
-        // The driver claims ahead, while the delivery waits for a slot.
-        let (_, store) = memory();
+    async fn a_hanging_renewal_is_given_up_and_the_next_one_keeps_the_claim() {
+        let stalling = Arc::new(Stalling {
+            inner: MemoryStore::new(),
+            stalled: std::sync::atomic::AtomicBool::new(false),
+        });
+        let store: Arc<dyn DedupStore> = stalling.clone();
         let lease = dedup::lease_for(TIMEOUT);
         let ClaimDecision::Run(Some(guard)) = decide(&store, "m").await else {
             panic!("first copy runs");
         };
-        tokio::time::sleep(lease * 9 / 10).await;
-        let probe = Arc::clone(&store);
-        let handler = async move {
-            tokio::time::sleep(lease / 5).await;
-            // Past the first lease since the claim: still held, renewed when the handler began.
-            probe.claim("p:orders:m", "other", lease).await.ok()
-        };
-        assert_eq!(guard.renew_while(handler).await, Some(Claim::Held));
+        // The first renewal (a third into the lease) hangs; the store answers again after.
+        stalling
+            .stalled
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        tokio::time::sleep(lease / 2).await;
+        stalling
+            .stalled
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        tokio::time::sleep(lease * 2).await;
+        assert_eq!(
+            store.claim("p:/:orders:m", "other", lease).await.ok(),
+            Some(Claim::Held),
+            "renewals resumed after the hung one"
+        );
+        guard.release().await;
+        assert!(matches!(
+            decide(&store, "m").await,
+            ClaimDecision::Run(Some(_))
+        ));
     }
 
     #[tokio::test]

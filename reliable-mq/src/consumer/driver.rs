@@ -9,7 +9,13 @@
 //! that could not be claimed keeps its slot and stays unacked while the claim is retried
 //! with capped backoff, so no new delivery starts, nothing is acked or dead-lettered, and
 //! nothing is handed back to the broker (which on a quorum queue would count towards its
-//! delivery limit). If the process dies meanwhile, the broker redelivers as usual.
+//! delivery limit) until the broker's `consumer_timeout` comes near: a delivery held that
+//! long is handed back (nack, requeue) rather than have the broker close the channel. If
+//! the process dies meanwhile, the broker redelivers as usual.
+//!
+//! A session ends only when its link breaks or at shutdown: a delivery that cannot be
+//! settled (its copy refused) is held in place, not turned into a reconnect. Sessions that
+//! keep dying soon after attaching are spaced by a growing delay.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -17,17 +23,18 @@ use std::sync::atomic::Ordering;
 use futures_util::StreamExt;
 use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
+use tokio::time::Instant;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use crate::connection::{self, Backoff};
-use crate::consumer::ConsumerStats;
 use crate::consumer::claim::{ClaimDecision, claim};
 use crate::consumer::inspect;
 use crate::consumer::invoke::invoke;
 use crate::consumer::settle::{SettleOutcome, Settler};
-use crate::dedup::DedupStore;
+use crate::consumer::{ConsumerStats, hand_back_deadline};
+use crate::dedup::{DedupStore, KeyScope};
 use crate::publisher::Publisher;
 use crate::shutdown::ShutdownHandle;
 use crate::spec::ConsumerConfig;
@@ -53,6 +60,11 @@ const LINK_CHECK_EVERY: std::time::Duration = std::time::Duration::from_millis(2
 /// Longest wait between claim attempts while the dedup store is down.
 const DEDUP_RETRY_MAX_DELAY: std::time::Duration = std::time::Duration::from_secs(5);
 
+/// A session that stayed up this long was healthy: the reconnect delay starts over after
+/// it. One that died sooner (a permanent failure that kills every session) makes the delay
+/// grow, so it cannot become a reconnect loop.
+const STABLE_SESSION: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// What one consumer needs to run.
 pub(crate) struct ConsumerRuntime {
     pub(crate) config: Arc<Config>,
@@ -64,6 +76,56 @@ pub(crate) struct ConsumerRuntime {
     pub(crate) shutdown: ShutdownHandle,
     /// State registered with the app, handed to each delivery for `State<T>`.
     pub(crate) states: Arc<crate::state::StateMap>,
+    /// Where this app's dedup keys live (prefix, namespace, vhost).
+    pub(crate) key_scope: KeyScope,
+    /// Paces the held settle copies of this consumer (see `Settler::retry_gate`).
+    pub(crate) retry_gate: tokio::sync::Mutex<Backoff>,
+}
+
+/// Spaces the sessions of one consumer.
+struct SessionPacing {
+    backoff: Backoff,
+    last_cause: Option<String>,
+}
+
+impl SessionPacing {
+    fn new(max: std::time::Duration) -> Self {
+        Self {
+            backoff: Backoff::new(max),
+            last_cause: None,
+        }
+    }
+
+    /// The delay before the next session, after one that ended with `cause`, having
+    /// `attached` (got as far as consuming) or not, `lived` long.
+    ///
+    /// A session that attached and then stayed up, or died of something new, was healthy:
+    /// the delay starts over, so a week of rare disconnects never builds up to the cap.
+    /// Sessions dying soon of the same cause again and again (a permanent failure) keep
+    /// the delay growing, so they never become a reconnect loop.
+    fn after(
+        &mut self,
+        attached: bool,
+        lived: std::time::Duration,
+        cause: &str,
+    ) -> std::time::Duration {
+        let new_cause = self.last_cause.as_deref() != Some(cause);
+        if attached && (lived >= STABLE_SESSION || new_cause) {
+            self.backoff.reset();
+        }
+        if new_cause {
+            self.last_cause = Some(cause.to_owned());
+        }
+        self.backoff.next_delay()
+    }
+}
+
+/// What a delivery's processing needs to hold it in place when it cannot be settled.
+struct Held<'a> {
+    /// Hand it back to the broker by then (its `consumer_timeout` is near).
+    hand_back_at: Instant,
+    /// The session's connection (to redeclare the topology on).
+    connection: &'a lapin::Connection,
 }
 
 /// Why a session ended.
@@ -78,7 +140,7 @@ impl ConsumerRuntime {
     /// Run sessions until shutdown. Returns an error only for what reconnecting cannot fix
     /// (a topology mismatch appearing after a reconnect).
     pub(crate) async fn run(self: Arc<Self>) -> Result<(), Error> {
-        let mut backoff = Backoff::new(self.config.max_reconnect_delay);
+        let mut pacing = SessionPacing::new(self.config.max_reconnect_delay);
         let mut signal = self.shutdown.signal();
         let mut unreadable_frames = inspect::UnreadableFrames::default();
         loop {
@@ -86,6 +148,7 @@ impl ConsumerRuntime {
                 return Ok(());
             }
             let attached_before = self.stats.sessions.load(Ordering::Relaxed);
+            let started = Instant::now();
             let end = match self.session(unreadable_frames.narrow()).await {
                 Ok(end) => end,
                 Err(e @ Error::TopologyMismatch { .. }) => return Err(e),
@@ -95,18 +158,14 @@ impl ConsumerRuntime {
             match end {
                 SessionEnd::Shutdown => return Ok(()),
                 SessionEnd::Broken(reason) => {
-                    // A session that got as far as consuming was healthy: start the backoff
-                    // over, so a week of rare disconnects never builds up to the cap.
-                    // Unless it died of a frame the client cannot read, which the next
-                    // session receives again first.
+                    // A session that died of a frame the client cannot read gets it
+                    // again first: it never counts as healthy, so the delay keeps growing.
                     let unreadable = unreadable_frames
                         .after_session(&self.config, &self.consumer, &reason)
                         .await;
-                    if self.stats.sessions.load(Ordering::Relaxed) > attached_before && !unreadable
-                    {
-                        backoff.reset();
-                    }
-                    let delay = backoff.next_delay();
+                    let attached = self.stats.sessions.load(Ordering::Relaxed) > attached_before
+                        && !unreadable;
+                    let delay = pacing.after(attached, started.elapsed(), &reason);
                     warn!(queue = %self.consumer.queue(), %reason, ?delay, "consumer session ended; reconnecting");
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
@@ -121,7 +180,14 @@ impl ConsumerRuntime {
     /// this one starts with a window of one delivery (see [`inspect::UnreadableFrames`]).
     async fn session(self: &Arc<Self>, mut narrow: bool) -> Result<SessionEnd, Error> {
         let queue = self.consumer.queue();
-        let conn = connection::open(&self.config, &format!("consumer {queue}")).await?;
+        let name = self.consumer.name();
+        // The consumer's name tells two consumers of one queue apart in the broker's tools.
+        let role = if name == queue {
+            format!("consumer {queue}")
+        } else {
+            format!("consumer {queue} as {name}")
+        };
+        let conn = Arc::new(connection::open(&self.config, &role).await?);
         self.topology.declare(&conn).await?;
         let channel = conn
             .create_channel()
@@ -153,16 +219,16 @@ impl ConsumerRuntime {
         };
         let slots = Arc::new(Semaphore::new(usize::from(self.consumer.concurrency())));
         let mut in_flight = JoinSet::new();
-        let (topology_broken, mut broken) = mpsc::channel::<String>(1);
         let mut signal = self.shutdown.signal();
 
         let end = loop {
             let next = tokio::select! {
                 biased;
                 _ = signal.cancelled() => break SessionEnd::Shutdown,
-                Some(reason) = broken.recv() => break SessionEnd::Broken(reason),
                 next = deliveries.next() => next,
             };
+            // The broker's `consumer_timeout` runs from here.
+            let hand_back_at = hand_back_deadline(Instant::now(), self.config.consumer_timeout);
             let raw = match next {
                 Some(Ok(d)) if narrow => {
                     // With a prefetch of one, a second delivery means the first was settled
@@ -189,11 +255,14 @@ impl ConsumerRuntime {
             let (delivery, acker, span) = self.receive(raw);
             if let Some(refusal) = inspect::refuse(&delivery, limits) {
                 // Hostile input: to the DLQ without a slot, a claim or a handler call.
-                let (this, topology_broken) = (Arc::clone(self), topology_broken.clone());
+                let (this, conn) = (Arc::clone(self), Arc::clone(&conn));
                 in_flight.spawn(
                     async move {
-                        this.refuse(delivery, &acker, refusal, &topology_broken)
-                            .await
+                        let held = Held {
+                            hand_back_at,
+                            connection: &conn,
+                        };
+                        this.refuse(delivery, &acker, refusal, held).await
                     }
                     .instrument(span),
                 );
@@ -202,13 +271,13 @@ impl ConsumerRuntime {
             // Claim ahead: an idempotent delivery starts its claim now, while it waits for a
             // slot, so the store's round trip overlaps the handlers still running (at
             // concurrency 1: the previous one). It waits at most one handler call for a
-            // slot, and its lease is renewed counting from the claim
-            // (`ClaimGuard::renew_while`).
+            // slot, and its lease is renewed from the moment it is taken.
             let claim = self.dedup.is_some().then(|| {
                 let (this, delivery, acker) =
                     (Arc::clone(self), Arc::clone(&delivery), acker.clone());
                 tokio::spawn(
-                    async move { this.claim(&delivery, &acker).await }.instrument(span.clone()),
+                    async move { this.claim(&delivery, &acker, hand_back_at).await }
+                        .instrument(span.clone()),
                 )
             });
             // At most `concurrency` handlers run; the rest of the prefetch window waits in
@@ -216,7 +285,6 @@ impl ConsumerRuntime {
             let permit = tokio::select! {
                 biased;
                 _ = signal.cancelled() => break SessionEnd::Shutdown,
-                Some(reason) = broken.recv() => break SessionEnd::Broken(reason),
                 // A free slot first: the link watch (a timer) is only armed when none is.
                 permit = Arc::clone(&slots).acquire_owned() => match permit {
                     Ok(p) => p,
@@ -231,11 +299,14 @@ impl ConsumerRuntime {
             // Reap finished tasks so the set does not grow with the session.
             while in_flight.try_join_next().is_some() {}
             let this = Arc::clone(self);
-            let topology_broken = topology_broken.clone();
+            let conn = Arc::clone(&conn);
             in_flight.spawn(
                 async move {
-                    this.process(delivery, acker, claim, permit, topology_broken)
-                        .await
+                    let held = Held {
+                        hand_back_at,
+                        connection: &conn,
+                    };
+                    this.process(delivery, acker, claim, permit, held).await
                 }
                 .instrument(span),
             );
@@ -271,15 +342,21 @@ impl ConsumerRuntime {
     }
 
     /// Claim `delivery`; while the store does not answer, hold it (unacked, slot kept) and
-    /// retry with capped backoff. `None` if shutdown came first or the delivery's channel
-    /// died meanwhile (the broker is redelivering it: running it here would be a duplicate).
-    async fn claim(&self, delivery: &Delivery, acker: &lapin::Acker) -> Option<ClaimDecision> {
+    /// retry with capped backoff. `None` if shutdown came first, the delivery's channel
+    /// died meanwhile (the broker is redelivering it: running it here would be a duplicate)
+    /// or it was held until `hand_back_at` and handed back to the broker.
+    async fn claim(
+        &self,
+        delivery: &Delivery,
+        acker: &lapin::Acker,
+        hand_back_at: Instant,
+    ) -> Option<ClaimDecision> {
         let mut backoff: Option<Backoff> = None;
         let mut signal = self.shutdown.signal();
         loop {
             let decision = claim(
                 self.dedup.as_ref(),
-                &self.config.dedup_prefix,
+                &self.key_scope,
                 self.consumer.timeout(),
                 delivery,
             )
@@ -305,6 +382,15 @@ impl ConsumerRuntime {
                 _ = tokio::time::sleep(delay) => {}
                 _ = signal.cancelled() => {
                     self.stats.paused.fetch_sub(1, Ordering::Relaxed);
+                    return None;
+                }
+                // Held any longer, the broker would close the channel (and with it every
+                // delivery on it): give this one back; it comes round again.
+                _ = tokio::time::sleep_until(hand_back_at) => {
+                    self.stats.paused.fetch_sub(1, Ordering::Relaxed);
+                    warn!("dedup store still unreachable; handing the delivery back before the broker's consumer_timeout");
+                    crate::consumer::settle::put_back(acker, std::time::Duration::ZERO).await;
+                    ConsumerStats::bump(&self.stats.requeued);
                     return None;
                 }
             }
@@ -392,13 +478,26 @@ impl ConsumerRuntime {
         )
     }
 
+    /// What settles this consumer's deliveries on the session of `held`.
+    fn settler<'a>(&'a self, held: &Held<'a>) -> Settler<'a> {
+        Settler {
+            topology: &self.topology,
+            publisher: &self.publisher,
+            stats: &self.stats,
+            connection: held.connection,
+            retry_gate: &self.retry_gate,
+            hand_back_at: held.hand_back_at,
+            shutdown: &self.shutdown,
+        }
+    }
+
     /// Dead-letter a delivery that failed the receive-side checks ([`inspect::refuse`]).
     async fn refuse(
         &self,
         mut delivery: Arc<Delivery>,
         acker: &lapin::Acker,
         refusal: inspect::Refusal,
-        topology_broken: &mpsc::Sender<String>,
+        held: Held<'_>,
     ) {
         let inspect::Refusal {
             reason,
@@ -412,12 +511,7 @@ impl ConsumerRuntime {
                 None => error!("a refused delivery is shared; its headers stay on the dead letter"),
             }
         }
-        let settler = Settler {
-            topology: &self.topology,
-            publisher: &self.publisher,
-            stats: &self.stats,
-            topology_broken,
-        };
+        let settler = self.settler(&held);
         let outcome = SettleOutcome::DeadLetter {
             kind: crate::FailureKind::Decode,
             message: reason,
@@ -436,18 +530,13 @@ impl ConsumerRuntime {
         acker: lapin::Acker,
         claim: Option<tokio::task::JoinHandle<Option<ClaimDecision>>>,
         slot: tokio::sync::OwnedSemaphorePermit,
-        topology_broken: mpsc::Sender<String>,
+        held: Held<'_>,
     ) {
         let mut slot = Some(slot);
-        let settler = Settler {
-            topology: &self.topology,
-            publisher: &self.publisher,
-            stats: &self.stats,
-            topology_broken: &topology_broken,
-        };
+        let settler = self.settler(&held);
         let decision = match claim {
             Some(task) => task.await.ok().flatten(),
-            None => self.claim(&delivery, &acker).await,
+            None => self.claim(&delivery, &acker, held.hand_back_at).await,
         };
         let Some(decision) = decision else {
             // Shutdown, or the channel died, while paused on the dedup store: leave it
@@ -457,11 +546,8 @@ impl ConsumerRuntime {
         let outcome = match decision {
             ClaimDecision::Run(guard) => {
                 let handler = self.consumer.handler.as_ref();
-                let call = invoke(handler, Arc::clone(&delivery), self.consumer.timeout());
-                let result = match &guard {
-                    Some(g) => g.renew_while(call).await,
-                    None => call.await,
-                };
+                // The claim's lease is renewed by a task of its own, beside the call.
+                let result = invoke(handler, Arc::clone(&delivery), self.consumer.timeout()).await;
                 // The handler is done: its slot goes to the next delivery while this settles.
                 slot = None;
                 match result {
@@ -503,5 +589,37 @@ impl ConsumerRuntime {
         };
         drop(slot);
         settler.settle(&acker, &delivery, outcome).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    /// Whether `delay` is the `n`th (0-based) of a doubling series from 100 ms, with
+    /// the backoff's jitter (up to twice the nominal delay).
+    fn nth(delay: Duration, n: u32) -> bool {
+        let nominal = 100u128 << n;
+        (nominal..=2 * nominal).contains(&delay.as_millis())
+    }
+
+    #[test]
+    fn sessions_dying_soon_of_the_same_cause_are_spaced_ever_wider() {
+        let mut pacing = SessionPacing::new(Duration::from_secs(30));
+        let soon = Duration::from_millis(50);
+        let refused = "channel closed: ACCESS_REFUSED";
+        for n in 0..6 {
+            let delay = pacing.after(true, soon, refused);
+            assert!(nth(delay, n), "delay {n} grows: {delay:?}");
+        }
+        // A session that stayed up was healthy: the delay starts over.
+        assert!(nth(pacing.after(true, STABLE_SESSION, refused), 0));
+        assert!(nth(pacing.after(true, soon, refused), 1));
+        // So does one that died of something new; failed connects never reset it.
+        assert!(nth(pacing.after(true, soon, "connection lost"), 0));
+        assert!(nth(pacing.after(false, soon, "connect refused"), 1));
+        assert!(nth(pacing.after(false, soon, "connect refused"), 2));
     }
 }

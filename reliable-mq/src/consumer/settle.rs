@@ -2,23 +2,37 @@
 //! safe. The original is acked only after its outcome is durable elsewhere (handler done,
 //! or the retry/dead-letter copy confirmed by the broker); a crash in between leaves it
 //! unacked, so it comes back (a duplicate, absorbed by dedup), never a loss.
+//!
+//! A copy the broker does not take (the DLX refused to the app's user, a tier or binding
+//! deleted, a queue rejecting publishes) holds its original where it is: unacked, its
+//! handler not run again, the session and every other delivery on it untouched. One held
+//! copy at a time tries again, after a delay that grows while the copies keep failing, the
+//! topology redeclared first; the consumer reports itself degraded with the reason
+//! meanwhile. A held original is handed back to the broker before its `consumer_timeout`.
 
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use lapin::options::{BasicAckOptions, BasicNackOptions};
 use lapin::types::FieldTable;
 use lapin::{Acker, BasicProperties};
+use tokio::time::Instant;
 use tracing::{debug, error, info, warn};
 
+use crate::connection::Backoff;
 use crate::consumer::ConsumerStats;
 use crate::failure::{self, FailureKind, header};
 use crate::publisher::{PublishError, Publisher};
+use crate::shutdown::ShutdownHandle;
 use crate::topology::Topology;
 use crate::{Delivery, HandlerError};
 
-/// How long to wait before putting a message back after a settle publish failed, so a
-/// persistent failure (broker alarm, missing DLX binding) cannot become a hot loop.
+/// How long to wait before putting a message back that cannot be settled at all, so it
+/// cannot become a hot loop.
 const PUT_BACK_DELAY: Duration = Duration::from_secs(1);
+
+/// How often a held delivery checks that its channel is still up.
+const CHANNEL_CHECK_EVERY: Duration = Duration::from_millis(250);
 
 /// What happens to a delivery.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -53,9 +67,16 @@ pub(crate) struct Settler<'a> {
     pub(crate) topology: &'a Topology,
     pub(crate) publisher: &'a Publisher,
     pub(crate) stats: &'a ConsumerStats,
-    /// Tells the session its topology is broken (a copy was unroutable or refused): the
-    /// session ends and the next one declares everything again.
-    pub(crate) topology_broken: &'a tokio::sync::mpsc::Sender<String>,
+    /// The session's connection, to redeclare the topology on before a held copy tries
+    /// again (a deleted tier, DLX or binding comes back).
+    pub(crate) connection: &'a lapin::Connection,
+    /// Taken by a held copy for its next try: one at a time per consumer, with a delay
+    /// that grows across tries until one succeeds (then it starts over).
+    pub(crate) retry_gate: &'a tokio::sync::Mutex<Backoff>,
+    /// When the delivery must be handed back if it is still held (before the broker's
+    /// `consumer_timeout` closes the channel).
+    pub(crate) hand_back_at: Instant,
+    pub(crate) shutdown: &'a ShutdownHandle,
 }
 
 impl Settler<'_> {
@@ -68,9 +89,12 @@ impl Settler<'_> {
                     Some((tier, delay)) => {
                         let headers = failure_headers(delivery, kind, &message, attempt, None);
                         debug!(attempt, ?delay, %tier, "retrying later");
-                        self.copy_then_ack(acker, delivery, "", &tier, headers)
-                            .await;
-                        ConsumerStats::bump(&self.stats.retried);
+                        if self
+                            .copy_then_ack(acker, delivery, "", &tier, headers)
+                            .await
+                        {
+                            ConsumerStats::bump(&self.stats.retried);
+                        }
                     }
                     None => {
                         // With no retries configured a timeout or panic is the reason in
@@ -98,6 +122,7 @@ impl Settler<'_> {
                     // Only idempotent consumers can see a held claim, and they have a tier.
                     error!("no requeue tier for a held claim; putting the message back");
                     put_back(acker, PUT_BACK_DELAY).await;
+                    ConsumerStats::bump(&self.stats.requeued);
                     return;
                 };
                 // Not a failure: the retry state (`x-attempts`, ...) travels unchanged. The
@@ -110,8 +135,9 @@ impl Settler<'_> {
                     header::DEDUP_REQUEUE,
                     "held-by-another-consumer",
                 );
-                self.copy_then_ack(acker, delivery, "", tier, headers).await;
-                ConsumerStats::bump(&self.stats.requeued);
+                if self.copy_then_ack(acker, delivery, "", tier, headers).await {
+                    ConsumerStats::bump(&self.stats.requeued);
+                }
             }
             SettleOutcome::PutBack => {
                 put_back(acker, Duration::ZERO).await;
@@ -133,7 +159,12 @@ impl Settler<'_> {
     }
 
     /// Publish a copy (same body and properties, new headers) and wait for its confirm;
-    /// ack the original only then. On failure the original goes back to the broker.
+    /// ack the original only then. `true` once the copy is confirmed.
+    ///
+    /// While the broker does not take the copy, the original is held (see the module
+    /// docs); it is handed back (nack, requeue: counted as `requeued`) before its
+    /// `consumer_timeout`, and left unacked for the broker to redeliver when its channel
+    /// dies or the app shuts down.
     ///
     /// Two properties are not copied, because keeping them would break the copy:
     /// `expiration` (a per-message TTL would make a dead letter expire out of the DLQ,
@@ -155,42 +186,102 @@ impl Settler<'_> {
             debug!("channel gone before settling; no copy, the broker redelivers");
             return false;
         }
+        let target = format!("{exchange}/{routing_key}");
         let properties = copy_properties(&delivery.properties, headers);
-        match self
-            .publisher
-            .publish_copy(exchange, routing_key, delivery.body.clone(), properties)
-            .await
-        {
-            Ok(()) => {
-                #[cfg(feature = "testing")]
-                if crate::retry::crash_seam::fire(delivery.queue()) {
-                    warn!(
-                        "test crash seam: leaving the original unacked after the copy was confirmed"
-                    );
-                    return true;
+        let publish = || {
+            self.publisher.publish_copy(
+                exchange,
+                routing_key,
+                delivery.body.clone(),
+                properties.clone(),
+            )
+        };
+        let mut result = publish().await;
+        let mut held = false;
+        let mut signal = self.shutdown.signal();
+        while let Err(e) = result {
+            if !held {
+                error!(error = %e, exchange, routing_key, "the broker does not take the settle copy; holding the original (unacked, not run again) and trying again with a growing delay");
+                held = true;
+                self.stats.held.fetch_add(1, Ordering::Relaxed);
+            }
+            self.stats
+                .set_degraded(&target, copy_failure(exchange, routing_key, &e));
+            // One held copy of this consumer tries at a time, each after the gate's delay.
+            let turn = async {
+                let mut gate = self.retry_gate.lock().await;
+                let delay = gate.next_delay();
+                tokio::time::sleep(delay).await;
+                gate
+            };
+            let mut gate = tokio::select! {
+                gate = turn => gate,
+                _ = tokio::time::sleep_until(self.hand_back_at) => {
+                    warn!(exchange, routing_key, "the settle copy is still not taken; handing the original back before the broker's consumer_timeout would close the channel");
+                    put_back(acker, Duration::ZERO).await;
+                    ConsumerStats::bump(&self.stats.requeued);
+                    self.stats.release_held();
+                    return false;
                 }
-                ack(acker).await;
-                true
+                _ = signal.cancelled() => {
+                    debug!("shutting down with a settle copy held; the original stays unacked and the broker redelivers it");
+                    self.stats.release_held();
+                    return false;
+                }
+                _ = channel_gone(acker) => {
+                    debug!("channel gone while a settle copy was held; the broker redelivers the original");
+                    self.stats.release_held();
+                    return false;
+                }
+            };
+            // A deleted tier, DLX or binding comes back with the topology.
+            if let Err(e) = self.topology.declare(self.connection).await {
+                debug!(error = %e, "cannot redeclare the topology before trying the copy again");
             }
-            Err(
-                e @ (PublishError::Unroutable { .. }
-                | PublishError::Refused { .. }
-                | PublishError::TooLarge { .. }),
-            ) => {
-                // Retrying cannot help until the topology is declared again (a tier, the
-                // DLX or its binding was deleted under us): end the session. The original
-                // stays unacked and comes back to the next session, which redeclares.
-                error!(error = %e, exchange, routing_key, "the broker cannot take the settle copy; reconnecting to redeclare the topology (the original stays unacked)");
-                let _ = self.topology_broken.try_send(e.to_string());
-                false
-            }
-            Err(e) => {
-                error!(error = %e, exchange, routing_key, "cannot publish the settle copy; the original goes back to the queue");
-                put_back(acker, PUT_BACK_DELAY).await;
-                ConsumerStats::bump(&self.stats.requeued);
-                false
+            result = publish().await;
+            if result.is_ok() {
+                gate.reset();
             }
         }
+        if held {
+            info!(
+                exchange,
+                routing_key, "the broker takes the settle copy again"
+            );
+            self.stats.release_held();
+        }
+        self.stats.clear_degraded(&target);
+        #[cfg(feature = "testing")]
+        if crate::retry::crash_seam::fire(delivery.queue()) {
+            warn!("test crash seam: leaving the original unacked after the copy was confirmed");
+            return true;
+        }
+        ack(acker).await;
+        true
+    }
+}
+
+/// Resolves when `acker`'s channel is no longer usable.
+async fn channel_gone(acker: &Acker) {
+    while acker.usable() {
+        tokio::time::sleep(CHANNEL_CHECK_EVERY).await;
+    }
+}
+
+/// Why a copy to `exchange`/`routing_key` failed, for health: names the target first, e.g.
+/// `cannot publish to orders.dlx: ACCESS_REFUSED - access to exchange 'orders.dlx' ...`.
+fn copy_failure(exchange: &str, routing_key: &str, error: &PublishError) -> String {
+    let target = if exchange.is_empty() {
+        format!("queue {routing_key} (default exchange)")
+    } else {
+        exchange.to_owned()
+    };
+    match error {
+        PublishError::Refused { reason, .. } => format!("cannot publish to {target}: {reason}"),
+        PublishError::Unroutable { reply, .. } => format!(
+            "cannot publish to {target}: {reply} (nothing bound for routing key {routing_key:?})"
+        ),
+        other => format!("cannot publish to {target}: {other}"),
     }
 }
 
@@ -379,6 +470,30 @@ mod tests {
             !out.inner()
                 .keys()
                 .any(|k| failure::is_broker_death_header(k.as_str()))
+        );
+    }
+
+    #[test]
+    fn a_failed_copy_is_reported_by_its_target_and_the_brokers_reason() {
+        let refused = PublishError::Refused {
+            message_id: "m".into(),
+            exchange: "orders.dlx".into(),
+            code: 403,
+            reason: "ACCESS_REFUSED - access to exchange 'orders.dlx' in vhost '/' refused for user 'app'".into(),
+        };
+        assert_eq!(
+            copy_failure("orders.dlx", "orders", &refused),
+            "cannot publish to orders.dlx: ACCESS_REFUSED - access to exchange 'orders.dlx' in vhost '/' refused for user 'app'"
+        );
+        let unroutable = PublishError::Unroutable {
+            message_id: "m".into(),
+            exchange: String::new(),
+            routing_key: "orders.retry.1s".into(),
+            reply: "NO_ROUTE".into(),
+        };
+        assert_eq!(
+            copy_failure("", "orders.retry.1s", &unroutable),
+            "cannot publish to queue orders.retry.1s (default exchange): NO_ROUTE (nothing bound for routing key \"orders.retry.1s\")"
         );
     }
 

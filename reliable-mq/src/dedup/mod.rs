@@ -1,9 +1,10 @@
 //! Deduplication as a claim, not a mark (see `docs/architecture.md`, "The dedup claim").
 //!
 //! A delivery of an idempotent consumer first *claims* its key
-//! (`{prefix}:{queue}:{message_id}`, prefix from [`Config::dedup_prefix`], default
-//! `reliable-mq`) with a random token and a lease longer than the handler timeout,
-//! renewed while the handler runs. Then:
+//! (`{prefix}:{vhost}:{queue}:{message_id}`, see [`KeyScope`]; prefix from
+//! [`Config::dedup_prefix`], default `reliable-mq`) with a random token and a lease
+//! longer than the handler timeout (capped at [`MAX_LEASE`]), renewed from the moment the
+//! claim is taken until the handler is done. Then:
 //!
 //! | the claim finds | the delivery |
 //! |---|---|
@@ -118,17 +119,77 @@ pub trait DedupStore: Send + Sync + 'static {
     fn ping(&self) -> DedupFuture<'_, ()>;
 }
 
-/// The dedup key of a message on a queue.
+/// Where the dedup keys of an app live: the configured prefix, the optional namespace and
+/// the broker's virtual host. Two apps share dedup marks only when all three match, so two
+/// environments on one Redis (a vhost each, or a namespace each) never take each other's
+/// messages for duplicates.
 ///
-/// A `:` or `%` in the queue name is percent-encoded, so the queue and the id cannot run
-/// into each other (`a:b` + `c` and `a` + `b:c` are different keys).
-pub fn key(prefix: &str, queue: &str, message_id: &str) -> String {
-    let queue = if queue.contains([':', '%']) {
-        std::borrow::Cow::Owned(queue.replace('%', "%25").replace(':', "%3A"))
+/// Key layout: `{prefix}:{vhost}:{queue}:{message_id}`, or
+/// `{prefix}:{namespace}:{vhost}:{queue}:{message_id}` with a namespace. Every part after
+/// the prefix has `%` and `:` percent-encoded, so no two different parts run into each
+/// other (`a:b` + `c` and `a` + `b:c` are different keys) and the default vhost `/` stays
+/// readable. The prefix is taken as it is, so `{prefix}:*` matches every key of the app.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyScope {
+    /// `{prefix}` or `{prefix}:{namespace}`, then `:{vhost}`, all encoded: everything
+    /// before the queue.
+    head: String,
+}
+
+impl KeyScope {
+    /// Keys under `prefix` for the virtual host `vhost`.
+    pub fn new(prefix: &str, vhost: &str) -> Self {
+        Self {
+            head: format!("{prefix}:{}", encode(vhost)),
+        }
+    }
+
+    /// Keys under `prefix`, then `namespace` (when there is one), for `vhost`.
+    pub fn with_namespace(prefix: &str, namespace: Option<&str>, vhost: &str) -> Self {
+        match namespace.filter(|n| !n.is_empty()) {
+            Some(ns) => Self {
+                head: format!("{prefix}:{}:{}", encode(ns), encode(vhost)),
+            },
+            None => Self::new(prefix, vhost),
+        }
+    }
+
+    /// The scope of `config`: its prefix and namespace, and the vhost of its (first)
+    /// broker URL.
+    pub fn from_config(config: &crate::Config) -> Result<Self, crate::Error> {
+        let url = config.amqp_urls().first().copied().unwrap_or_default();
+        let vhost = vhost_of(url).ok_or_else(|| {
+            crate::Error::Config(format!(
+                "AMQP_URL {} is not a valid AMQP URL; expected amqp://user:password@host:5672/vhost",
+                crate::config::redact_url(url)
+            ))
+        })?;
+        Ok(Self::with_namespace(
+            &config.dedup_prefix,
+            config.dedup_namespace.as_deref(),
+            &vhost,
+        ))
+    }
+
+    /// The dedup key of `message_id` on `queue`.
+    pub fn key(&self, queue: &str, message_id: &str) -> String {
+        format!("{}:{}:{}", self.head, encode(queue), encode(message_id))
+    }
+}
+
+/// The virtual host a broker URL names (`/` when the path is empty), decoded.
+fn vhost_of(url: &str) -> Option<String> {
+    let uri: lapin::uri::AMQPUri = url.parse().ok()?;
+    Some(uri.vhost)
+}
+
+/// `part` with `%` and `:` percent-encoded.
+fn encode(part: &str) -> std::borrow::Cow<'_, str> {
+    if part.contains([':', '%']) {
+        std::borrow::Cow::Owned(part.replace('%', "%25").replace(':', "%3A"))
     } else {
-        std::borrow::Cow::Borrowed(queue)
-    };
-    format!("{prefix}:{queue}:{message_id}")
+        std::borrow::Cow::Borrowed(part)
+    }
 }
 
 /// The seed node URLs of a `redis+cluster://` (or `rediss+cluster://`) URL, `None` for any
@@ -160,10 +221,17 @@ pub fn cluster_nodes(url: &str) -> Option<Vec<String>> {
     )
 }
 
-/// A claim lease for a handler `timeout`: the timeout plus a margin, so a claim never
-/// expires while its handler may still be running (it is renewed besides).
+/// The longest claim lease. A claim is renewed every third of its lease for as long as
+/// its handler runs, so a long `timeout` does not need a long lease; a short one bounds how
+/// long a crashed instance's claim holds a redelivery off (at most this, whatever the
+/// handler timeout).
+pub const MAX_LEASE: Duration = Duration::from_secs(120);
+
+/// A claim lease for a handler `timeout`: the timeout plus a margin, capped at
+/// [`MAX_LEASE`]. The lease is renewed while the handler runs, so a claim does not expire
+/// under a running handler while the store answers.
 pub fn lease_for(timeout: Duration) -> Duration {
-    timeout + (timeout / 2).max(Duration::from_secs(5))
+    (timeout + (timeout / 2).max(Duration::from_secs(5))).min(MAX_LEASE)
 }
 
 fn millis(d: Duration) -> u64 {
@@ -172,13 +240,59 @@ fn millis(d: Duration) -> u64 {
 
 #[cfg(test)]
 mod key_tests {
-    use super::key;
+    use std::time::Duration;
+
+    use super::{KeyScope, MAX_LEASE, lease_for};
 
     #[test]
-    fn queue_and_id_cannot_run_into_each_other() {
-        assert_eq!(key("p", "orders", "m-1"), "p:orders:m-1");
-        assert_ne!(key("p", "a:b", "c"), key("p", "a", "b:c"));
-        assert_eq!(key("p", "a:b%", "c"), "p:a%3Ab%25:c");
+    fn parts_cannot_run_into_each_other() {
+        let root = KeyScope::new("p", "/");
+        assert_eq!(root.key("orders", "m-1"), "p:/:orders:m-1");
+        assert_ne!(root.key("a:b", "c"), root.key("a", "b:c"));
+        assert_eq!(root.key("a:b%", "c:d"), "p:/:a%3Ab%25:c%3Ad");
+        assert_ne!(
+            KeyScope::new("p", "a:b").key("q", "m"),
+            KeyScope::new("p", "a").key("b:q", "m")
+        );
+    }
+
+    #[test]
+    fn the_vhost_and_the_namespace_scope_the_keys() {
+        let key =
+            |ns: Option<&str>, vhost: &str| KeyScope::with_namespace("p", ns, vhost).key("q", "m");
+        assert_ne!(key(None, "/"), key(None, "staging"));
+        assert_ne!(key(Some("blue"), "/"), key(Some("green"), "/"));
+        assert_ne!(key(Some("blue"), "/"), key(None, "/"));
+        assert_eq!(
+            key(Some(""), "/"),
+            key(None, "/"),
+            "an empty namespace is none"
+        );
+        assert_eq!(key(Some("a:b"), "v"), "p:a%3Ab:v:q:m");
+    }
+
+    #[test]
+    fn the_scope_of_a_config_names_the_urls_vhost() {
+        let scope = |url: &str| {
+            KeyScope::from_config(&crate::Config::default().with_amqp_url(url))
+                .map(|s| s.key("q", "m"))
+                .ok()
+        };
+        let p = crate::Config::default().dedup_prefix;
+        assert_eq!(scope("amqp://u:p@h:5672/%2f"), Some(format!("{p}:/:q:m")));
+        assert_eq!(scope("amqp://u:p@h:5672"), Some(format!("{p}:/:q:m")));
+        assert_eq!(
+            scope("amqp://u:p@h:5672/prod,amqp://u:p@h2:5672/prod"),
+            Some(format!("{p}:prod:q:m"))
+        );
+        assert_eq!(scope("not a url"), None);
+    }
+
+    #[test]
+    fn leases_are_capped() {
+        assert_eq!(lease_for(Duration::from_secs(30)), Duration::from_secs(45));
+        assert_eq!(lease_for(Duration::from_secs(1)), Duration::from_secs(6));
+        assert_eq!(lease_for(Duration::from_secs(7200)), MAX_LEASE);
     }
 
     #[test]

@@ -286,10 +286,14 @@ struct Inner {
     connect_failures: AtomicU64,
     last_connect_error: Mutex<String>,
     generation: AtomicU64,
+    /// The connection of a link whose channel the broker closed over one publish (a
+    /// refused exchange: 403, 404, 406): still good, so the next link opens a channel on
+    /// it instead of a new connection.
+    reusable: Mutex<Option<Arc<Connection>>>,
 }
 
 pub(crate) struct Link {
-    connection: Connection,
+    connection: Arc<Connection>,
     channel: Channel,
     generation: u64,
     ledger: Arc<Ledger>,
@@ -379,6 +383,7 @@ impl Publisher {
                 connect_failures: AtomicU64::new(0),
                 last_connect_error: Mutex::new(String::new()),
                 generation: AtomicU64::new(0),
+                reusable: Mutex::new(None),
             }),
         };
         let link = publisher.open_link().await?;
@@ -732,7 +737,9 @@ impl Publisher {
             Outcome::Nacked => Err(AttemptError::Nacked),
             Outcome::TimedOut => Err(AttemptError::Timeout),
             Outcome::Failed(code, reason) => {
-                self.invalidate(link.generation);
+                // A refusal closes only the channel: keep the connection for the next one.
+                let keep_connection = code.is_some_and(is_refusal);
+                self.invalidate(link.generation, keep_connection);
                 Err(match code {
                     Some(code) if is_refusal(code) => AttemptError::Refused(code, reason),
                     _ => AttemptError::Lost(reason),
@@ -796,7 +803,24 @@ impl Publisher {
     }
 
     async fn open_link(&self) -> Result<Arc<Link>, Error> {
-        let connection = connection::open(&self.inner.config, "publisher").await?;
+        let reusable = lock(&self.inner.reusable)
+            .take()
+            .filter(|c| c.status().connected());
+        if let Some(connection) = reusable {
+            match self.open_link_on(Arc::clone(&connection)).await {
+                Ok(link) => return Ok(link),
+                Err(e) => {
+                    debug!(error = %e, "cannot open a channel on the kept connection; reconnecting");
+                    close_connection_in_background(connection, "channel could not be reopened");
+                }
+            }
+        }
+        let connection = Arc::new(connection::open(&self.inner.config, "publisher").await?);
+        self.open_link_on(connection).await
+    }
+
+    /// A confirm-mode channel, with its ledger, on `connection`.
+    async fn open_link_on(&self, connection: Arc<Connection>) -> Result<Arc<Link>, Error> {
         let channel = connection
             .create_channel()
             .await
@@ -817,8 +841,9 @@ impl Publisher {
         Ok(link)
     }
 
-    /// Forget the link of `generation` (if still current) so the next publish reconnects.
-    fn invalidate(&self, generation: u64) {
+    /// Forget the link of `generation` (if still current) so the next publish reconnects;
+    /// `keep_connection`: only its channel failed, so the next link reuses its connection.
+    fn invalidate(&self, generation: u64, keep_connection: bool) {
         let old = {
             let mut slot = write(&self.inner.link);
             if slot.as_ref().is_some_and(|l| l.generation == generation) {
@@ -827,8 +852,12 @@ impl Publisher {
                 None
             }
         };
-        if let Some(old) = old {
-            close_in_background(old, "reconnecting after a failure");
+        match old {
+            Some(old) if keep_connection && old.connection.status().connected() => {
+                *lock(&self.inner.reusable) = Some(Arc::clone(&old.connection));
+            }
+            Some(old) => close_in_background(old, "reconnecting after a failure"),
+            None => {}
         }
     }
 
@@ -843,6 +872,10 @@ impl Publisher {
         let old = write(&self.inner.link).take();
         if let Some(link) = old {
             let _ = link.connection.close(200, "publisher closed".into()).await;
+        }
+        let kept = lock(&self.inner.reusable).take();
+        if let Some(connection) = kept {
+            let _ = connection.close(200, "publisher closed".into()).await;
         }
     }
 }
@@ -860,8 +893,12 @@ struct Send<'a> {
 }
 
 fn close_in_background(link: Arc<Link>, why: &'static str) {
+    close_connection_in_background(Arc::clone(&link.connection), why);
+}
+
+fn close_connection_in_background(connection: Arc<Connection>, why: &'static str) {
     tokio::spawn(async move {
-        let _ = link.connection.close(320, why.into()).await;
+        let _ = connection.close(320, why.into()).await;
     });
 }
 
