@@ -68,6 +68,7 @@ pub struct App {
     dedup: Option<Arc<dyn DedupStore>>,
     shutdown: ShutdownHandle,
     states: StateMap,
+    transport: crate::transport::Transport,
 }
 
 impl std::fmt::Debug for App {
@@ -94,7 +95,18 @@ impl App {
             dedup: None,
             shutdown: ShutdownHandle::new(),
             states: StateMap::default(),
+            transport: crate::transport::Transport::default(),
         }
+    }
+
+    /// Run on the in-memory broker of feature `testing` instead of RabbitMQ.
+    #[cfg(feature = "testing")]
+    pub(crate) fn on_memory_broker(
+        mut self,
+        broker: Arc<crate::transport::memory::MemoryBroker>,
+    ) -> Self {
+        self.transport = crate::transport::Transport::Memory(broker);
+        self
     }
 
     /// Register `state` for handlers that take `State<S>` (each handler call gets a
@@ -187,7 +199,15 @@ impl App {
             }
             None => None,
         };
-        let publisher = Publisher::from_config(&config).await?;
+        let publisher = match &self.transport {
+            crate::transport::Transport::Lapin => Publisher::from_config(&config).await?,
+            #[cfg(feature = "testing")]
+            crate::transport::Transport::Memory(broker) => Publisher::memory(
+                &config,
+                Arc::clone(broker),
+                crate::transport::memory::Origin::Handler,
+            ),
+        };
 
         let key_scope = KeyScope::from_config(&config)?;
         let mut tasks = JoinSet::new();
@@ -220,17 +240,11 @@ impl App {
                     config.max_reconnect_delay,
                 )),
                 states: Arc::clone(&states),
+                transport: self.transport.clone(),
             }));
         }
         // Declare everything up front so a mismatch stops start-up before any consuming.
-        let conn = crate::connection::open(&config, "topology").await?;
-        for r in &runtimes {
-            if let Err(e) = r.topology.declare(&conn).await {
-                let _ = conn.close(200, "topology check failed".into()).await;
-                return Err(e);
-            }
-        }
-        let _ = conn.close(200, "topology declared".into()).await;
+        declare_all(&self.transport, &config, &runtimes).await?;
         for r in runtimes {
             tasks.spawn(r.run());
         }
@@ -245,6 +259,30 @@ impl App {
         running.wait_attached().await?;
         Ok(running)
     }
+}
+
+/// Declare every consumer's topology on `transport` before any of them consumes.
+async fn declare_all(
+    transport: &crate::transport::Transport,
+    config: &Config,
+    runtimes: &[Arc<ConsumerRuntime>],
+) -> Result<(), Error> {
+    #[cfg(feature = "testing")]
+    if let crate::transport::Transport::Memory(broker) = transport {
+        for r in runtimes {
+            broker.declare(&r.topology)?;
+        }
+        return Ok(());
+    }
+    let conn = crate::connection::open(config, "topology").await?;
+    for r in runtimes {
+        if let Err(e) = r.topology.declare(&conn).await {
+            let _ = conn.close(200, "topology check failed".into()).await;
+            return Err(e);
+        }
+    }
+    let _ = conn.close(200, "topology declared".into()).await;
+    Ok(())
 }
 
 async fn dedup_from_config(

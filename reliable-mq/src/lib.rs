@@ -89,7 +89,10 @@ mod retry;
 mod shutdown;
 mod spec;
 mod state;
+#[cfg(feature = "testing")]
+pub mod testing;
 mod topology;
+mod transport;
 
 pub use app::{App, ConsumerHealth, Health, RunningApp, run, run_with};
 pub use config::Config;

@@ -79,15 +79,46 @@ impl Topology {
     }
 
     async fn declare_on(&self, ch: &Channel) -> Result<(), Error> {
-        if let Some((exchange, kind, _)) = &self.exchange {
-            declare_exchange(ch, exchange, *kind).await?;
+        for step in self.plan() {
+            match step {
+                Declaration::Exchange { name, kind } => declare_exchange(ch, &name, kind).await?,
+                Declaration::Queue { name, args } => declare_queue(ch, &name, args).await?,
+                Declaration::Bind {
+                    queue,
+                    exchange,
+                    key,
+                } => bind(ch, &queue, &exchange, &key).await?,
+            }
         }
-        declare_exchange(ch, &self.dlx, ExchangeKind::Direct).await?;
+        Ok(())
+    }
+
+    /// Every object to declare, in order, with its arguments: the one description both
+    /// transports (RabbitMQ and the in-memory broker of feature `testing`) declare from.
+    pub(crate) fn plan(&self) -> Vec<Declaration> {
+        let mut plan = Vec::new();
+        if let Some((exchange, kind, _)) = &self.exchange {
+            plan.push(Declaration::Exchange {
+                name: exchange.clone(),
+                kind: *kind,
+            });
+        }
+        plan.push(Declaration::Exchange {
+            name: self.dlx.clone(),
+            kind: ExchangeKind::Direct,
+        });
 
         let mut dlq_args = FieldTable::default();
         put_str(&mut dlq_args, "x-queue-type", self.queue_type.as_str());
-        declare_queue(ch, &self.dlq, dlq_args).await?;
-        bind(ch, &self.dlq, &self.dlx, &self.queue).await?;
+        plan.push(Declaration::Queue {
+            name: self.dlq.clone(),
+            args: dlq_args,
+        });
+        plan.push(Declaration::Bind {
+            queue: self.dlq.clone(),
+            exchange: self.dlx.clone(),
+            key: self.queue.clone(),
+        });
 
         let mut args = FieldTable::default();
         put_str(&mut args, "x-queue-type", self.queue_type.as_str());
@@ -101,9 +132,16 @@ impl Topology {
                 AMQPValue::LongLongInt(i64::from(limit)),
             );
         }
-        declare_queue(ch, &self.queue, args).await?;
+        plan.push(Declaration::Queue {
+            name: self.queue.clone(),
+            args,
+        });
         if let Some((exchange, _, key)) = &self.exchange {
-            bind(ch, &self.queue, exchange, key).await?;
+            plan.push(Declaration::Bind {
+                queue: self.queue.clone(),
+                exchange: exchange.clone(),
+                key: key.clone(),
+            });
         }
 
         for (tier, delay) in self.wait_queues() {
@@ -116,10 +154,25 @@ impl Topology {
             put_str(&mut args, "x-dead-letter-exchange", "");
             put_str(&mut args, "x-dead-letter-routing-key", &self.queue);
             self.at_least_once(&mut args);
-            declare_queue(ch, &tier, args).await?;
+            plan.push(Declaration::Queue { name: tier, args });
         }
-        Ok(())
+        plan
     }
+}
+
+/// One object of a [`Topology`], as declared on the broker.
+#[derive(Debug, Clone)]
+pub(crate) enum Declaration {
+    /// A durable exchange.
+    Exchange { name: String, kind: ExchangeKind },
+    /// A durable queue with its arguments.
+    Queue { name: String, args: FieldTable },
+    /// A binding of `queue` to `exchange` with `key`.
+    Bind {
+        queue: String,
+        exchange: String,
+        key: String,
+    },
 }
 
 impl Topology {

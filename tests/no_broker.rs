@@ -1,0 +1,221 @@
+//! A user's handler tested with the in-memory harness (`reliable_mq::testing`): success,
+//! retry, dead letter, with RabbitMQ's address pointing at a port where nothing listens.
+//! The runtime's own pipeline runs; only the transport is in memory.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use reliable_mq::testing::TestApp;
+use reliable_mq::{Config, Delivery, HandlerError, Publisher, State, consumer};
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Default)]
+struct Inventory(Arc<Mutex<HashMap<String, u32>>>);
+
+impl Inventory {
+    fn with(sku: &str, qty: u32) -> Self {
+        let inventory = Self::default();
+        if let Ok(mut stock) = inventory.0.lock() {
+            stock.insert(sku.to_owned(), qty);
+        }
+        inventory
+    }
+
+    fn left(&self, sku: &str) -> Option<u32> {
+        self.0.lock().ok()?.get(sku).copied()
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct Order {
+    sku: String,
+    qty: u32,
+}
+
+#[consumer(
+    queue = "orders",
+    exchange = "shop",
+    routing_key = "order.*",
+    dlx = "orders.dlx",
+    max_retries = 3,
+    retry_delay = "1s"
+)]
+async fn reserve_stock(
+    order: Order,
+    State(stock): State<Inventory>,
+    delivery: &Delivery,
+) -> Result<(), HandlerError> {
+    let mut stock = stock
+        .0
+        .lock()
+        .map_err(|_| HandlerError::retry("inventory lock poisoned"))?;
+    let Some(have) = stock.get(&order.sku).copied() else {
+        return Err(HandlerError::reject(format!("unknown sku {}", order.sku)));
+    };
+    if have < order.qty {
+        return Err(HandlerError::retry(format!(
+            "only {have} of {} left (attempt {})",
+            order.sku,
+            delivery.attempt()
+        )));
+    }
+    stock.insert(order.sku, have - order.qty);
+    Ok(())
+}
+
+/// An AMQP URL on a loopback port where nothing listens.
+fn closed_port_url() -> String {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or(1);
+    format!("amqp://guest:guest@127.0.0.1:{port}/%2f")
+}
+
+fn app(inventory: &Inventory) -> TestApp {
+    let config = Config::default().with_amqp_url(closed_port_url());
+    TestApp::new()
+        .with_config(config)
+        .consumer(reserve_stock::SPEC)
+        .with_state(inventory.clone())
+}
+
+#[tokio::test]
+async fn the_amqp_url_points_at_a_closed_port() {
+    let url = closed_port_url();
+    assert!(
+        Publisher::connect(&url).await.is_err(),
+        "nothing listens on {url}"
+    );
+}
+
+#[tokio::test]
+async fn success_retry_and_dead_letter_without_a_broker() {
+    let started = std::time::Instant::now();
+    let inventory = Inventory::with("apple", 5);
+    let mut app = app(&inventory);
+
+    let order = |sku: &str, qty| Order {
+        sku: sku.into(),
+        qty,
+    };
+    app.publish("shop", "order.created", &order("apple", 2))
+        .await
+        .expect("published");
+    app.publish("shop", "order.created", &order("apple", 10))
+        .await
+        .expect("published");
+    app.publish("shop", "order.created", &order("pear", 1))
+        .await
+        .expect("published");
+    app.publish_raw(
+        "shop",
+        "order.created",
+        b"{not json".to_vec(),
+        reliable_mq::lapin::BasicProperties::default().with_content_type("application/json".into()),
+    )
+    .await
+    .expect("published");
+    app.run_until_idle().await;
+
+    // Success: the stock went down once.
+    assert_eq!(app.handled("orders"), 1);
+    assert_eq!(inventory.left("apple"), Some(3));
+
+    // Retry: three delayed attempts, 1 s, 2 s, 4 s, then the DLQ.
+    let retries = app.retries("orders");
+    let delays: Vec<Duration> = retries.iter().map(|r| r.delay).collect();
+    assert_eq!(
+        delays,
+        [1, 2, 4].map(Duration::from_secs).to_vec(),
+        "{retries:?}"
+    );
+    assert_eq!(
+        retries.iter().map(|r| r.attempt).collect::<Vec<_>>(),
+        [1, 2, 3]
+    );
+
+    // Dead letters: out of stock after the retries, the unknown sku at once, the bad JSON.
+    let dead = app.dead_letters("orders");
+    let kinds: Vec<String> = dead
+        .iter()
+        .filter_map(|m| m.header("x-error-kind"))
+        .collect();
+    assert_eq!(dead.len(), 3, "{kinds:?}");
+    for kind in ["rejected", "decode", "retries-exhausted"] {
+        assert!(kinds.iter().any(|k| k == kind), "{kind} in {kinds:?}");
+    }
+    let exhausted = dead
+        .iter()
+        .find(|m| m.header("x-error-kind").as_deref() == Some("retries-exhausted"))
+        .expect("the out-of-stock order");
+    assert_eq!(exhausted.header("x-attempts").as_deref(), Some("4"));
+    assert_eq!(
+        exhausted.header("x-original-exchange").as_deref(),
+        Some("shop")
+    );
+    assert!(
+        exhausted
+            .header("x-exception-message")
+            .is_some_and(|m| m.contains("only 3 of apple left"))
+    );
+    let order: Order = exhausted.json().expect("the original body");
+    assert_eq!(order.qty, 10);
+
+    eprintln!(
+        "no_broker: 4 messages (success, 3 retries then DLQ, reject, decode failure) in {:?} of wall time",
+        started.elapsed()
+    );
+    app.shutdown().await.expect("stops");
+}
+
+#[tokio::test]
+async fn a_restock_between_retries_lets_the_order_through() {
+    let inventory = Inventory::with("apple", 1);
+    let mut app = app(&inventory);
+    app.publish(
+        "shop",
+        "order.created",
+        &Order {
+            sku: "apple".into(),
+            qty: 2,
+        },
+    )
+    .await
+    .expect("published");
+    // The first attempt fails; restock while the message waits in the 1 s tier.
+    while app.retries("orders").is_empty() {
+        tokio::task::yield_now().await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    if let Ok(mut stock) = inventory.0.lock() {
+        stock.insert("apple".into(), 5);
+    }
+    app.run_until_idle().await;
+    assert_eq!(app.handled("orders"), 1);
+    assert_eq!(app.retries("orders").len(), 1);
+    assert!(app.dead_letters("orders").is_empty());
+    assert_eq!(inventory.left("apple"), Some(3));
+}
+
+#[tokio::test]
+async fn a_message_delivered_twice_runs_twice_without_dedup_and_is_redelivered_flagged() {
+    let inventory = Inventory::with("apple", 10);
+    let mut app = app(&inventory);
+    app.deliver_next_twice();
+    app.publish(
+        "shop",
+        "order.created",
+        &Order {
+            sku: "apple".into(),
+            qty: 1,
+        },
+    )
+    .await
+    .expect("published");
+    app.run_until_idle().await;
+    // Not idempotent: both copies run.
+    assert_eq!(app.handled("orders"), 2);
+    assert_eq!(inventory.left("apple"), Some(8));
+}
