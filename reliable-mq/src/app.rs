@@ -245,10 +245,24 @@ impl App {
         }
         // Declare everything up front so a mismatch stops start-up before any consuming.
         declare_all(&self.transport, &config, &runtimes).await?;
+        // The queues `wait_idle` watches: each work queue and its wait tiers.
+        let runtimes_queues: Vec<String> = runtimes
+            .iter()
+            .flat_map(|r| {
+                std::iter::once(r.topology.queue.clone())
+                    .chain(r.topology.wait_queues().into_iter().map(|(q, _)| q))
+            })
+            .collect();
         for r in runtimes {
             tasks.spawn(r.run());
         }
+        let idle = IdleCheck {
+            config: Arc::clone(&config),
+            transport: self.transport.clone(),
+            queues: runtimes_queues,
+        };
         let running = RunningApp {
+            idle,
             tasks,
             stats,
             shutdown: self.shutdown,
@@ -341,6 +355,76 @@ fn cluster_store(_nodes: &[String], _pool_size: usize) -> Result<Arc<dyn DedupSt
 }
 
 /// One running consumer's counters.
+/// What `RunningApp::wait_idle` looks at besides the consumers' counters.
+struct IdleCheck {
+    config: Arc<Config>,
+    transport: crate::transport::Transport,
+    queues: Vec<String>,
+}
+
+/// A connection for counting messages, opened on first use.
+enum QueueCounter {
+    Unopened,
+    Open(lapin::Connection),
+}
+
+impl QueueCounter {
+    async fn close(self) {
+        if let Self::Open(conn) = self {
+            let _ = conn.close(200, "idle check done".into()).await;
+        }
+    }
+}
+
+impl IdleCheck {
+    /// Whether every watched queue is empty (a queue that cannot be counted is not).
+    async fn queues_empty(&self, counter: &mut QueueCounter) -> bool {
+        #[cfg(feature = "testing")]
+        if let crate::transport::Transport::Memory(broker) = &self.transport {
+            return self.queues.iter().all(|q| broker.messages(q).is_empty());
+        }
+        if let QueueCounter::Unopened = counter {
+            match crate::connection::open(&self.config, "idle check").await {
+                Ok(conn) => *counter = QueueCounter::Open(conn),
+                Err(e) => {
+                    warn!(error = %e, "wait_idle cannot count the queues");
+                    return false;
+                }
+            }
+        }
+        let QueueCounter::Open(conn) = counter else {
+            return false;
+        };
+        let Ok(channel) = conn.create_channel().await else {
+            *counter = QueueCounter::Unopened;
+            return false;
+        };
+        let mut empty = true;
+        for queue in &self.queues {
+            let options = lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..lapin::options::QueueDeclareOptions::default()
+            };
+            match channel
+                .queue_declare(
+                    queue.as_str().into(),
+                    options,
+                    lapin::types::FieldTable::default(),
+                )
+                .await
+            {
+                Ok(q) if q.message_count() == 0 => {}
+                _ => {
+                    empty = false;
+                    break;
+                }
+            }
+        }
+        let _ = channel.close(200, "counted".into()).await;
+        empty
+    }
+}
+
 struct ConsumerEntry {
     name: String,
     queue: String,
@@ -349,6 +433,7 @@ struct ConsumerEntry {
 
 /// A started app: consumers attached and running in the background.
 pub struct RunningApp {
+    idle: IdleCheck,
     tasks: JoinSet<Result<(), Error>>,
     stats: Vec<ConsumerEntry>,
     shutdown: ShutdownHandle,
@@ -436,6 +521,35 @@ impl RunningApp {
                 .or_insert(snapshot);
         }
         all
+    }
+
+    /// Wait until the app is quiet: every consumer's queue and retry tier empty and no
+    /// delivery being handled or settled, seen twice in a row (50 ms apart); or until
+    /// `timeout`. Returns whether it got quiet. For batch jobs and integration tests;
+    /// messages published meanwhile keep it busy. A delivery the broker has sent but the
+    /// consumer has not yet taken from its buffer can slip between two looks only if
+    /// both miss it.
+    pub async fn wait_idle(&self, timeout: std::time::Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut quiet_before = false;
+        let mut counter = QueueCounter::Unopened;
+        loop {
+            let handlers_idle = self
+                .stats
+                .iter()
+                .all(|c| c.stats.in_flight.load(std::sync::atomic::Ordering::Relaxed) == 0);
+            let quiet = handlers_idle && self.idle.queues_empty(&mut counter).await;
+            if quiet && quiet_before {
+                counter.close().await;
+                return true;
+            }
+            quiet_before = quiet;
+            if tokio::time::Instant::now() >= deadline {
+                counter.close().await;
+                return false;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
     }
 
     /// The app's confirmed publisher (its own connection, separate from consumers').

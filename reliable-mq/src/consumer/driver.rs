@@ -33,7 +33,7 @@ use crate::consumer::claim::{ClaimDecision, claim};
 use crate::consumer::inspect;
 use crate::consumer::invoke::invoke;
 use crate::consumer::settle::{SettleOutcome, Settler};
-use crate::consumer::{ConsumerStats, hand_back_deadline};
+use crate::consumer::{ConsumerStats, InFlight, hand_back_deadline};
 use crate::dedup::{DedupStore, KeyScope};
 use crate::publisher::Publisher;
 use crate::shutdown::ShutdownHandle;
@@ -313,11 +313,13 @@ impl ConsumerRuntime {
                 }
             };
             let (delivery, acker, span) = self.receive(raw);
+            let busy = InFlight::new(&self.stats);
             if let Some(refusal) = inspect::refuse(&delivery, limits) {
                 // Hostile input: to the DLQ without a slot, a claim or a handler call.
                 let (this, link) = (Arc::clone(self), Arc::clone(&link));
                 in_flight.spawn(
                     async move {
+                        let _busy = busy;
                         let held = Held {
                             hand_back_at,
                             connection: &link,
@@ -360,6 +362,7 @@ impl ConsumerRuntime {
             let link = Arc::clone(&link);
             in_flight.spawn(
                 async move {
+                    let _busy = busy;
                     let held = Held {
                         hand_back_at,
                         connection: &link,
