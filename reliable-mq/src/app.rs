@@ -276,6 +276,8 @@ impl App {
 }
 
 /// Declare every consumer's topology on `transport` before any of them consumes.
+// Without feature `testing` the transport can only be lapin.
+#[cfg_attr(not(feature = "testing"), allow(unused_variables))]
 async fn declare_all(
     transport: &crate::transport::Transport,
     config: &Config,
@@ -358,19 +360,18 @@ fn cluster_store(_nodes: &[String], _pool_size: usize) -> Result<Arc<dyn DedupSt
 /// What `RunningApp::wait_idle` looks at besides the consumers' counters.
 struct IdleCheck {
     config: Arc<Config>,
+    #[cfg_attr(not(feature = "testing"), allow(dead_code))]
     transport: crate::transport::Transport,
     queues: Vec<String>,
 }
 
 /// A connection for counting messages, opened on first use.
-enum QueueCounter {
-    Unopened,
-    Open(lapin::Connection),
-}
+#[derive(Default)]
+struct QueueCounter(Option<Box<lapin::Connection>>);
 
 impl QueueCounter {
     async fn close(self) {
-        if let Self::Open(conn) = self {
+        if let Some(conn) = self.0 {
             let _ = conn.close(200, "idle check done".into()).await;
         }
     }
@@ -383,20 +384,20 @@ impl IdleCheck {
         if let crate::transport::Transport::Memory(broker) = &self.transport {
             return self.queues.iter().all(|q| broker.messages(q).is_empty());
         }
-        if let QueueCounter::Unopened = counter {
+        if counter.0.is_none() {
             match crate::connection::open(&self.config, "idle check").await {
-                Ok(conn) => *counter = QueueCounter::Open(conn),
+                Ok(conn) => counter.0 = Some(Box::new(conn)),
                 Err(e) => {
                     warn!(error = %e, "wait_idle cannot count the queues");
                     return false;
                 }
             }
         }
-        let QueueCounter::Open(conn) = counter else {
+        let Some(conn) = &counter.0 else {
             return false;
         };
         let Ok(channel) = conn.create_channel().await else {
-            *counter = QueueCounter::Unopened;
+            counter.0 = None;
             return false;
         };
         let mut empty = true;
@@ -532,7 +533,7 @@ impl RunningApp {
     pub async fn wait_idle(&self, timeout: std::time::Duration) -> bool {
         let deadline = tokio::time::Instant::now() + timeout;
         let mut quiet_before = false;
-        let mut counter = QueueCounter::Unopened;
+        let mut counter = QueueCounter::default();
         loop {
             let handlers_idle = self
                 .stats

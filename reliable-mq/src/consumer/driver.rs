@@ -60,6 +60,8 @@ async fn link_lost(conn: &lapin::Connection, channel: &lapin::Channel) -> String
 const MEMORY_FRAME_MAX: usize = 131_072;
 
 /// One subscription and what it came with, on either transport (see `crate::transport`).
+// One per session, made once and never moved around: boxing would only add a hop.
+#[allow(clippy::large_enum_variant)]
 enum Session {
     Lapin {
         conn: Arc<lapin::Connection>,
@@ -165,7 +167,8 @@ pub(crate) struct ConsumerRuntime {
     pub(crate) key_scope: KeyScope,
     /// Paces the held settle copies of this consumer (see `Settler::retry_gate`).
     pub(crate) retry_gate: tokio::sync::Mutex<Backoff>,
-    /// RabbitMQ, or the in-memory broker of feature `testing`.
+    /// RabbitMQ, or the in-memory broker of feature `testing` (only read with it).
+    #[cfg_attr(not(feature = "testing"), allow(dead_code))]
     pub(crate) transport: Transport,
 }
 
@@ -550,6 +553,8 @@ impl ConsumerRuntime {
     /// Re-subscribe with the full prefetch window (a consumer's prefetch is fixed when it
     /// subscribes). Deliveries already received stay unacked on the channel and settle as
     /// usual.
+    // Without feature `testing` a session can only be a lapin one.
+    #[cfg_attr(not(feature = "testing"), allow(irrefutable_let_patterns))]
     async fn widen(&self, session: &mut Session) -> Result<(), Error> {
         let queue = self.consumer.queue();
         let Session::Lapin {
