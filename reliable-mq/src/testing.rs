@@ -69,7 +69,9 @@ const IDLE_LIMIT: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// An app of consumers on an in-memory broker, for tests. See the [module docs](self).
 pub struct TestApp {
-    builder: Option<App>,
+    /// What `start` builds the app from: consumers and states in the order given.
+    setup: Vec<Box<dyn FnOnce(App) -> App + Send>>,
+    started: bool,
     running: Option<RunningApp>,
     broker: Arc<MemoryBroker>,
     config: Config,
@@ -84,7 +86,7 @@ impl std::fmt::Debug for TestApp {
                 "queues",
                 &self.topologies.iter().map(|t| &t.queue).collect::<Vec<_>>(),
             )
-            .field("started", &self.running.is_some())
+            .field("started", &self.started)
             .finish_non_exhaustive()
     }
 }
@@ -172,28 +174,18 @@ impl TestApp {
     }
 
     /// Run with `config` (timeouts, retries, size limit, consumer timeout). Its URLs are
-    /// never used: nothing connects to a broker or a Redis. Call before `consumer`.
-    pub fn with_config(self, config: Config) -> Self {
-        let broker = Arc::clone(&self.broker);
-        let mut app = Self::on_with(broker, config);
-        app.topologies = self.topologies;
-        if !app.topologies.is_empty() {
-            tracing::warn!(
-                "TestApp::with_config after consumer: the consumers are dropped; call it first"
-            );
-            app.topologies.clear();
-        }
-        app
+    /// never used: nothing connects to a broker or a Redis.
+    pub fn with_config(mut self, config: Config) -> Self {
+        self.publisher = Publisher::memory(&config, Arc::clone(&self.broker), Origin::Test);
+        self.config = config;
+        self
     }
 
     fn on_with(broker: Arc<MemoryBroker>, config: Config) -> Self {
         let publisher = Publisher::memory(&config, Arc::clone(&broker), Origin::Test);
         Self {
-            builder: Some(
-                App::new(config.clone())
-                    .on_memory_broker(Arc::clone(&broker))
-                    .with_dedup_store(MemoryStore::new()),
-            ),
+            setup: Vec::new(),
+            started: false,
             running: None,
             broker,
             config,
@@ -207,13 +199,13 @@ impl TestApp {
     pub fn consumer(mut self, consumer: impl Into<ConsumerConfig>) -> Self {
         let consumer = consumer.into();
         self.topologies.push(Topology::of(&consumer));
-        self.builder = self.builder.take().map(|b| b.consumer(consumer));
+        self.setup.push(Box::new(move |app| app.consumer(consumer)));
         self
     }
 
     /// State for handlers' `State<T>` extractors, as [`App::with_state`].
     pub fn with_state<S: StateValue>(mut self, state: S) -> Self {
-        self.builder = self.builder.take().map(|b| b.with_state(state));
+        self.setup.push(Box::new(move |app| app.with_state(state)));
         self
     }
 
@@ -230,9 +222,16 @@ impl TestApp {
     /// Start the consumers (done by the first publish or run if not called): checks every
     /// consumer as [`App::start`] does, e.g. a missing state is an error here.
     pub async fn start(&mut self) -> Result<(), Error> {
-        let Some(builder) = self.builder.take() else {
+        if self.started {
             return Ok(());
-        };
+        }
+        self.started = true;
+        let builder = std::mem::take(&mut self.setup).into_iter().fold(
+            App::new(self.config.clone())
+                .on_memory_broker(Arc::clone(&self.broker))
+                .with_dedup_store(MemoryStore::new()),
+            |app, step| step(app),
+        );
         // A paused clock makes the retry tiers' hours pass at once; tokio can pause only a
         // current-thread runtime, and only once.
         if tokio::runtime::Handle::current().runtime_flavor()

@@ -514,7 +514,6 @@ impl MemoryBroker {
         }
         s.next_tag += 1;
         let tag = s.next_tag;
-        let generation = s.generation;
         let q = s.queues.get_mut(queue)?;
         let mine = q.unacked.values().filter(|(_, sub)| *sub == id).count();
         if mine >= prefetch || q.ready.is_empty() {
@@ -523,7 +522,6 @@ impl MemoryBroker {
         let index = pick.map_or(0, |x| (x % q.ready.len() as u64) as usize);
         let message = q.ready.remove(index)?;
         q.unacked.insert(tag, (message.clone(), id));
-        let _ = generation;
         Some((tag, message))
     }
 }
