@@ -18,9 +18,15 @@ use reliable_mq::{
 use reliable_mq_tests::{Broker, Cleanup, init_tracing, test_config, unique};
 use tokio::time::Instant;
 
-/// What a handler saw: (queue, attempt, body, when).
+/// One handler call: (queue, attempt, body, when).
+type Call = (String, u32, String, Instant);
+
+/// A dead letter as compared: (x-error-kind, x-attempts, x-last-error-kind, message, body).
+type DeadLetter = (String, String, String, String, String);
+
+/// What handlers saw.
 #[derive(Clone, Default)]
-struct Calls(Arc<Mutex<Vec<(String, u32, String, Instant)>>>);
+struct Calls(Arc<Mutex<Vec<Call>>>);
 
 impl Calls {
     fn record(&self, d: &Delivery, body: &serde_json::Value) {
@@ -34,7 +40,7 @@ impl Calls {
         }
     }
 
-    fn all(&self) -> Vec<(String, u32, String, Instant)> {
+    fn all(&self) -> Vec<Call> {
         self.0.lock().map(|c| c.clone()).unwrap_or_default()
     }
 }
@@ -93,7 +99,7 @@ struct Observed {
     /// Per queue: each call's attempt and body, in order.
     calls: BTreeMap<String, Vec<(u32, String)>>,
     /// Per queue: (x-error-kind, x-attempts, x-last-error-kind, message, body), sorted.
-    dead_letters: BTreeMap<String, Vec<(String, String, String, String, String)>>,
+    dead_letters: BTreeMap<String, Vec<DeadLetter>>,
 }
 
 /// The delays between consecutive attempts of one message, per queue.

@@ -323,8 +323,7 @@ async fn order_seen(seed: Option<u64>, n: u32) -> Vec<u32> {
         app.publish("", "numbers", &i).await.expect("published");
     }
     app.run_until_idle().await;
-    let order = seen.0.lock().map(|v| v.clone()).unwrap_or_default();
-    order
+    seen.0.lock().map(|v| v.clone()).unwrap_or_default()
 }
 
 #[tokio::test]
