@@ -313,9 +313,13 @@ async fn dedup_from_config(
                 .map(|c| usize::from(c.concurrency()))
                 .sum::<usize>()
                 .clamp(4, 256);
-            let store: Arc<dyn DedupStore> = match crate::dedup::cluster_nodes(url) {
-                None => Arc::new(RedisStore::new(url, pool_size)?),
-                Some(nodes) => cluster_store(&nodes, pool_size)?,
+            let store: Arc<dyn DedupStore> = if let Some(s) = crate::dedup::sentinel_url(url) {
+                sentinel_store(&s)?
+            } else {
+                match crate::dedup::cluster_nodes(url) {
+                    None => Arc::new(RedisStore::new(url, pool_size)?),
+                    Some(nodes) => cluster_store(&nodes, pool_size)?,
+                }
             };
             if let Err(e) = store.ping().await {
                 warn!(error = %e, "dedup store (Redis) does not answer yet; idempotent consumers stay paused until it does");
@@ -352,6 +356,32 @@ fn cluster_store(_nodes: &[String], _pool_size: usize) -> Result<Arc<dyn DedupSt
     Err(Error::Config(
         "REDIS_URL asks for a Redis Cluster (redis+cluster://), but reliable-mq was built \
          without its `redis-cluster` feature: enable it (reliable-mq = { features = [\"redis-cluster\"] })"
+            .into(),
+    ))
+}
+
+/// The Redis Sentinel store for a `redis+sentinel://` URL.
+#[cfg(feature = "redis-sentinel")]
+fn sentinel_store(url: &crate::dedup::SentinelUrl) -> Result<Arc<dyn DedupStore>, Error> {
+    if url.sentinels.is_empty() || url.master.is_empty() {
+        return Err(Error::Config(
+            "REDIS_URL is redis+sentinel:// without sentinels or master name: write it as redis+sentinel://host1:port1,host2:port2/master-name".into(),
+        ));
+    }
+    Ok(Arc::new(crate::dedup::RedisSentinelStore::new(
+        &url.sentinels,
+        &url.master,
+        url.username.as_deref(),
+        url.password.as_deref(),
+    )?))
+}
+
+/// Without the `redis-sentinel` feature a Sentinel URL is a configuration error.
+#[cfg(not(feature = "redis-sentinel"))]
+fn sentinel_store(_url: &crate::dedup::SentinelUrl) -> Result<Arc<dyn DedupStore>, Error> {
+    Err(Error::Config(
+        "REDIS_URL asks for Redis Sentinel (redis+sentinel://), but reliable-mq was built \
+         without its `redis-sentinel` feature: enable it (reliable-mq = { features = [\"redis-sentinel\"] })"
             .into(),
     ))
 }
