@@ -629,3 +629,33 @@ fn long_strings_compare_as_text() {
     h.insert("k".into(), AMQPValue::LongString(LongString::from("v")));
     assert_eq!(str_header(Some(&h), "k"), "v");
 }
+
+/// `wait_idle` on RabbitMQ: false while a handler still runs, true once everything
+/// published was handled, with the counts complete at that moment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wait_idle_returns_once_the_queues_are_empty_and_no_handler_runs() {
+    init_tracing();
+    let prefix = unique("rmq-idle");
+    let _cleanup = cleanup(&prefix);
+    let q = format!("{prefix}-q");
+    let calls = Calls::default();
+    let running = App::new(test_config(&prefix))
+        .consumer(consumer(&q).with_timeout(Duration::from_secs(5)))
+        .with_state(calls.clone())
+        .start()
+        .await
+        .expect("starts");
+    let publisher = running.publisher();
+    for _ in 0..5 {
+        publisher
+            .publish("", &q, &does("hold"))
+            .await
+            .expect("published");
+    }
+    // Five handlers of 300 ms one after the other: not quiet after 200 ms.
+    assert!(!running.wait_idle(Duration::from_millis(200)).await);
+    assert!(running.wait_idle(Duration::from_secs(30)).await);
+    assert_eq!(running.stats(&q).map(|s| s.handled), Some(5));
+    assert_eq!(calls.all().len(), 5);
+    running.shutdown().await.expect("stops");
+}
