@@ -368,3 +368,39 @@ async fn what_handlers_publish_is_recorded() {
     assert_eq!(published[0].json::<u32>().ok(), Some(40));
     assert_eq!(app.broker().messages("relayed").len(), 1);
 }
+
+/// A failed publish and a nacked confirm are retried by the publisher with the same
+/// `message_id`, the test's and the settle copy's alike: nothing lost, nothing doubled.
+#[tokio::test]
+async fn failed_publishes_and_nacked_confirms_are_retried() {
+    let inventory = Inventory::with("apple", 1);
+    let mut app = app(&inventory);
+    app.fail_next_publish();
+    app.fail_next_confirm();
+    let id = app
+        .publish(
+            "shop",
+            "order.created",
+            &Order {
+                sku: "pear".into(),
+                qty: 1,
+            },
+        )
+        .await
+        .expect("confirmed after two failed attempts");
+    // The dead-letter copy of the rejected order meets the next two faults.
+    app.fail_next_publish();
+    app.fail_next_confirm();
+    app.run_until_idle().await;
+    let dead = app.dead_letters("orders");
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].message_id(), Some(id.clone()));
+    assert_eq!(dead[0].header("x-error-kind").as_deref(), Some("rejected"));
+    let sent = app
+        .broker()
+        .published()
+        .iter()
+        .filter(|p| p.properties.message_id().as_ref().map(|m| m.as_str()) == Some(id.as_str()))
+        .count();
+    assert_eq!(sent, 2, "the order once, its dead letter once");
+}

@@ -42,7 +42,8 @@
 //! | lapin's types in this API | [`lapin`] (re-exported, so you never match its version by hand) |
 //!
 //! Cargo features: `anyhow` (handlers may return `anyhow::Result<()>`), `redis-cluster`
-//! (a Redis Cluster dedup store), `testing` (`Delivery::for_test`, for unit tests of
+//! (a Redis Cluster dedup store), `testing` (`testing::TestApp`: your consumers on an
+//! in-memory broker running the same pipeline; `Delivery::for_test`, for unit tests of
 //! handlers).
 //!
 //! # State
