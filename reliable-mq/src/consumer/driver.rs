@@ -88,19 +88,21 @@ impl Session {
     }
 
     /// Resolves with the reason once the link is no longer usable.
-    async fn lost(&mut self) -> String {
+    async fn lost(&self) -> String {
         match self {
-            Self::Lapin {
-                conn,
-                channel,
-                deliveries,
-                ..
-            } => {
-                let reason = link_lost(conn, channel).await;
-                inspect::lost_because(deliveries, reason).await
-            }
+            Self::Lapin { conn, channel, .. } => link_lost(conn, channel).await,
             #[cfg(feature = "testing")]
             Self::Memory(sub) => sub.lost().await,
+        }
+    }
+
+    /// The reason the link was `lost`, made precise by what the deliveries read ahead say
+    /// (see [`inspect::lost_because`]).
+    async fn lost_because(&mut self, lost: String) -> String {
+        match self {
+            Self::Lapin { deliveries, .. } => inspect::lost_because(deliveries, lost).await,
+            #[cfg(feature = "testing")]
+            Self::Memory(_) => lost,
         }
     }
 
@@ -357,7 +359,9 @@ impl ConsumerRuntime {
                 },
                 // With every slot busy the delivery stream is not polled, so watch the
                 // link directly: a broker restart must not go unnoticed behind slow handlers.
-                reason = session.lost() => break SessionEnd::Broken(reason),
+                reason = session.lost() => {
+                    break SessionEnd::Broken(session.lost_because(reason).await);
+                }
             };
             // Reap finished tasks so the set does not grow with the session.
             while in_flight.try_join_next().is_some() {}
