@@ -107,19 +107,44 @@ impl Topology {
             name: self.dlx.clone(),
             kind: ExchangeKind::Direct,
         });
-
-        let mut dlq_args = FieldTable::default();
-        put_str(&mut dlq_args, "x-queue-type", self.queue_type.as_str());
         plan.push(Declaration::Queue {
             name: self.dlq.clone(),
-            args: dlq_args,
+            args: self.dlq_arguments(),
         });
         plan.push(Declaration::Bind {
             queue: self.dlq.clone(),
             exchange: self.dlx.clone(),
             key: self.queue.clone(),
         });
+        plan.push(Declaration::Queue {
+            name: self.queue.clone(),
+            args: self.queue_arguments(),
+        });
+        if let Some((exchange, _, key)) = &self.exchange {
+            plan.push(Declaration::Bind {
+                queue: self.queue.clone(),
+                exchange: exchange.clone(),
+                key: key.clone(),
+            });
+        }
+        for (tier, delay) in self.wait_queues() {
+            plan.push(Declaration::Queue {
+                args: self.tier_arguments(delay),
+                name: tier,
+            });
+        }
+        plan
+    }
 
+    /// The DLQ's declaration arguments.
+    pub(crate) fn dlq_arguments(&self) -> FieldTable {
+        let mut args = FieldTable::default();
+        put_str(&mut args, "x-queue-type", self.queue_type.as_str());
+        args
+    }
+
+    /// The work queue's declaration arguments (the AsyncAPI export shows these too).
+    pub(crate) fn queue_arguments(&self) -> FieldTable {
         let mut args = FieldTable::default();
         put_str(&mut args, "x-queue-type", self.queue_type.as_str());
         put_str(&mut args, "x-dead-letter-exchange", &self.dlx);
@@ -132,31 +157,21 @@ impl Topology {
                 AMQPValue::LongLongInt(i64::from(limit)),
             );
         }
-        plan.push(Declaration::Queue {
-            name: self.queue.clone(),
-            args,
-        });
-        if let Some((exchange, _, key)) = &self.exchange {
-            plan.push(Declaration::Bind {
-                queue: self.queue.clone(),
-                exchange: exchange.clone(),
-                key: key.clone(),
-            });
-        }
+        args
+    }
 
-        for (tier, delay) in self.wait_queues() {
-            let mut args = FieldTable::default();
-            put_str(&mut args, "x-queue-type", self.queue_type.as_str());
-            args.insert(
-                "x-message-ttl".into(),
-                AMQPValue::LongLongInt(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX)),
-            );
-            put_str(&mut args, "x-dead-letter-exchange", "");
-            put_str(&mut args, "x-dead-letter-routing-key", &self.queue);
-            self.at_least_once(&mut args);
-            plan.push(Declaration::Queue { name: tier, args });
-        }
-        plan
+    /// A wait queue's declaration arguments: hold for `delay`, then back to the work queue.
+    pub(crate) fn tier_arguments(&self, delay: std::time::Duration) -> FieldTable {
+        let mut args = FieldTable::default();
+        put_str(&mut args, "x-queue-type", self.queue_type.as_str());
+        args.insert(
+            "x-message-ttl".into(),
+            AMQPValue::LongLongInt(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX)),
+        );
+        put_str(&mut args, "x-dead-letter-exchange", "");
+        put_str(&mut args, "x-dead-letter-routing-key", &self.queue);
+        self.at_least_once(&mut args);
+        args
     }
 }
 
