@@ -200,15 +200,7 @@ impl ConsumerRuntime {
             .map_err(|e| Error::amqp("setting prefetch", e))?;
         let mut tag = self.consumer_tag();
         let mut narrow_reads = 0u8;
-        let mut deliveries = channel
-            .basic_consume(
-                queue.into(),
-                tag.as_str().into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .map_err(|e| Error::amqp(format!("subscribing to queue '{queue}'"), e))?;
+        let mut deliveries = self.subscribe(&channel, &tag).await?;
         ConsumerStats::bump(&self.stats.sessions);
         self.stats.attached.store(true, Ordering::Relaxed);
         info!(%queue, prefetch, concurrency = self.consumer.concurrency(), "consumer attached");
@@ -447,7 +439,6 @@ impl ConsumerRuntime {
         channel: &lapin::Channel,
         tag: &mut String,
     ) -> Result<lapin::Consumer, Error> {
-        let queue = self.consumer.queue();
         channel
             .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
             .await
@@ -459,13 +450,22 @@ impl ConsumerRuntime {
             .basic_qos(self.consumer.prefetch(), BasicQosOptions::default())
             .await
             .map_err(|e| Error::amqp("setting prefetch", e))?;
+        self.subscribe(channel, tag).await
+    }
+
+    /// `basic.consume` with the consumer's options: `exclusive`, and `x-priority`.
+    async fn subscribe(&self, channel: &lapin::Channel, tag: &str) -> Result<lapin::Consumer, Error> {
+        let queue = self.consumer.queue();
+        let options = BasicConsumeOptions {
+            exclusive: self.consumer.model.exclusive(),
+            ..BasicConsumeOptions::default()
+        };
+        let mut args = FieldTable::default();
+        if let Some(priority) = self.consumer.model.priority() {
+            args.insert("x-priority".into(), lapin::types::AMQPValue::LongInt(priority));
+        }
         channel
-            .basic_consume(
-                queue.into(),
-                tag.as_str().into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
+            .basic_consume(queue.into(), tag.into(), options, args)
             .await
             .map_err(|e| Error::amqp(format!("subscribing to queue '{queue}'"), e))
     }
