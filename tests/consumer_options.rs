@@ -166,7 +166,11 @@ async fn priority_prefers_the_higher_priority_instance() {
     low.shutdown().await.expect("clean shutdown");
     high.shutdown().await.expect("clean shutdown");
     assert!(all, "20 handled: {h} + {l}");
-    assert_eq!((h, l), (20, 0), "the priority 10 instance got every message");
+    assert_eq!(
+        (h, l),
+        (20, 0),
+        "the priority 10 instance got every message"
+    );
 }
 
 /// An exclusive subscription keeps the other instance out: its subscription is refused
@@ -192,7 +196,10 @@ async fn exclusive_keeps_other_instances_out() {
     assert!(all, "the owner handled all 10");
     let consumers = rabbitmqctl_lines(&["list_consumers", "queue_name", "activity_status"], &queue);
     assert_eq!(consumers.len(), 1, "one subscription: {consumers:?}");
-    assert!(consumers[0].contains("exclusive"), "exclusive: {consumers:?}");
+    assert!(
+        consumers[0].contains("exclusive"),
+        "exclusive: {consumers:?}"
+    );
     assert!(!other.is_finished(), "the other instance never attached");
 
     owner.shutdown().await.expect("clean shutdown");
@@ -206,5 +213,8 @@ async fn exclusive_keeps_other_instances_out() {
     })
     .await;
     other.shutdown().await.expect("clean shutdown");
-    assert!(took_over, "the other instance took over once the owner left");
+    assert!(
+        took_over,
+        "the other instance took over once the owner left"
+    );
 }

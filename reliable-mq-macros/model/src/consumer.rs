@@ -672,8 +672,7 @@ impl ConsumerModel {
 
     /// The `x-priority` consumer argument, if one was set.
     pub fn priority(&self) -> Option<i32> {
-        self.priority
-            .map(|p| i32::try_from(p).unwrap_or(i32::MAX))
+        self.priority.map(|p| i32::try_from(p).unwrap_or(i32::MAX))
     }
 
     /// Whether the subscription is exclusive.
@@ -1397,7 +1396,11 @@ mod tests {
         quorum.queue_type = Some(QueueKind::Quorum);
         assert_eq!(keys(&quorum.validate()), vec![Key::Exclusive]);
         quorum.exclusive = false;
-        assert_eq!(quorum.validate(), vec![], "single active consumer suits quorum");
+        assert_eq!(
+            quorum.validate(),
+            vec![],
+            "single active consumer suits quorum"
+        );
 
         let mut parallel = m.clone();
         parallel.concurrency = Some(2);

@@ -454,7 +454,11 @@ impl ConsumerRuntime {
     }
 
     /// `basic.consume` with the consumer's options: `exclusive`, and `x-priority`.
-    async fn subscribe(&self, channel: &lapin::Channel, tag: &str) -> Result<lapin::Consumer, Error> {
+    async fn subscribe(
+        &self,
+        channel: &lapin::Channel,
+        tag: &str,
+    ) -> Result<lapin::Consumer, Error> {
         let queue = self.consumer.queue();
         let options = BasicConsumeOptions {
             exclusive: self.consumer.model.exclusive(),
@@ -462,7 +466,10 @@ impl ConsumerRuntime {
         };
         let mut args = FieldTable::default();
         if let Some(priority) = self.consumer.model.priority() {
-            args.insert("x-priority".into(), lapin::types::AMQPValue::LongInt(priority));
+            args.insert(
+                "x-priority".into(),
+                lapin::types::AMQPValue::LongInt(priority),
+            );
         }
         channel
             .basic_consume(queue.into(), tag.into(), options, args)
