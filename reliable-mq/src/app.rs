@@ -190,10 +190,11 @@ impl App {
         let publisher = Publisher::from_config(&config).await?;
 
         let key_scope = KeyScope::from_config(&config)?;
+        let connections = Arc::new(crate::connection::ConnectionSet::new(Arc::clone(&config)));
         let mut tasks = JoinSet::new();
         let mut stats = Vec::new();
         let mut runtimes = Vec::new();
-        for consumer in self.consumers {
+        for (index, consumer) in self.consumers.into_iter().enumerate() {
             let topology = Topology::of(&consumer);
             // One set of counters per consumer, even when two consume one queue: each
             // has its own session, so its own `attached` and health.
@@ -220,21 +221,25 @@ impl App {
                     config.max_reconnect_delay,
                 )),
                 states: Arc::clone(&states),
+                connections: Arc::clone(&connections),
+                connection_slot: index,
             }));
         }
-        // Declare everything up front so a mismatch stops start-up before any consuming.
-        let conn = crate::connection::open(&config, "topology").await?;
+        // Declare everything up front so a mismatch stops start-up before any consuming,
+        // on the consumers' own connection (no extra one just for this).
+        let conn = connections.get(0).await?;
         for r in &runtimes {
             if let Err(e) = r.topology.declare(&conn).await {
-                let _ = conn.close(200, "topology check failed".into()).await;
+                connections.close().await;
                 return Err(e);
             }
         }
-        let _ = conn.close(200, "topology declared".into()).await;
+        drop(conn);
         for r in runtimes {
             tasks.spawn(r.run());
         }
         let running = RunningApp {
+            connections,
             tasks,
             stats,
             shutdown: self.shutdown,
@@ -311,6 +316,8 @@ struct ConsumerEntry {
 
 /// A started app: consumers attached and running in the background.
 pub struct RunningApp {
+    /// The connections the consumers' channels are on, closed once they have stopped.
+    connections: Arc<crate::connection::ConnectionSet>,
     tasks: JoinSet<Result<(), Error>>,
     stats: Vec<ConsumerEntry>,
     shutdown: ShutdownHandle,
@@ -489,6 +496,7 @@ impl RunningApp {
                 first_error = Err(e);
             }
         }
+        self.connections.close().await;
         self.publisher.close().await;
         info!("all consumers stopped");
         first_error

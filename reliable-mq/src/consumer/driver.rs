@@ -1,9 +1,10 @@
-//! The supervised life of one consumer: open a session (connection, topology, channel,
-//! QoS, subscription), run deliveries through claim -> handler -> settle with up to
-//! `concurrency` in flight, and when anything breaks drop the whole session and start
-//! over with capped backoff. Each session owns its connection, so a delivery can only ever
-//! be acked on the channel it came from; after a reconnect the broker redelivers what was
-//! not acked and dedup absorbs it.
+//! The supervised life of one consumer: open a session (a channel on the consumers' shared
+//! connection, topology, QoS, subscription), run deliveries through claim -> handler ->
+//! settle with up to `concurrency` in flight, and when anything breaks drop the session's
+//! channel and start over with capped backoff (on a reopened connection if the connection
+//! is what broke). A delivery's acker belongs to its session's channel and is dead once
+//! that channel is closed, so a delivery can only ever be acked on the channel it came
+//! from; the broker redelivers what was not acked and dedup absorbs it.
 //!
 //! When the dedup store stops answering, the consumer pauses *in place*: each delivery
 //! that could not be claimed keeps its slot and stays unacked while the claim is retried
@@ -80,6 +81,9 @@ pub(crate) struct ConsumerRuntime {
     pub(crate) key_scope: KeyScope,
     /// Paces the held settle copies of this consumer (see `Settler::retry_gate`).
     pub(crate) retry_gate: tokio::sync::Mutex<Backoff>,
+    /// The connections consumers share, and which one this consumer's channels are on.
+    pub(crate) connections: Arc<connection::ConnectionSet>,
+    pub(crate) connection_slot: usize,
 }
 
 /// Spaces the sessions of one consumer.
@@ -180,14 +184,7 @@ impl ConsumerRuntime {
     /// this one starts with a window of one delivery (see [`inspect::UnreadableFrames`]).
     async fn session(self: &Arc<Self>, mut narrow: bool) -> Result<SessionEnd, Error> {
         let queue = self.consumer.queue();
-        let name = self.consumer.name();
-        // The consumer's name tells two consumers of one queue apart in the broker's tools.
-        let role = if name == queue {
-            format!("consumer {queue}")
-        } else {
-            format!("consumer {queue} as {name}")
-        };
-        let conn = Arc::new(connection::open(&self.config, &role).await?);
+        let conn = self.connections.get(self.connection_slot).await?;
         self.topology.declare(&conn).await?;
         let channel = conn
             .create_channel()
@@ -311,7 +308,12 @@ impl ConsumerRuntime {
             // acks fail harmlessly; dedup absorbs the redeliveries) and reconnect now rather
             // than after the slowest handler.
             in_flight.detach_all();
-            let _ = conn.close(200, "consumer reconnecting".into()).await;
+            // Only this consumer's channel: the connection carries the others. Closing it
+            // returns what it held to the queue; if the connection itself broke, the next
+            // session reopens it.
+            if channel.status().connected() {
+                let _ = channel.close(200, "consumer restarting".into()).await;
+            }
             return Ok(end);
         }
         // Stop new deliveries, let in-flight handlers settle on this (still open) channel.
@@ -329,7 +331,6 @@ impl ConsumerRuntime {
         }
         // Closing returns every unacked delivery (prefetched, abandoned) to the queue.
         let _ = channel.close(200, "consumer stopping".into()).await;
-        let _ = conn.close(200, "consumer stopping".into()).await;
         Ok(end)
     }
 
