@@ -18,6 +18,7 @@
 //! settled (its copy refused) is held in place, not turned into a reconnect. Sessions that
 //! keep dying soon after attaching are spaced by a growing delay.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -132,6 +133,15 @@ struct Held<'a> {
     connection: &'a lapin::Connection,
 }
 
+/// A delivery received and waiting for a slot, its claim under way.
+struct Waiting {
+    delivery: Arc<Delivery>,
+    acker: lapin::Acker,
+    claim: Option<tokio::task::JoinHandle<Option<ClaimDecision>>>,
+    hand_back_at: Instant,
+    span: tracing::Span,
+}
+
 /// Why a session ended.
 enum SessionEnd {
     /// Shutdown was asked for and in-flight work settled.
@@ -210,11 +220,55 @@ impl ConsumerRuntime {
         let mut in_flight = JoinSet::new();
         let mut signal = self.shutdown.signal();
 
+        // Deliveries received and waiting for a slot, in delivery order, each with its claim
+        // already under way (claim ahead): the store's round trips for the whole window
+        // overlap the handlers, and claims that queue up together go to the store in one
+        // batch. At most a prefetch window of them (the broker sends no more unacked).
+        let mut waiting: VecDeque<Waiting> = VecDeque::new();
+        let read_ahead = usize::from(self.consumer.prefetch());
         let end = loop {
-            let next = tokio::select! {
-                biased;
-                _ = signal.cancelled() => break SessionEnd::Shutdown,
-                next = deliveries.next() => next,
+            let next = if waiting.is_empty() {
+                tokio::select! {
+                    biased;
+                    _ = signal.cancelled() => break SessionEnd::Shutdown,
+                    next = deliveries.next() => next,
+                }
+            } else {
+                let full = waiting.len() >= read_ahead;
+                tokio::select! {
+                    biased;
+                    _ = signal.cancelled() => break SessionEnd::Shutdown,
+                    // Slots go out in delivery order: always to the oldest waiting.
+                    permit = Arc::clone(&slots).acquire_owned() => {
+                        let Ok(permit) = permit else {
+                            break SessionEnd::Broken("slot semaphore closed".into());
+                        };
+                        let Some(w) = waiting.pop_front() else { continue };
+                        // Reap finished tasks so the set does not grow with the session.
+                        while in_flight.try_join_next().is_some() {}
+                        let this = Arc::clone(self);
+                        let conn = Arc::clone(&conn);
+                        let Waiting { delivery, acker, claim, hand_back_at, span } = w;
+                        in_flight.spawn(
+                            async move {
+                                let held = Held {
+                                    hand_back_at,
+                                    connection: &conn,
+                                };
+                                this.process(delivery, acker, claim, permit, held).await
+                            }
+                            .instrument(span),
+                        );
+                        continue;
+                    }
+                    next = deliveries.next(), if !full => next,
+                    // With the window full the delivery stream is not polled, so watch the
+                    // link directly: a broker restart must not go unnoticed behind slow
+                    // handlers.
+                    reason = link_lost(&conn, &channel), if full => {
+                        break SessionEnd::Broken(inspect::lost_because(&mut deliveries, reason).await);
+                    }
+                }
             };
             // The broker's `consumer_timeout` runs from here.
             let hand_back_at = hand_back_deadline(Instant::now(), self.config.consumer_timeout);
@@ -257,10 +311,8 @@ impl ConsumerRuntime {
                 );
                 continue;
             }
-            // Claim ahead: an idempotent delivery starts its claim now, while it waits for a
-            // slot, so the store's round trip overlaps the handlers still running (at
-            // concurrency 1: the previous one). It waits at most one handler call for a
-            // slot, and its lease is renewed from the moment it is taken.
+            // The claim starts now, while the delivery waits for a slot; its lease is
+            // renewed from the moment it is taken.
             let claim = self.dedup.is_some().then(|| {
                 let (this, delivery, acker) =
                     (Arc::clone(self), Arc::clone(&delivery), acker.clone());
@@ -269,37 +321,17 @@ impl ConsumerRuntime {
                         .instrument(span.clone()),
                 )
             });
-            // At most `concurrency` handlers run; the rest of the prefetch window waits in
-            // the client buffer, unacked. Slots go out in delivery order.
-            let permit = tokio::select! {
-                biased;
-                _ = signal.cancelled() => break SessionEnd::Shutdown,
-                // A free slot first: the link watch (a timer) is only armed when none is.
-                permit = Arc::clone(&slots).acquire_owned() => match permit {
-                    Ok(p) => p,
-                    Err(_) => break SessionEnd::Broken("slot semaphore closed".into()),
-                },
-                // With every slot busy the delivery stream is not polled, so watch the
-                // link directly: a broker restart must not go unnoticed behind slow handlers.
-                reason = link_lost(&conn, &channel) => {
-                    break SessionEnd::Broken(inspect::lost_because(&mut deliveries, reason).await);
-                }
-            };
-            // Reap finished tasks so the set does not grow with the session.
-            while in_flight.try_join_next().is_some() {}
-            let this = Arc::clone(self);
-            let conn = Arc::clone(&conn);
-            in_flight.spawn(
-                async move {
-                    let held = Held {
-                        hand_back_at,
-                        connection: &conn,
-                    };
-                    this.process(delivery, acker, claim, permit, held).await
-                }
-                .instrument(span),
-            );
+            waiting.push_back(Waiting {
+                delivery,
+                acker,
+                claim,
+                hand_back_at,
+                span,
+            });
         };
+        // Deliveries that never got a slot stay unacked (the broker gets them back with the
+        // channel); a claim taken for one is released when its task's guard is dropped.
+        drop(waiting);
 
         self.stats.attached.store(false, Ordering::Relaxed);
         if let SessionEnd::Broken(_) = &end {
