@@ -445,35 +445,6 @@ impl Backoff {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_doubles_with_jitter_and_caps() {
-        let mut b = Backoff::new(Duration::from_millis(500));
-        let seen: Vec<_> = (0..6).map(|_| b.next_delay().as_millis()).collect();
-        // Each delay lies between the nominal one (100, 200, 400, then the cap) and twice
-        // it, never above the cap.
-        for (delay, nominal) in seen.iter().zip([100, 200, 400, 500, 500, 500]) {
-            assert!(
-                (nominal..=(2 * nominal).min(500)).contains(delay),
-                "{seen:?}"
-            );
-        }
-        b.reset();
-        assert!((100..200).contains(&b.next_delay().as_millis()));
-    }
-
-    #[test]
-    fn jitter_spreads_a_fleet() {
-        let firsts: std::collections::BTreeSet<_> = (0..20)
-            .map(|_| Backoff::new(Duration::from_secs(30)).next_delay())
-            .collect();
-        assert!(firsts.len() > 1, "twenty instances all waited {firsts:?}");
-    }
-}
-
 /// The connections consumers share: each slot holds a connection opened on first use and
 /// reopened by the first consumer that finds it broken. A consumer's session is a channel
 /// on its slot's connection, so a channel-level error ends that session alone; a lost
@@ -527,5 +498,34 @@ impl ConnectionSet {
                 let _ = conn.close(200, "consumers stopping".into()).await;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_with_jitter_and_caps() {
+        let mut b = Backoff::new(Duration::from_millis(500));
+        let seen: Vec<_> = (0..6).map(|_| b.next_delay().as_millis()).collect();
+        // Each delay lies between the nominal one (100, 200, 400, then the cap) and twice
+        // it, never above the cap.
+        for (delay, nominal) in seen.iter().zip([100, 200, 400, 500, 500, 500]) {
+            assert!(
+                (nominal..=(2 * nominal).min(500)).contains(delay),
+                "{seen:?}"
+            );
+        }
+        b.reset();
+        assert!((100..200).contains(&b.next_delay().as_millis()));
+    }
+
+    #[test]
+    fn jitter_spreads_a_fleet() {
+        let firsts: std::collections::BTreeSet<_> = (0..20)
+            .map(|_| Backoff::new(Duration::from_secs(30)).next_delay())
+            .collect();
+        assert!(firsts.len() > 1, "twenty instances all waited {firsts:?}");
     }
 }
