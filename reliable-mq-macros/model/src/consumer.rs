@@ -1095,7 +1095,9 @@ impl Rules<'_> {
             self.report(
                 Key::Exclusive,
                 Site::Key,
-                "`exclusive` is refused on a quorum queue: for one consumer at a time with                  standbys that take over, use `single_active_consumer` instead of                  `exclusive`",
+                "`exclusive` is refused on a quorum queue: for one consumer at a time with \
+                 standbys that take over, use `single_active_consumer` instead of \
+                 `exclusive`",
             );
         }
     }
@@ -1113,7 +1115,10 @@ impl Rules<'_> {
                 Key::Concurrency,
                 Site::Value,
                 format!(
-                    "`concurrency = {c}` with `single_active_consumer` would handle up to {c}                      messages at once, out of order, which is what a single active consumer is                      there to prevent: remove `concurrency` (1 at a time), or remove                      `single_active_consumer` and let several consumers compete"
+                    "`concurrency = {c}` with `single_active_consumer` would handle up to {c} \
+                     messages at once, out of order, which is what a single active consumer is \
+                     there to prevent: remove `concurrency` (1 at a time), or remove \
+                     `single_active_consumer` and let several consumers compete"
                 ),
             ),
             _ => {}
