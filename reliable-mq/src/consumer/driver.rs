@@ -249,7 +249,9 @@ impl ConsumerRuntime {
                         let this = Arc::clone(self);
                         let conn = Arc::clone(&conn);
                         let Waiting { delivery, acker, claim, hand_back_at, span } = w;
-                        in_flight.spawn(
+                        // Boxed: the task then holds a pointer, not the whole (several kB)
+                        // state machine, which tokio would copy on spawn and on completion.
+                        in_flight.spawn(Box::pin(
                             async move {
                                 let held = Held {
                                     hand_back_at,
@@ -258,7 +260,7 @@ impl ConsumerRuntime {
                                 this.process(delivery, acker, claim, permit, held).await
                             }
                             .instrument(span),
-                        );
+                        ));
                         continue;
                     }
                     next = deliveries.next(), if !full => next,
@@ -316,10 +318,10 @@ impl ConsumerRuntime {
             let claim = self.dedup.is_some().then(|| {
                 let (this, delivery, acker) =
                     (Arc::clone(self), Arc::clone(&delivery), acker.clone());
-                tokio::spawn(
+                tokio::spawn(Box::pin(
                     async move { this.claim(&delivery, &acker, hand_back_at).await }
                         .instrument(span.clone()),
-                )
+                ))
             });
             waiting.push_back(Waiting {
                 delivery,
