@@ -68,6 +68,7 @@ pub struct App {
     dedup: Option<Arc<dyn DedupStore>>,
     shutdown: ShutdownHandle,
     states: StateMap,
+    transport: crate::transport::Transport,
 }
 
 impl std::fmt::Debug for App {
@@ -94,7 +95,18 @@ impl App {
             dedup: None,
             shutdown: ShutdownHandle::new(),
             states: StateMap::default(),
+            transport: crate::transport::Transport::default(),
         }
+    }
+
+    /// Run on the in-memory broker of feature `testing` instead of RabbitMQ.
+    #[cfg(feature = "testing")]
+    pub(crate) fn on_memory_broker(
+        mut self,
+        broker: Arc<crate::transport::memory::MemoryBroker>,
+    ) -> Self {
+        self.transport = crate::transport::Transport::Memory(broker);
+        self
     }
 
     /// Register `state` for handlers that take `State<S>` (each handler call gets a
@@ -223,13 +235,21 @@ impl App {
             }
             None => None,
         };
-        let publisher = Publisher::from_config(&config).await?;
+        let publisher = match &self.transport {
+            crate::transport::Transport::Lapin => Publisher::from_config(&config).await?,
+            #[cfg(feature = "testing")]
+            crate::transport::Transport::Memory(broker) => Publisher::memory(
+                &config,
+                Arc::clone(broker),
+                crate::transport::memory::Origin::Handler,
+            ),
+        };
 
         let key_scope = KeyScope::from_config(&config)?;
-        let connections = Arc::new(crate::connection::ConnectionSet::new(Arc::clone(&config)));
         let mut tasks = JoinSet::new();
         let mut stats = Vec::new();
         let mut runtimes = Vec::new();
+        let connections = Arc::new(crate::connection::ConnectionSet::new(Arc::clone(&config)));
         for (index, consumer) in self.consumers.into_iter().enumerate() {
             let topology = Topology::of(&consumer);
             // One set of counters per consumer, even when two consume one queue: each
@@ -257,25 +277,32 @@ impl App {
                     config.max_reconnect_delay,
                 )),
                 states: Arc::clone(&states),
+                transport: self.transport.clone(),
                 connections: Arc::clone(&connections),
                 connection_slot: index,
             }));
         }
-        // Declare everything up front so a mismatch stops start-up before any consuming,
-        // on the consumers' own connection (no extra one just for this).
-        let conn = connections.get(0).await?;
-        for r in &runtimes {
-            if let Err(e) = r.topology.declare(&conn).await {
-                connections.close().await;
-                return Err(e);
-            }
-        }
-        drop(conn);
+        // Declare everything up front so a mismatch stops start-up before any consuming.
+        declare_all(&self.transport, &connections, &runtimes).await?;
+        // The queues `wait_idle` watches: each work queue and its wait tiers.
+        let runtimes_queues: Vec<String> = runtimes
+            .iter()
+            .flat_map(|r| {
+                std::iter::once(r.topology.queue.clone())
+                    .chain(r.topology.wait_queues().into_iter().map(|(q, _)| q))
+            })
+            .collect();
         for r in runtimes {
             tasks.spawn(r.run());
         }
+        let idle = IdleCheck {
+            config: Arc::clone(&config),
+            transport: self.transport.clone(),
+            queues: runtimes_queues,
+        };
         let running = RunningApp {
             connections,
+            idle,
             tasks,
             stats,
             shutdown: self.shutdown,
@@ -286,6 +313,33 @@ impl App {
         running.wait_attached().await?;
         Ok(running)
     }
+}
+
+/// Declare every consumer's topology on `transport` before any of them consumes.
+// Without feature `testing` the transport can only be lapin.
+#[cfg_attr(not(feature = "testing"), allow(unused_variables))]
+async fn declare_all(
+    transport: &crate::transport::Transport,
+    connections: &crate::connection::ConnectionSet,
+    runtimes: &[Arc<ConsumerRuntime>],
+) -> Result<(), Error> {
+    #[cfg(feature = "testing")]
+    if let crate::transport::Transport::Memory(broker) = transport {
+        for r in runtimes {
+            broker.declare(&r.topology)?;
+        }
+        return Ok(());
+    }
+    // On the consumers' own connection: no extra one just for this.
+    let conn = connections.get(0).await?;
+    for r in runtimes {
+        if let Err(e) = r.topology.declare(&conn).await {
+            drop(conn);
+            connections.close().await;
+            return Err(e);
+        }
+    }
+    Ok(())
 }
 
 async fn dedup_from_config(
@@ -430,6 +484,75 @@ fn sentinel_store(_url: &crate::dedup::SentinelUrl) -> Result<Arc<dyn DedupStore
 }
 
 /// One running consumer's counters.
+/// What `RunningApp::wait_idle` looks at besides the consumers' counters.
+struct IdleCheck {
+    config: Arc<Config>,
+    #[cfg_attr(not(feature = "testing"), allow(dead_code))]
+    transport: crate::transport::Transport,
+    queues: Vec<String>,
+}
+
+/// A connection for counting messages, opened on first use.
+#[derive(Default)]
+struct QueueCounter(Option<Box<lapin::Connection>>);
+
+impl QueueCounter {
+    async fn close(self) {
+        if let Some(conn) = self.0 {
+            let _ = conn.close(200, "idle check done".into()).await;
+        }
+    }
+}
+
+impl IdleCheck {
+    /// Whether every watched queue is empty (a queue that cannot be counted is not).
+    async fn queues_empty(&self, counter: &mut QueueCounter) -> bool {
+        #[cfg(feature = "testing")]
+        if let crate::transport::Transport::Memory(broker) = &self.transport {
+            return self.queues.iter().all(|q| broker.messages(q).is_empty());
+        }
+        if counter.0.is_none() {
+            match crate::connection::open(&self.config, "idle check").await {
+                Ok(conn) => counter.0 = Some(Box::new(conn)),
+                Err(e) => {
+                    warn!(error = %e, "wait_idle cannot count the queues");
+                    return false;
+                }
+            }
+        }
+        let Some(conn) = &counter.0 else {
+            return false;
+        };
+        let Ok(channel) = conn.create_channel().await else {
+            counter.0 = None;
+            return false;
+        };
+        let mut empty = true;
+        for queue in &self.queues {
+            let options = lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..lapin::options::QueueDeclareOptions::default()
+            };
+            match channel
+                .queue_declare(
+                    queue.as_str().into(),
+                    options,
+                    lapin::types::FieldTable::default(),
+                )
+                .await
+            {
+                Ok(q) if q.message_count() == 0 => {}
+                _ => {
+                    empty = false;
+                    break;
+                }
+            }
+        }
+        let _ = channel.close(200, "counted".into()).await;
+        empty
+    }
+}
+
 struct ConsumerEntry {
     name: String,
     queue: String,
@@ -440,6 +563,7 @@ struct ConsumerEntry {
 pub struct RunningApp {
     /// The connections the consumers' channels are on, closed once they have stopped.
     connections: Arc<crate::connection::ConnectionSet>,
+    idle: IdleCheck,
     tasks: JoinSet<Result<(), Error>>,
     stats: Vec<ConsumerEntry>,
     shutdown: ShutdownHandle,
@@ -527,6 +651,35 @@ impl RunningApp {
                 .or_insert(snapshot);
         }
         all
+    }
+
+    /// Wait until the app is quiet: every consumer's queue and retry tier empty and no
+    /// delivery being handled or settled, seen twice in a row (50 ms apart); or until
+    /// `timeout`. Returns whether it got quiet. For batch jobs and integration tests;
+    /// messages published meanwhile keep it busy. A delivery the broker has sent but the
+    /// consumer has not yet taken from its buffer can slip between two looks only if
+    /// both miss it.
+    pub async fn wait_idle(&self, timeout: std::time::Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut quiet_before = false;
+        let mut counter = QueueCounter::default();
+        loop {
+            let handlers_idle = self
+                .stats
+                .iter()
+                .all(|c| c.stats.in_flight.load(std::sync::atomic::Ordering::Relaxed) == 0);
+            let quiet = handlers_idle && self.idle.queues_empty(&mut counter).await;
+            if quiet && quiet_before {
+                counter.close().await;
+                return true;
+            }
+            quiet_before = quiet;
+            if tokio::time::Instant::now() >= deadline {
+                counter.close().await;
+                return false;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
     }
 
     /// The app's confirmed publisher (its own connection, separate from consumers').

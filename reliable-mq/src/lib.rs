@@ -42,7 +42,8 @@
 //! | lapin's types in this API | [`lapin`] (re-exported, so you never match its version by hand) |
 //!
 //! Cargo features: `anyhow` (handlers may return `anyhow::Result<()>`), `redis-cluster`
-//! (a Redis Cluster dedup store), `testing` (`Delivery::for_test`, for unit tests of
+//! (a Redis Cluster dedup store), `testing` (`testing::TestApp`: your consumers on an
+//! in-memory broker running the same pipeline; `Delivery::for_test`, for unit tests of
 //! handlers), `cli` (the `reliable-mq` binary, `dlq list|show|replay|purge`, and its
 //! library module `dlq`).
 //!
@@ -93,7 +94,10 @@ mod retry;
 mod shutdown;
 mod spec;
 mod state;
+#[cfg(feature = "testing")]
+pub mod testing;
 mod topology;
+mod transport;
 
 pub use app::{App, ConsumerHealth, ExportFormat, Health, RunningApp, run, run_with};
 pub use config::Config;

@@ -1,10 +1,9 @@
-//! The supervised life of one consumer: open a session (a channel on the consumers' shared
-//! connection, topology, QoS, subscription), run deliveries through claim -> handler ->
-//! settle with up to `concurrency` in flight, and when anything breaks drop the session's
-//! channel and start over with capped backoff (on a reopened connection if the connection
-//! is what broke). A delivery's acker belongs to its session's channel and is dead once
-//! that channel is closed, so a delivery can only ever be acked on the channel it came
-//! from; the broker redelivers what was not acked and dedup absorbs it.
+//! The supervised life of one consumer: open a session (connection, topology, channel,
+//! QoS, subscription), run deliveries through claim -> handler -> settle with up to
+//! `concurrency` in flight, and when anything breaks drop the whole session and start
+//! over with capped backoff. Each session owns its connection, so a delivery can only ever
+//! be acked on the channel it came from; after a reconnect the broker redelivers what was
+//! not acked and dedup absorbs it.
 //!
 //! When the dedup store stops answering, the consumer pauses *in place*: each delivery
 //! that could not be claimed keeps its slot and stays unacked while the claim is retried
@@ -23,6 +22,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use futures_util::StreamExt;
+use futures_util::future::Either;
 use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use tokio::sync::Semaphore;
@@ -35,12 +35,13 @@ use crate::consumer::claim::{ClaimDecision, claim};
 use crate::consumer::inspect;
 use crate::consumer::invoke::invoke;
 use crate::consumer::settle::{SettleOutcome, Settler};
-use crate::consumer::{ConsumerStats, hand_back_deadline};
+use crate::consumer::{ConsumerStats, InFlight, hand_back_deadline};
 use crate::dedup::{DedupStore, KeyScope};
 use crate::publisher::Publisher;
 use crate::shutdown::ShutdownHandle;
 use crate::spec::ConsumerConfig;
 use crate::topology::Topology;
+use crate::transport::{Acker, Link, RawDelivery, Transport};
 use crate::{Config, Delivery, Error};
 
 /// Resolves when the session's connection or channel is no longer usable.
@@ -53,6 +54,98 @@ async fn link_lost(conn: &lapin::Connection, channel: &lapin::Channel) -> String
             return "channel closed".into();
         }
         tokio::time::sleep(LINK_CHECK_EVERY).await;
+    }
+}
+
+/// The frame limit the in-memory broker reports (RabbitMQ's default).
+#[cfg(feature = "testing")]
+const MEMORY_FRAME_MAX: usize = 131_072;
+
+/// One subscription and what it came with, on either transport (see `crate::transport`).
+// One per session, made once and never moved around: boxing would only add a hop.
+#[allow(clippy::large_enum_variant)]
+enum Session {
+    Lapin {
+        conn: Arc<lapin::Connection>,
+        channel: lapin::Channel,
+        deliveries: lapin::Consumer,
+        tag: String,
+    },
+    #[cfg(feature = "testing")]
+    Memory(crate::transport::memory::Subscription),
+}
+
+impl Session {
+    /// The next delivery; `Err` with the reason when the link broke, `None` when the
+    /// broker cancelled the subscription.
+    async fn next(&mut self) -> Option<Result<RawDelivery, String>> {
+        match self {
+            Self::Lapin { deliveries, .. } => match deliveries.next().await? {
+                Ok(d) => Some(Ok(RawDelivery::from(d))),
+                Err(e) => Some(Err(inspect::stream_error(&e))),
+            },
+            #[cfg(feature = "testing")]
+            Self::Memory(sub) => Some(sub.next().await),
+        }
+    }
+
+    /// Resolves with the reason once the link is no longer usable.
+    async fn lost(&self) -> String {
+        match self {
+            Self::Lapin { conn, channel, .. } => link_lost(conn, channel).await,
+            #[cfg(feature = "testing")]
+            Self::Memory(sub) => sub.lost().await,
+        }
+    }
+
+    /// The reason the link was `lost`, made precise by what the deliveries read ahead say
+    /// (see [`inspect::lost_because`]).
+    async fn lost_because(&mut self, lost: String) -> String {
+        match self {
+            Self::Lapin { deliveries, .. } => inspect::lost_because(deliveries, lost).await,
+            #[cfg(feature = "testing")]
+            Self::Memory(_) => lost,
+        }
+    }
+
+    /// Stop new deliveries (shutdown); those in flight still settle.
+    async fn cancel(&self) {
+        match self {
+            Self::Lapin { channel, tag, .. } => {
+                let _ = channel
+                    .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
+                    .await;
+            }
+            #[cfg(feature = "testing")]
+            Self::Memory(_) => {}
+        }
+    }
+
+    /// Close the channel and connection: every unacked delivery returns to the queue.
+    async fn close(&self) {
+        match self {
+            // Only this consumer's channel: the connection carries the others.
+            Self::Lapin { channel, .. } => {
+                let _ = channel.close(200, "consumer stopping".into()).await;
+            }
+            #[cfg(feature = "testing")]
+            Self::Memory(sub) => sub.close(),
+        }
+    }
+
+    /// The link broke: close what is left of it before reconnecting.
+    async fn drop_connection(&self) {
+        match self {
+            // Only this consumer's channel (closing it returns what it held to the queue);
+            // if the shared connection itself broke, the next session reopens it.
+            Self::Lapin { channel, .. } => {
+                if channel.status().connected() {
+                    let _ = channel.close(200, "consumer restarting".into()).await;
+                }
+            }
+            #[cfg(feature = "testing")]
+            Self::Memory(sub) => sub.close(),
+        }
     }
 }
 
@@ -82,6 +175,9 @@ pub(crate) struct ConsumerRuntime {
     pub(crate) key_scope: KeyScope,
     /// Paces the held settle copies of this consumer (see `Settler::retry_gate`).
     pub(crate) retry_gate: tokio::sync::Mutex<Backoff>,
+    /// RabbitMQ, or the in-memory broker of feature `testing` (only read with it).
+    #[cfg_attr(not(feature = "testing"), allow(dead_code))]
+    pub(crate) transport: Transport,
     /// The connections consumers share, and which one this consumer's channels are on.
     pub(crate) connections: Arc<connection::ConnectionSet>,
     pub(crate) connection_slot: usize,
@@ -130,16 +226,17 @@ struct Held<'a> {
     /// Hand it back to the broker by then (its `consumer_timeout` is near).
     hand_back_at: Instant,
     /// The session's connection (to redeclare the topology on).
-    connection: &'a lapin::Connection,
+    connection: &'a Link,
 }
 
 /// A delivery received and waiting for a slot, its claim under way.
 struct Waiting {
     delivery: Arc<Delivery>,
-    acker: lapin::Acker,
+    acker: Acker,
     claim: Option<tokio::task::JoinHandle<Option<ClaimDecision>>>,
     hand_back_at: Instant,
     span: tracing::Span,
+    busy: InFlight,
 }
 
 /// Why a session ended.
@@ -194,27 +291,16 @@ impl ConsumerRuntime {
     /// this one starts with a window of one delivery (see [`inspect::UnreadableFrames`]).
     async fn session(self: &Arc<Self>, mut narrow: bool) -> Result<SessionEnd, Error> {
         let queue = self.consumer.queue();
-        let conn = self.connections.get(self.connection_slot).await?;
-        self.topology.declare(&conn).await?;
-        let channel = conn
-            .create_channel()
-            .await
-            .map_err(|e| Error::amqp("opening the consumer channel", e))?;
-        let prefetch = if narrow { 1 } else { self.consumer.prefetch() };
-        channel
-            .basic_qos(prefetch, BasicQosOptions::default())
-            .await
-            .map_err(|e| Error::amqp("setting prefetch", e))?;
-        let mut tag = self.consumer_tag();
+        let (mut session, link, frame_max) = self.open_session(narrow).await?;
         let mut narrow_reads = 0u8;
-        let mut deliveries = self.subscribe(&channel, &tag).await?;
         ConsumerStats::bump(&self.stats.sessions);
         self.stats.attached.store(true, Ordering::Relaxed);
+        let prefetch = if narrow { 1 } else { self.consumer.prefetch() };
         info!(%queue, prefetch, concurrency = self.consumer.concurrency(), "consumer attached");
 
         let limits = inspect::Limits {
             max_body_size: self.config.max_body_size,
-            frame_max: usize::try_from(conn.configuration().frame_max()).unwrap_or(usize::MAX),
+            frame_max,
         };
         let slots = Arc::new(Semaphore::new(usize::from(self.consumer.concurrency())));
         let mut in_flight = JoinSet::new();
@@ -231,44 +317,66 @@ impl ConsumerRuntime {
                 tokio::select! {
                     biased;
                     _ = signal.cancelled() => break SessionEnd::Shutdown,
-                    next = deliveries.next() => next,
+                    next = session.next() => next,
                 }
             } else {
                 let full = waiting.len() >= read_ahead;
-                tokio::select! {
-                    biased;
-                    _ = signal.cancelled() => break SessionEnd::Shutdown,
-                    // Slots go out in delivery order: always to the oldest waiting.
-                    permit = Arc::clone(&slots).acquire_owned() => {
+                let got = if full {
+                    tokio::select! {
+                        biased;
+                        _ = signal.cancelled() => break SessionEnd::Shutdown,
+                        // Slots go out in delivery order: always to the oldest waiting.
+                        permit = Arc::clone(&slots).acquire_owned() => Either::Left(permit),
+                        // With the window full the delivery stream is not polled, so watch
+                        // the link directly: a broker restart must not go unnoticed behind
+                        // slow handlers.
+                        reason = session.lost() => {
+                            break SessionEnd::Broken(session.lost_because(reason).await);
+                        }
+                    }
+                } else {
+                    tokio::select! {
+                        biased;
+                        _ = signal.cancelled() => break SessionEnd::Shutdown,
+                        permit = Arc::clone(&slots).acquire_owned() => Either::Left(permit),
+                        next = session.next() => Either::Right(next),
+                    }
+                };
+                match got {
+                    Either::Right(next) => next,
+                    Either::Left(permit) => {
                         let Ok(permit) = permit else {
                             break SessionEnd::Broken("slot semaphore closed".into());
                         };
-                        let Some(w) = waiting.pop_front() else { continue };
+                        let Some(w) = waiting.pop_front() else {
+                            continue;
+                        };
                         // Reap finished tasks so the set does not grow with the session.
                         while in_flight.try_join_next().is_some() {}
                         let this = Arc::clone(self);
-                        let conn = Arc::clone(&conn);
-                        let Waiting { delivery, acker, claim, hand_back_at, span } = w;
+                        let link = Arc::clone(&link);
+                        let Waiting {
+                            delivery,
+                            acker,
+                            claim,
+                            hand_back_at,
+                            span,
+                            busy,
+                        } = w;
                         // Boxed: the task then holds a pointer, not the whole (several kB)
                         // state machine, which tokio would copy on spawn and on completion.
                         in_flight.spawn(Box::pin(
                             async move {
+                                let _busy = busy;
                                 let held = Held {
                                     hand_back_at,
-                                    connection: &conn,
+                                    connection: &link,
                                 };
                                 this.process(delivery, acker, claim, permit, held).await
                             }
                             .instrument(span),
                         ));
                         continue;
-                    }
-                    next = deliveries.next(), if !full => next,
-                    // With the window full the delivery stream is not polled, so watch the
-                    // link directly: a broker restart must not go unnoticed behind slow
-                    // handlers.
-                    reason = link_lost(&conn, &channel), if full => {
-                        break SessionEnd::Broken(inspect::lost_because(&mut deliveries, reason).await);
                     }
                 }
             };
@@ -282,15 +390,14 @@ impl ConsumerRuntime {
                     narrow_reads += 1;
                     if narrow_reads == 2 {
                         narrow = false;
-                        match self.widen(&channel, &mut tag).await {
-                            Ok(stream) => deliveries = stream,
-                            Err(e) => break SessionEnd::Broken(e.to_string()),
+                        if let Err(e) = self.widen(&mut session).await {
+                            break SessionEnd::Broken(e.to_string());
                         }
                     }
                     d
                 }
                 Some(Ok(d)) => d,
-                Some(Err(e)) => break SessionEnd::Broken(inspect::stream_error(&e)),
+                Some(Err(e)) => break SessionEnd::Broken(e),
                 None => {
                     break SessionEnd::Broken(
                         "the broker cancelled the subscription (queue deleted?)".into(),
@@ -298,14 +405,16 @@ impl ConsumerRuntime {
                 }
             };
             let (delivery, acker, span) = self.receive(raw);
+            let busy = InFlight::new(&self.stats);
             if let Some(refusal) = inspect::refuse(&delivery, limits) {
                 // Hostile input: to the DLQ without a slot, a claim or a handler call.
-                let (this, conn) = (Arc::clone(self), Arc::clone(&conn));
+                let (this, link) = (Arc::clone(self), Arc::clone(&link));
                 in_flight.spawn(
                     async move {
+                        let _busy = busy;
                         let held = Held {
                             hand_back_at,
-                            connection: &conn,
+                            connection: &link,
                         };
                         this.refuse(delivery, &acker, refusal, held).await
                     }
@@ -329,6 +438,7 @@ impl ConsumerRuntime {
                 claim,
                 hand_back_at,
                 span,
+                busy,
             });
         };
         // Deliveries that never got a slot stay unacked (the broker gets them back with the
@@ -342,18 +452,11 @@ impl ConsumerRuntime {
             // acks fail harmlessly; dedup absorbs the redeliveries) and reconnect now rather
             // than after the slowest handler.
             in_flight.detach_all();
-            // Only this consumer's channel: the connection carries the others. Closing it
-            // returns what it held to the queue; if the connection itself broke, the next
-            // session reopens it.
-            if channel.status().connected() {
-                let _ = channel.close(200, "consumer restarting".into()).await;
-            }
+            session.drop_connection().await;
             return Ok(end);
         }
         // Stop new deliveries, let in-flight handlers settle on this (still open) channel.
-        let _ = channel
-            .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
-            .await;
+        session.cancel().await;
         let grace = self.config.shutdown_grace;
         let drained = tokio::time::timeout(grace, async {
             while in_flight.join_next().await.is_some() {}
@@ -364,8 +467,50 @@ impl ConsumerRuntime {
             in_flight.abort_all();
         }
         // Closing returns every unacked delivery (prefetched, abandoned) to the queue.
-        let _ = channel.close(200, "consumer stopping".into()).await;
+        session.close().await;
         Ok(end)
+    }
+
+    /// Connect, declare the topology, set the prefetch window and subscribe, on this
+    /// consumer's transport. Also returns the link to redeclare on and the frame limit.
+    async fn open_session(&self, narrow: bool) -> Result<(Session, Arc<Link>, usize), Error> {
+        let prefetch = if narrow { 1 } else { self.consumer.prefetch() };
+        #[cfg(feature = "testing")]
+        if let Transport::Memory(broker) = &self.transport {
+            broker.declare(&self.topology)?;
+            let subscription = broker.subscribe(self.consumer.queue(), prefetch);
+            let link = Arc::new(Link::Memory(Arc::clone(broker)));
+            return Ok((Session::Memory(subscription), link, MEMORY_FRAME_MAX));
+        }
+        let queue = self.consumer.queue();
+        let conn = self.connections.get(self.connection_slot).await?;
+        self.topology.declare(&conn).await?;
+        let channel = conn
+            .create_channel()
+            .await
+            .map_err(|e| Error::amqp("opening the consumer channel", e))?;
+        channel
+            .basic_qos(prefetch, BasicQosOptions::default())
+            .await
+            .map_err(|e| Error::amqp("setting prefetch", e))?;
+        let tag = self.consumer_tag();
+        let (options, args) = self.consume_options();
+        let deliveries = channel
+            .basic_consume(queue.into(), tag.as_str().into(), options, args)
+            .await
+            .map_err(|e| Error::amqp(format!("subscribing to queue '{queue}'"), e))?;
+        let frame_max = usize::try_from(conn.configuration().frame_max()).unwrap_or(usize::MAX);
+        let link = Arc::new(Link::Lapin(Arc::clone(&conn)));
+        Ok((
+            Session::Lapin {
+                conn,
+                channel,
+                deliveries,
+                tag,
+            },
+            link,
+            frame_max,
+        ))
     }
 
     /// Claim `delivery`; while the store does not answer, hold it (unacked, slot kept) and
@@ -375,7 +520,7 @@ impl ConsumerRuntime {
     async fn claim(
         &self,
         delivery: &Delivery,
-        acker: &lapin::Acker,
+        acker: &Acker,
         hand_back_at: Instant,
     ) -> Option<ClaimDecision> {
         let mut backoff: Option<Backoff> = None;
@@ -430,12 +575,9 @@ impl ConsumerRuntime {
     }
 
     /// Take a delivery apart into what the handler sees, its acker and its span.
-    fn receive(
-        &self,
-        raw: lapin::message::Delivery,
-    ) -> (Arc<Delivery>, lapin::Acker, tracing::Span) {
+    fn receive(&self, raw: RawDelivery) -> (Arc<Delivery>, Acker, tracing::Span) {
         ConsumerStats::bump(&self.stats.received);
-        let lapin::message::Delivery {
+        let RawDelivery {
             delivery_tag,
             exchange,
             routing_key,
@@ -447,8 +589,8 @@ impl ConsumerRuntime {
         let delivery = Arc::new(Delivery {
             body: data,
             properties,
-            exchange: exchange.to_string(),
-            routing_key: routing_key.to_string(),
+            exchange,
+            routing_key,
             queue: self.consumer.queue().to_owned(),
             redelivered,
             delivery_tag,
@@ -469,11 +611,20 @@ impl ConsumerRuntime {
     /// Re-subscribe with the full prefetch window (a consumer's prefetch is fixed when it
     /// subscribes). Deliveries already received stay unacked on the channel and settle as
     /// usual.
-    async fn widen(
-        &self,
-        channel: &lapin::Channel,
-        tag: &mut String,
-    ) -> Result<lapin::Consumer, Error> {
+    // Without feature `testing` a session can only be a lapin one.
+    #[cfg_attr(not(feature = "testing"), allow(irrefutable_let_patterns))]
+    async fn widen(&self, session: &mut Session) -> Result<(), Error> {
+        let queue = self.consumer.queue();
+        let Session::Lapin {
+            channel,
+            deliveries,
+            tag,
+            ..
+        } = session
+        else {
+            // The in-memory broker never sends an unreadable frame, so never narrows.
+            return Ok(());
+        };
         channel
             .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
             .await
@@ -485,16 +636,16 @@ impl ConsumerRuntime {
             .basic_qos(self.consumer.prefetch(), BasicQosOptions::default())
             .await
             .map_err(|e| Error::amqp("setting prefetch", e))?;
-        self.subscribe(channel, tag).await
+        let (options, args) = self.consume_options();
+        *deliveries = channel
+            .basic_consume(queue.into(), tag.as_str().into(), options, args)
+            .await
+            .map_err(|e| Error::amqp(format!("subscribing to queue '{queue}'"), e))?;
+        Ok(())
     }
 
-    /// `basic.consume` with the consumer's options: `exclusive`, and `x-priority`.
-    async fn subscribe(
-        &self,
-        channel: &lapin::Channel,
-        tag: &str,
-    ) -> Result<lapin::Consumer, Error> {
-        let queue = self.consumer.queue();
+    /// `basic.consume`'s options and arguments: `exclusive`, and `x-priority`.
+    fn consume_options(&self) -> (BasicConsumeOptions, FieldTable) {
         let options = BasicConsumeOptions {
             exclusive: self.consumer.model.exclusive(),
             ..BasicConsumeOptions::default()
@@ -506,10 +657,7 @@ impl ConsumerRuntime {
                 lapin::types::AMQPValue::LongInt(priority),
             );
         }
-        channel
-            .basic_consume(queue.into(), tag.into(), options, args)
-            .await
-            .map_err(|e| Error::amqp(format!("subscribing to queue '{queue}'"), e))
+        (options, args)
     }
 
     /// A fresh consumer tag, cut to fit an AMQP short string whatever the consumer's name.
@@ -537,7 +685,7 @@ impl ConsumerRuntime {
     async fn refuse(
         &self,
         mut delivery: Arc<Delivery>,
-        acker: &lapin::Acker,
+        acker: &Acker,
         refusal: inspect::Refusal,
         held: Held<'_>,
     ) {
@@ -569,7 +717,7 @@ impl ConsumerRuntime {
     async fn process(
         &self,
         delivery: Arc<Delivery>,
-        acker: lapin::Acker,
+        acker: Acker,
         claim: Option<tokio::task::JoinHandle<Option<ClaimDecision>>>,
         slot: tokio::sync::OwnedSemaphorePermit,
         held: Held<'_>,

@@ -28,6 +28,8 @@ pub struct ConsumerStats {
     pub(crate) paused: AtomicU64,
     pub(crate) held: AtomicU64,
     pub(crate) attached: AtomicBool,
+    /// Deliveries received and not yet settled (or given up on): see [`InFlight`].
+    pub(crate) in_flight: AtomicU64,
     /// Why the consumer cannot settle some deliveries right now, and the copy target that
     /// fails (see [`ConsumerStats::degraded`]).
     degraded: Mutex<Option<Degraded>>,
@@ -121,6 +123,24 @@ impl ConsumerStats {
         if degraded.as_ref().is_some_and(|d| d.target == target) {
             *degraded = None;
         }
+    }
+}
+
+/// One received delivery until its processing ends (settled, held and handed back, or
+/// abandoned with its channel): counted in [`ConsumerStats::in_flight`], for
+/// `RunningApp::wait_idle`.
+pub(crate) struct InFlight(std::sync::Arc<ConsumerStats>);
+
+impl InFlight {
+    pub(crate) fn new(stats: &std::sync::Arc<ConsumerStats>) -> Self {
+        stats.in_flight.fetch_add(1, Ordering::Relaxed);
+        Self(std::sync::Arc::clone(stats))
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

@@ -13,9 +13,8 @@
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use lapin::options::{BasicAckOptions, BasicNackOptions};
+use lapin::BasicProperties;
 use lapin::types::FieldTable;
-use lapin::{Acker, BasicProperties};
 use tokio::time::Instant;
 use tracing::{debug, error, info, warn};
 
@@ -25,6 +24,7 @@ use crate::failure::{self, FailureKind, header};
 use crate::publisher::{PublishError, Publisher};
 use crate::shutdown::ShutdownHandle;
 use crate::topology::Topology;
+use crate::transport::{Acker, Link};
 use crate::{Delivery, HandlerError};
 
 /// How long to wait before putting a message back that cannot be settled at all, so it
@@ -69,7 +69,7 @@ pub(crate) struct Settler<'a> {
     pub(crate) stats: &'a ConsumerStats,
     /// The session's connection, to redeclare the topology on before a held copy tries
     /// again (a deleted tier, DLX or binding comes back).
-    pub(crate) connection: &'a lapin::Connection,
+    pub(crate) connection: &'a Link,
     /// Taken by a held copy for its next try: one at a time per consumer, with a delay
     /// that grows across tries until one succeeds (then it starts over).
     pub(crate) retry_gate: &'a tokio::sync::Mutex<Backoff>,
@@ -235,7 +235,7 @@ impl Settler<'_> {
                 }
             };
             // A deleted tier, DLX or binding comes back with the topology.
-            if let Err(e) = self.topology.declare(self.connection).await {
+            if let Err(e) = self.connection.declare(self.topology).await {
                 debug!(error = %e, "cannot redeclare the topology before trying the copy again");
             }
             result = publish().await;
@@ -394,7 +394,7 @@ fn keep_origin(headers: &mut FieldTable, delivery: &Delivery) {
 }
 
 pub(crate) async fn ack(acker: &Acker) {
-    match acker.ack(BasicAckOptions::default()).await {
+    match acker.ack().await {
         Ok(true) => {}
         // The channel is gone: the broker redelivers the message (dedup absorbs it).
         Ok(false) => debug!("ack not sent: the channel is gone; the broker will redeliver"),
@@ -406,11 +406,7 @@ pub(crate) async fn put_back(acker: &Acker, delay: Duration) {
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;
     }
-    let options = BasicNackOptions {
-        requeue: true,
-        ..BasicNackOptions::default()
-    };
-    if let Err(e) = acker.nack(options).await {
+    if let Err(e) = acker.nack(true).await {
         warn!(error = %e, "nack failed; the broker will redeliver when the channel closes");
     }
 }
