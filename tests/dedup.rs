@@ -308,6 +308,73 @@ async fn redis_concurrent_claims_of_one_key_have_exactly_one_winner() {
     redis.delete_prefix(&prefix).await;
 }
 
+/// Claims and done marks sent together go to Redis in batches; each key still gets the
+/// answer the one-key script gives: of two claims per key one wins, the done marks turn
+/// every winner's claim into `done`, a mark with a stranger's token is refused, and later
+/// claims find `done`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_claims_and_done_marks_sent_together_keep_their_answers() {
+    let s = Arc::new(store());
+    let redis = Inspector::new();
+    let prefix = unique("rmq-test:batch");
+    let scope = dedup::KeyScope::new(&prefix, "/");
+    let keys: Vec<String> = (0..100)
+        .map(|i| scope.key("q", &format!("m-{i}")))
+        .collect();
+    let mut tasks = tokio::task::JoinSet::new();
+    for (i, k) in keys.iter().enumerate() {
+        for copy in 0..2 {
+            let (s, k) = (Arc::clone(&s), k.clone());
+            tasks.spawn(async move {
+                let token = format!("t{i}-{copy}");
+                let claim = s.claim(&k, &token, LEASE).await.expect("claim");
+                (k, token, claim)
+            });
+        }
+    }
+    let mut winners = HashMap::new();
+    let mut held = 0;
+    while let Some(r) = tasks.join_next().await {
+        let (k, token, claim) = r.expect("task");
+        match claim {
+            dedup::Claim::Acquired => {
+                assert!(winners.insert(k, token).is_none(), "one winner per key");
+            }
+            dedup::Claim::Held => held += 1,
+            dedup::Claim::Done => panic!("nothing is done yet"),
+        }
+    }
+    assert_eq!((winners.len(), held), (100, 100));
+
+    let mut marks = tokio::task::JoinSet::new();
+    for (k, token) in &winners {
+        let (store, key, token) = (Arc::clone(&s), k.clone(), token.clone());
+        marks.spawn(async move { store.complete(&key, &token, TTL).await.expect("complete") });
+        // A stranger's mark on the same key, sent together: refused whatever the order
+        // (a held claim of another token, or already done).
+        let (store, key) = (Arc::clone(&s), k.clone());
+        marks.spawn(async move {
+            !store
+                .complete(&key, "stranger", TTL)
+                .await
+                .expect("complete")
+        });
+    }
+    while let Some(r) = marks.join_next().await {
+        assert!(
+            r.expect("task"),
+            "the winner's mark is written, the stranger's refused"
+        );
+    }
+    for k in &keys {
+        assert_eq!(
+            s.claim(k, "late", LEASE).await.expect("claim"),
+            dedup::Claim::Done
+        );
+    }
+    redis.delete_prefix(&prefix).await;
+}
+
 // ---------------------------------------------------------------------------------------
 // Whole idempotent consumers.
 // ---------------------------------------------------------------------------------------

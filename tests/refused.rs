@@ -378,7 +378,10 @@ async fn two_consumers_of_one_queue_have_a_health_each() {
     let q = unique("health-two");
     let dlx = format!("{q}.dlx");
     let _cleanup = Cleanup::consumer(&q, &[], &[]);
-    let config = test_config(&q).with_connection_name(format!("test-{q}"));
+    // A connection each (consumers share connections by default), so one's can be cut.
+    let config = test_config(&q)
+        .with_connection_name(format!("test-{q}"))
+        .with_consumer_connections(2);
     let consumer = |name: &str| {
         ConsumerConfig::new(
             &q,
@@ -405,7 +408,7 @@ async fn two_consumers_of_one_queue_have_a_health_each() {
     );
 
     // One consumer's connection dies; the other's health must not move meanwhile.
-    let name = format!("(consumer {q} as bounced)");
+    let name = format!("test-{q} (consumers 2/2)");
     let closed = tokio::task::spawn_blocking(move || close_connections_named(&name))
         .await
         .expect("rabbitmqctl");

@@ -26,6 +26,13 @@ modes:
   rss       peak RSS of a consumer process (slow handler, prefetch 100) with a shallow
             and a deep backlog
   all       every mode above, one after the other
+  many      --n consumers (default 200), a queue each: connections, start-up time, RSS,
+            broker connection memory, time to resume after the broker closes them
+  prefill / drain / cleanup
+            for instruction counts (valgrind --tool=callgrind): prefill --queue Q
+            --variant raw|plain|dedup --n N declares and fills; drain (same options,
+            --handlers C, default 1) drains N messages and exits; cleanup deletes Q's
+            topology and its dedup keys
 options:
   --n N              messages per repetition (publish: 20000, consume: 50000)
   --reps R           repetitions; the table shows medians (publish: 5, consume: 3)
@@ -58,6 +65,12 @@ pub struct Args {
     pub rss_seconds: usize,
     pub amqp_url: String,
     pub redis_url: String,
+    /// `prefill`, `drain`, `cleanup`: the queue.
+    pub queue: Option<String>,
+    /// `prefill`, `drain`, `cleanup`: `raw`, `plain` or `dedup`.
+    pub variant: Option<String>,
+    /// `drain`: handlers in flight (default 1).
+    pub handlers: Option<u16>,
 }
 
 impl Args {
@@ -80,9 +93,23 @@ impl Args {
                 .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned()),
             redis_url: std::env::var("REDIS_URL")
                 .unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned()),
+            queue: None,
+            variant: None,
+            handlers: None,
         };
         while let Some(flag) = args.next() {
             let value = args.next().ok_or_else(|| format!("{flag} needs a value"))?;
+            match flag.as_str() {
+                "--queue" => {
+                    parsed.queue = Some(value);
+                    continue;
+                }
+                "--variant" => {
+                    parsed.variant = Some(value);
+                    continue;
+                }
+                _ => {}
+            }
             let number: usize = value
                 .parse()
                 .map_err(|_| format!("{flag} {value:?} is not a number"))?;
@@ -101,6 +128,10 @@ impl Args {
                 "--depth-small" => parsed.depth_small = number,
                 "--depth-large" => parsed.depth_large = number,
                 "--rss-seconds" => parsed.rss_seconds = number,
+                "--handlers" => {
+                    parsed.handlers =
+                        Some(u16::try_from(number).map_err(|_| "--handlers is at most 65535")?)
+                }
                 _ => return Err(format!("unknown option {flag}")),
             }
         }

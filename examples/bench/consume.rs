@@ -173,6 +173,28 @@ pub async fn run(args: &Args) -> Result<(), String> {
             median(r) / floor
         );
     }
+    println!("\nidempotent / plain at the same prefetch and concurrency (median / median):");
+    for (i, v) in VARIANTS.iter().enumerate() {
+        let Variant::Ours {
+            concurrency,
+            idempotent: true,
+        } = *v
+        else {
+            continue;
+        };
+        let plain = VARIANTS.iter().position(|p| {
+            *p == Variant::Ours {
+                concurrency,
+                idempotent: false,
+            }
+        });
+        if let Some(p) = plain {
+            println!(
+                "  concurrency {concurrency:<3} {:.2}x   (target >= 0.85x)",
+                median(&runs[i]) / median(&runs[p])
+            );
+        }
+    }
     Ok(())
 }
 
@@ -364,4 +386,65 @@ async fn delete_dedup_keys(url: &str, prefix: &str) {
         cursor = next;
     }
     println!("  deleted {deleted} dedup keys {prefix}:*");
+}
+
+// ---- single drains, for instruction counts under callgrind ----
+//
+// `prefill` declares a variant's queue and fills it; `drain` (the process callgrind
+// watches) drains N messages and exits; `cleanup` deletes the queue and the dedup keys.
+// Instructions per message = (count at N2 - count at N1) / (N2 - N1): start-up, connecting
+// and shutdown cancel out.
+
+fn single_variant(args: &Args) -> Result<(String, Variant), String> {
+    let queue = args.queue.clone().ok_or("--queue is needed")?;
+    let concurrency = args.handlers.unwrap_or(1);
+    let variant = match args.variant.as_deref() {
+        Some("raw") => Variant::RawLapin,
+        Some("plain") => Variant::Ours {
+            concurrency,
+            idempotent: false,
+        },
+        Some("dedup") => Variant::Ours {
+            concurrency,
+            idempotent: true,
+        },
+        other => return Err(format!("--variant raw|plain|dedup, not {other:?}")),
+    };
+    Ok((queue, variant))
+}
+
+/// The dedup prefix of single drains of `queue`.
+fn single_prefix(queue: &str) -> String {
+    format!("bench-drain:{queue}")
+}
+
+pub async fn prefill(args: &Args) -> Result<(), String> {
+    let (queue, variant) = single_variant(args)?;
+    let n = args.n_or(10_000);
+    let raw = Raw::connect(&args.amqp_url).await?;
+    raw.declare_consumer_topology(&consumer_config(&queue, variant, Done::new(0)))
+        .await?;
+    let filled = raw.fill(&queue, 0, n, args.size).await;
+    let _ = raw.connection.close(200, "filled".into()).await;
+    filled?;
+    println!("filled {queue} with {n}");
+    Ok(())
+}
+
+pub async fn drain_only(args: &Args) -> Result<(), String> {
+    let (queue, variant) = single_variant(args)?;
+    let n = args.n_or(10_000);
+    let elapsed = drain(args, &single_prefix(&queue), &queue, variant, n).await?;
+    println!("drained {n} from {queue} in {:.3}s", elapsed.as_secs_f64());
+    Ok(())
+}
+
+pub async fn cleanup(args: &Args) -> Result<(), String> {
+    let (queue, variant) = single_variant(args)?;
+    let raw = Raw::connect(&args.amqp_url).await?;
+    raw.delete_consumer_topology(&consumer_config(&queue, variant, Done::new(0)))
+        .await;
+    let _ = raw.connection.close(200, "cleaned up".into()).await;
+    delete_dedup_keys(&args.redis_url, &single_prefix(&queue)).await;
+    Ok(())
 }

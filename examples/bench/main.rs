@@ -18,6 +18,7 @@
 mod common;
 mod consume;
 mod latency;
+mod many;
 mod publish;
 mod rss;
 
@@ -41,8 +42,12 @@ async fn main() {
         "publish-cancelled" => publish::run_cancelled(&args).await,
         "consume" => consume::run(&args).await,
         "latency" => latency::run(&args).await,
+        "many" => many::run(&args).await,
         "rss" => rss::run(&args).await,
         "rss-child" => rss::run_child(&args).await,
+        "prefill" => consume::prefill(&args).await,
+        "drain" => consume::drain_only(&args).await,
+        "cleanup" => consume::cleanup(&args).await,
         "all" => all(&args).await,
         other => Err(format!("unknown mode {other:?}\n\n{}", common::USAGE)),
     };

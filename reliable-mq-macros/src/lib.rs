@@ -81,6 +81,9 @@ use proc_macro::TokenStream;
 /// | `timeout` | deadline of one handler call; past it the call is cancelled and retried | `"30s"` |
 /// | `idempotent` | flag, no value: skip messages whose `message_id` was handled | off |
 /// | `dedup_ttl` | how long handled ids are remembered (needs `idempotent`) | `"24h"` |
+/// | `single_active_consumer` | flag: declare the queue with `x-single-active-consumer`; one consumer of all instances gets its messages, in order (needs `concurrency` 1) | off |
+/// | `priority` | consumer priority, the `x-priority` argument of `basic.consume` (0..=2147483647) | broker default 0 |
+/// | `exclusive` | flag: exclusive subscription; not on quorum queues | off |
 /// | `crate` | the path the runtime is imported as, for a renamed dependency | `"::reliable_mq"` |
 ///
 /// Durations are strings of one integer and a unit: `"500ms"`, `"30s"`, `"5m"`, `"2h"`,
@@ -98,7 +101,8 @@ use proc_macro::TokenStream;
 /// all of them in one build: unknown or duplicate keys, values of the wrong type, missing
 /// `queue` or `dlx`, a `dlx` equal to `exchange` or a `dlq` equal to `queue` (dead letters
 /// would loop), a `routing_key` that would be ignored, `concurrency` above `prefetch`,
-/// `delivery_limit` on a classic queue, `dedup_ttl` without `idempotent`, a function that
+/// `delivery_limit` on a classic queue, `dedup_ttl` without `idempotent`, `exclusive` on a
+/// quorum queue, `single_active_consumer` with `concurrency` above 1, a function that
 /// is not `async`, is generic, takes `self` or a parameter that is neither `&Delivery` nor
 /// `State<S>`, returns something other than `Result<(), E>`, whose payload type is not
 /// `Deserialize`, or whose state type is not `Clone + Send + Sync + 'static`.

@@ -257,7 +257,8 @@ impl App {
         let mut tasks = JoinSet::new();
         let mut stats = Vec::new();
         let mut runtimes = Vec::new();
-        for consumer in self.consumers {
+        let connections = Arc::new(crate::connection::ConnectionSet::new(Arc::clone(&config)));
+        for (index, consumer) in self.consumers.into_iter().enumerate() {
             let topology = Topology::of(&consumer);
             // One set of counters per consumer, even when two consume one queue: each
             // has its own session, so its own `attached` and health.
@@ -285,10 +286,12 @@ impl App {
                 )),
                 states: Arc::clone(&states),
                 transport: self.transport.clone(),
+                connections: Arc::clone(&connections),
+                connection_slot: index,
             }));
         }
         // Declare everything up front so a mismatch stops start-up before any consuming.
-        declare_all(&self.transport, &config, &runtimes).await?;
+        declare_all(&self.transport, &connections, &runtimes).await?;
         // The queues `wait_idle` watches: each work queue and its wait tiers.
         let runtimes_queues: Vec<String> = runtimes
             .iter()
@@ -306,6 +309,7 @@ impl App {
             queues: runtimes_queues,
         };
         let running = RunningApp {
+            connections,
             idle,
             tasks,
             stats,
@@ -324,7 +328,7 @@ impl App {
 #[cfg_attr(not(feature = "testing"), allow(unused_variables))]
 async fn declare_all(
     transport: &crate::transport::Transport,
-    config: &Config,
+    connections: &crate::connection::ConnectionSet,
     runtimes: &[Arc<ConsumerRuntime>],
 ) -> Result<(), Error> {
     #[cfg(feature = "testing")]
@@ -334,14 +338,15 @@ async fn declare_all(
         }
         return Ok(());
     }
-    let conn = crate::connection::open(config, "topology").await?;
+    // On the consumers' own connection: no extra one just for this.
+    let conn = connections.get(0).await?;
     for r in runtimes {
         if let Err(e) = r.topology.declare(&conn).await {
-            let _ = conn.close(200, "topology check failed".into()).await;
+            drop(conn);
+            connections.close().await;
             return Err(e);
         }
     }
-    let _ = conn.close(200, "topology declared".into()).await;
     Ok(())
 }
 
@@ -565,6 +570,8 @@ struct ConsumerEntry {
 
 /// A started app: consumers attached and running in the background.
 pub struct RunningApp {
+    /// The connections the consumers' channels are on, closed once they have stopped.
+    connections: Arc<crate::connection::ConnectionSet>,
     idle: IdleCheck,
     tasks: JoinSet<Result<(), Error>>,
     stats: Vec<ConsumerEntry>,
@@ -805,6 +812,7 @@ impl RunningApp {
                 first_error = Err(e);
             }
         }
+        self.connections.close().await;
         self.publisher.close().await;
         info!("all consumers stopped");
         first_error

@@ -11,6 +11,7 @@
 //! | `RELIABLE_MQ_DEDUP_PREFIX` | namespace of dedup keys in Redis | `reliable-mq` |
 //! | `RELIABLE_MQ_DEDUP_NAMESPACE` | extra dedup key scope (an environment's name), after the prefix | unset |
 //! | `RELIABLE_MQ_CONSUMER_TIMEOUT` | the broker's `consumer_timeout`: how long it lets a delivery stay unacked | `30m` |
+//! | `RELIABLE_MQ_CONSUMER_CONNECTIONS` | connections the consumers' channels are spread over (publishing has its own) | `1` |
 //!
 //! # TLS
 //!
@@ -79,6 +80,10 @@ pub struct Config {
     /// unacked longer makes the broker close the channel. A delivery held back by the
     /// consumer (dedup store down, a settle copy refused) is handed back before then.
     pub consumer_timeout: Duration,
+    /// How many connections the consumers share: each consumer gets a channel of its own
+    /// on one of them (consumer `i` on connection `i % n`); publishing has its own
+    /// connection. RabbitMQ allows 2047 channels per connection by default.
+    pub consumer_connections: usize,
 }
 
 impl std::fmt::Debug for Config {
@@ -99,6 +104,7 @@ impl std::fmt::Debug for Config {
             connection_name,
             dedup_namespace,
             consumer_timeout,
+            consumer_connections,
         } = self;
         f.debug_struct("Config")
             .field("amqp_url", &self.redacted_amqp_url())
@@ -115,6 +121,7 @@ impl std::fmt::Debug for Config {
             .field("connection_name", connection_name)
             .field("dedup_namespace", dedup_namespace)
             .field("consumer_timeout", consumer_timeout)
+            .field("consumer_connections", consumer_connections)
             .finish()
     }
 }
@@ -143,6 +150,7 @@ impl Default for Config {
                 .unwrap_or_else(|| "reliable-mq".to_owned()),
             dedup_namespace: None,
             consumer_timeout: Duration::from_secs(30 * 60),
+            consumer_connections: 1,
         }
     }
 }
@@ -190,6 +198,17 @@ impl Config {
         c.dedup_namespace = env("RELIABLE_MQ_DEDUP_NAMESPACE");
         if let Some(v) = env("RELIABLE_MQ_CONSUMER_TIMEOUT") {
             c.consumer_timeout = parse_env_duration("RELIABLE_MQ_CONSUMER_TIMEOUT", &v)?;
+        }
+        if let Some(v) = env("RELIABLE_MQ_CONSUMER_CONNECTIONS") {
+            c.consumer_connections = match v.trim().parse::<usize>() {
+                Ok(n) if n >= 1 => n,
+                _ => {
+                    return Err(Error::Config(format!(
+                        "RELIABLE_MQ_CONSUMER_CONNECTIONS={v:?} is not a whole number of at \
+                         least 1 (the connections consumers share; default 1)"
+                    )));
+                }
+            };
         }
         Ok(c)
     }
@@ -257,6 +276,12 @@ impl Config {
     /// Set the broker's `consumer_timeout`, as configured on the broker.
     pub fn with_consumer_timeout(mut self, timeout: Duration) -> Self {
         self.consumer_timeout = timeout;
+        self
+    }
+
+    /// Spread the consumers' channels over `n` connections (at least 1).
+    pub fn with_consumer_connections(mut self, n: usize) -> Self {
+        self.consumer_connections = n.max(1);
         self
     }
 

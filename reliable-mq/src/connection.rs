@@ -7,9 +7,10 @@
 //! `cacertfile` to the system roots instead of trusting only it, and cannot send a
 //! `server_name_indication` other than the host it dials.
 //!
-//! We do not use lapin's auto-recovery: each consumer and the publisher own their
-//! connection lifecycle (connect, declare, consume; on any error drop everything and start
-//! over), so a delivery tag can never outlive the channel it belongs to.
+//! We do not use lapin's auto-recovery: each consumer owns its channel's lifecycle (declare,
+//! consume; on any error drop the channel and start over, reopening the shared connection
+//! if that is what broke: [`ConnectionSet`]) and the publisher its connection, so a
+//! delivery tag can never outlive the channel it belongs to.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -441,6 +442,62 @@ impl Backoff {
     pub(crate) fn reset(&mut self) {
         use backon::BackoffBuilder as _;
         self.delays = self.builder.build();
+    }
+}
+
+/// The connections consumers share: each slot holds a connection opened on first use and
+/// reopened by the first consumer that finds it broken. A consumer's session is a channel
+/// on its slot's connection, so a channel-level error ends that session alone; a lost
+/// connection ends the sessions of every consumer on it, and each starts a new one on the
+/// reopened connection. Deliveries of a closed channel cannot be acked on its successor:
+/// each lapin channel poisons its own ackers when it closes (a generation per channel),
+/// and the broker redelivers what they held.
+pub(crate) struct ConnectionSet {
+    config: std::sync::Arc<Config>,
+    slots: Vec<tokio::sync::Mutex<Option<std::sync::Arc<Connection>>>>,
+}
+
+impl ConnectionSet {
+    /// `config.consumer_connections` slots, none open yet.
+    pub(crate) fn new(config: std::sync::Arc<Config>) -> Self {
+        let slots = (0..config.consumer_connections.max(1))
+            .map(|_| tokio::sync::Mutex::new(None))
+            .collect();
+        Self { config, slots }
+    }
+
+    /// The open connection of the slot for consumer `index`, opening it if it is not.
+    pub(crate) async fn get(&self, index: usize) -> Result<std::sync::Arc<Connection>, Error> {
+        let n = self.slots.len();
+        let slot = index % n;
+        // Consumers that find the connection broken at once wait here for the first
+        // one's reconnect instead of opening one each.
+        let mut guard = self.slots[slot].lock().await;
+        if let Some(conn) = guard.as_ref()
+            && conn.status().connected()
+        {
+            return Ok(std::sync::Arc::clone(conn));
+        }
+        let role = if n == 1 {
+            "consumers".to_owned()
+        } else {
+            format!("consumers {}/{n}", slot + 1)
+        };
+        let conn = std::sync::Arc::new(open(&self.config, &role).await?);
+        *guard = Some(std::sync::Arc::clone(&conn));
+        Ok(conn)
+    }
+
+    /// Close every open connection (at shutdown, once the consumers have stopped).
+    pub(crate) async fn close(&self) {
+        for slot in &self.slots {
+            let conn = slot.lock().await.take();
+            if let Some(conn) = conn
+                && conn.status().connected()
+            {
+                let _ = conn.close(200, "consumers stopping".into()).await;
+            }
+        }
     }
 }
 

@@ -302,6 +302,30 @@ impl ConsumerConfig {
         self
     }
 
+    /// Declare the queue with `x-single-active-consumer`: of all the consumers of the
+    /// queue (every instance of the service), one gets its messages, in order, and the
+    /// others stand by to take over. Needs `concurrency` 1.
+    pub fn with_single_active_consumer(mut self) -> Self {
+        self.model.single_active_consumer = true;
+        self
+    }
+
+    /// Subscribe with the `x-priority` consumer argument: the broker delivers to the
+    /// consumers of the highest priority that have room in their prefetch window first
+    /// (default 0).
+    pub fn with_priority(mut self, priority: u32) -> Self {
+        self.model.priority = Some(u64::from(priority));
+        self
+    }
+
+    /// Subscribe as the queue's only consumer (`basic.consume` with `exclusive`): other
+    /// subscriptions are refused while this one lasts, and keep retrying. Classic queues
+    /// only; on a quorum queue use [`ConsumerConfig::with_single_active_consumer`].
+    pub fn exclusive(mut self) -> Self {
+        self.model.exclusive = true;
+        self
+    }
+
     /// The consumer's name, for logs and errors.
     pub fn name(&self) -> &str {
         &self.name

@@ -35,6 +35,8 @@ pub struct Topology {
     pub ladder: RetryLadder,
     /// The tier a message goes to when another instance holds its dedup claim.
     pub requeue_tier: Option<(String, std::time::Duration)>,
+    /// `x-single-active-consumer` on the work queue.
+    pub single_active_consumer: bool,
 }
 
 impl Topology {
@@ -52,6 +54,7 @@ impl Topology {
             delivery_limit: m.effective_delivery_limit(),
             ladder: m.ladder(),
             requeue_tier: m.requeue_tier(),
+            single_active_consumer: m.single_active_consumer(),
         }
     }
 
@@ -151,6 +154,11 @@ impl Topology {
         // Broker-side dead-lettering (delivery limit, a manual reject) lands in our DLQ too.
         put_str(&mut args, "x-dead-letter-routing-key", &self.queue);
         self.at_least_once(&mut args);
+        // Only when asked for: writing `false` would make every queue declared before this
+        // key existed a mismatch.
+        if self.single_active_consumer {
+            args.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
+        }
         if let Some(limit) = self.delivery_limit {
             args.insert(
                 "x-delivery-limit".into(),

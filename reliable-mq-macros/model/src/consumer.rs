@@ -44,6 +44,12 @@ pub enum Key {
     Idempotent,
     /// `dedup_ttl`
     DedupTtl,
+    /// `single_active_consumer`
+    SingleActiveConsumer,
+    /// `priority`
+    Priority,
+    /// `exclusive`
+    Exclusive,
 }
 
 /// What a key's value is read as.
@@ -58,7 +64,7 @@ enum Shape {
 
 impl Key {
     /// Every key, in the order the docs list them.
-    pub const ALL: [Key; 16] = [
+    pub const ALL: [Key; 19] = [
         Key::Queue,
         Key::Exchange,
         Key::ExchangeType,
@@ -75,6 +81,9 @@ impl Key {
         Key::Timeout,
         Key::Idempotent,
         Key::DedupTtl,
+        Key::SingleActiveConsumer,
+        Key::Priority,
+        Key::Exclusive,
     ];
 
     /// The key as written in the attribute.
@@ -96,6 +105,9 @@ impl Key {
             Key::Timeout => "timeout",
             Key::Idempotent => "idempotent",
             Key::DedupTtl => "dedup_ttl",
+            Key::SingleActiveConsumer => "single_active_consumer",
+            Key::Priority => "priority",
+            Key::Exclusive => "exclusive",
         }
     }
 
@@ -118,6 +130,9 @@ impl Key {
             Key::Timeout => r#"timeout = "30s""#,
             Key::Idempotent => "idempotent",
             Key::DedupTtl => r#"dedup_ttl = "24h""#,
+            Key::SingleActiveConsumer => "single_active_consumer",
+            Key::Priority => "priority = 10",
+            Key::Exclusive => "exclusive",
         }
     }
 
@@ -155,6 +170,11 @@ impl Key {
             ("backoff", Key::RetryBackoff),
             ("dedup", Key::Idempotent),
             ("deduplicate", Key::Idempotent),
+            ("x_single_active_consumer", Key::SingleActiveConsumer),
+            ("sac", Key::SingleActiveConsumer),
+            ("x_priority", Key::Priority),
+            ("consumer_priority", Key::Priority),
+            ("exclusive_consumer", Key::Exclusive),
         ];
         let lower = name.to_lowercase();
         if let Some((_, key)) = ALIASES.iter().find(|(alias, _)| *alias == lower) {
@@ -168,11 +188,13 @@ impl Key {
         match self {
             Key::Queue | Key::Exchange | Key::RoutingKey | Key::Dlx | Key::Dlq => Shape::Name,
             Key::ExchangeType | Key::QueueType | Key::RetryBackoff => Shape::Choice,
-            Key::DeliveryLimit | Key::Prefetch | Key::Concurrency | Key::MaxRetries => {
-                Shape::Integer
-            }
+            Key::DeliveryLimit
+            | Key::Prefetch
+            | Key::Concurrency
+            | Key::MaxRetries
+            | Key::Priority => Shape::Integer,
             Key::RetryDelay | Key::Timeout | Key::DedupTtl => Shape::Duration,
-            Key::Idempotent => Shape::Flag,
+            Key::Idempotent | Key::SingleActiveConsumer | Key::Exclusive => Shape::Flag,
         }
     }
 }
@@ -282,6 +304,14 @@ pub struct ConsumerModel {
     pub idempotent: bool,
     /// How long a handled `message_id` is remembered.
     pub dedup_ttl: Option<Duration>,
+    /// Declare the queue with `x-single-active-consumer`: one consumer at a time gets its
+    /// messages, the others stand by.
+    pub single_active_consumer: bool,
+    /// The `x-priority` consumer argument: the broker delivers to the highest-priority
+    /// consumers with room first.
+    pub priority: Option<u64>,
+    /// Subscribe as the queue's only consumer (`basic.consume` with `exclusive`).
+    pub exclusive: bool,
     /// Keys that were written with a value that could not be read (already reported):
     /// rules about them stay quiet rather than add noise.
     pub unreadable: Vec<Key>,
@@ -308,18 +338,26 @@ impl ConsumerModel {
         let shape = key.shape();
         match value {
             Value::Flag if shape == Shape::Flag => {
-                self.idempotent = true;
+                match key {
+                    Key::SingleActiveConsumer => self.single_active_consumer = true,
+                    Key::Exclusive => self.exclusive = true,
+                    _ => self.idempotent = true,
+                }
                 return Ok(());
             }
             _ if shape == Shape::Flag => {
-                let message = match value {
-                    Value::Other { text: "false", .. } => {
-                        "`idempotent` is a flag and takes no value: remove it to turn \
-                         deduplication off"
-                    }
-                    _ => "`idempotent` is a flag and takes no value: write just `idempotent`",
+                let what = match key {
+                    Key::SingleActiveConsumer => "single active consumer",
+                    Key::Exclusive => "the exclusive subscription",
+                    _ => "deduplication",
                 };
-                return Err(problem(Site::Entry, message.to_owned()));
+                let message = match value {
+                    Value::Other { text: "false", .. } => format!(
+                        "`{name}` is a flag and takes no value: remove it to turn {what} off"
+                    ),
+                    _ => format!("`{name}` is a flag and takes no value: write just `{name}`"),
+                };
+                return Err(problem(Site::Entry, message));
             }
             Value::Flag => {
                 return Err(problem(
@@ -451,6 +489,7 @@ impl ConsumerModel {
                     Key::DeliveryLimit => self.delivery_limit = Some(n),
                     Key::Prefetch => self.prefetch = Some(n),
                     Key::Concurrency => self.concurrency = Some(n),
+                    Key::Priority => self.priority = Some(n),
                     _ => self.max_retries = Some(n),
                 }
             }
@@ -528,6 +567,9 @@ impl ConsumerModel {
                 Key::Timeout => self.timeout.is_some(),
                 Key::Idempotent => self.idempotent,
                 Key::DedupTtl => self.dedup_ttl.is_some(),
+                Key::SingleActiveConsumer => self.single_active_consumer,
+                Key::Priority => self.priority.is_some(),
+                Key::Exclusive => self.exclusive,
             }
     }
 
@@ -623,6 +665,21 @@ impl ConsumerModel {
         self.dedup_ttl.unwrap_or(defaults::DEDUP_TTL)
     }
 
+    /// Whether the queue is declared with `x-single-active-consumer`.
+    pub fn single_active_consumer(&self) -> bool {
+        self.single_active_consumer
+    }
+
+    /// The `x-priority` consumer argument, if one was set.
+    pub fn priority(&self) -> Option<i32> {
+        self.priority.map(|p| i32::try_from(p).unwrap_or(i32::MAX))
+    }
+
+    /// Whether the subscription is exclusive.
+    pub fn exclusive(&self) -> bool {
+        self.exclusive
+    }
+
     /// The retry ladder.
     pub fn ladder(&self) -> RetryLadder {
         RetryLadder::new(
@@ -702,6 +759,9 @@ impl Rules<'_> {
         self.check_prefetch_range();
         self.check_concurrency_range();
         self.check_max_retries_range();
+        self.check_priority_range();
+        self.check_exclusive_not_quorum();
+        self.check_single_active_consumer_one_at_a_time();
         self.check_durations_positive();
         self.check_timeout_below_consumer_timeout(consumer_timeout);
         self.check_derived_names();
@@ -1012,6 +1072,59 @@ impl Rules<'_> {
         }
     }
 
+    /// The broker reads `x-priority` as a signed 32-bit integer.
+    fn check_priority_range(&mut self) {
+        if let Some(priority) = self.m.priority
+            && i32::try_from(priority).is_err()
+        {
+            self.report(
+                Key::Priority,
+                Site::Value,
+                format!("`priority` must be at most {}", i32::MAX),
+            );
+        }
+    }
+
+    /// Quorum queues fail over between nodes and hand a subscription to another node's
+    /// replica; their answer to "one consumer at a time" is single active consumer, which
+    /// keeps a standby subscribed and moves it up, where an exclusive subscription locks
+    /// every other instance out and leaves the queue without a consumer until one of them
+    /// happens to retry.
+    fn check_exclusive_not_quorum(&mut self) {
+        if self.m.exclusive && self.m.queue_type == Some(QueueKind::Quorum) {
+            self.report(
+                Key::Exclusive,
+                Site::Key,
+                "`exclusive` is refused on a quorum queue: for one consumer at a time with \
+                 standbys that take over, use `single_active_consumer` instead of \
+                 `exclusive`",
+            );
+        }
+    }
+
+    /// Single active consumer exists to have one consumer handle the queue in order;
+    /// several handlers at once would reorder its messages again, leaving only the cost
+    /// (every other instance idle) without the benefit. An error, not a warning in the
+    /// docs: a warning nobody reads is how ordering bugs ship.
+    fn check_single_active_consumer_one_at_a_time(&mut self) {
+        if !self.m.single_active_consumer {
+            return;
+        }
+        match self.m.concurrency {
+            Some(c) if c > 1 => self.report(
+                Key::Concurrency,
+                Site::Value,
+                format!(
+                    "`concurrency = {c}` with `single_active_consumer` would handle up to {c} \
+                     messages at once, out of order, which is what a single active consumer is \
+                     there to prevent: remove `concurrency` (1 at a time), or remove \
+                     `single_active_consumer` and let several consumers compete"
+                ),
+            ),
+            _ => {}
+        }
+    }
+
     /// A zero timeout fails every call, a zero retry delay is a hot loop through the broker,
     /// and a zero dedup TTL forgets a message as soon as it is handled.
     fn check_durations_positive(&mut self) {
@@ -1269,6 +1382,45 @@ mod tests {
         let _ = m.set(Key::QueueType, Value::Str("qorum"));
         let _ = m.set(Key::DeliveryLimit, Value::Int(5));
         assert_eq!(m.validate(), vec![], "the bad queue_type has its own error");
+    }
+
+    #[test]
+    fn cluster_options_are_read_and_checked() {
+        let m = model(&[
+            (Key::Queue, Value::Str("q")),
+            (Key::Dlx, Value::Str("q.dlx")),
+            (Key::SingleActiveConsumer, Value::Flag),
+            (Key::Priority, Value::Int(7)),
+            (Key::Exclusive, Value::Flag),
+        ]);
+        assert_eq!(m.validate(), vec![]);
+        assert!(m.single_active_consumer() && m.exclusive());
+        assert_eq!(m.priority(), Some(7));
+
+        let mut quorum = m.clone();
+        quorum.queue_type = Some(QueueKind::Quorum);
+        assert_eq!(keys(&quorum.validate()), vec![Key::Exclusive]);
+        quorum.exclusive = false;
+        assert_eq!(
+            quorum.validate(),
+            vec![],
+            "single active consumer suits quorum"
+        );
+
+        let mut parallel = m.clone();
+        parallel.concurrency = Some(2);
+        assert_eq!(keys(&parallel.validate()), vec![Key::Concurrency]);
+        parallel.single_active_consumer = false;
+        assert_eq!(parallel.validate(), vec![]);
+
+        let mut high = m;
+        high.priority = Some(u64::from(u32::MAX));
+        assert_eq!(keys(&high.validate()), vec![Key::Priority]);
+
+        let mut flags = ConsumerModel::default();
+        let e = flags.set(Key::Exclusive, Value::Int(1)).err();
+        assert!(e.is_some_and(|p| p.message.contains("write just `exclusive`")));
+        assert!(flags.set(Key::Priority, Value::Negative).is_err());
     }
 
     #[test]

@@ -17,10 +17,12 @@
 //! settled (its copy refused) is held in place, not turned into a reconnect. Sessions that
 //! keep dying soon after attaching are spaced by a growing delay.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use futures_util::StreamExt;
+use futures_util::future::Either;
 use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use tokio::sync::Semaphore;
@@ -122,9 +124,9 @@ impl Session {
     /// Close the channel and connection: every unacked delivery returns to the queue.
     async fn close(&self) {
         match self {
-            Self::Lapin { conn, channel, .. } => {
+            // Only this consumer's channel: the connection carries the others.
+            Self::Lapin { channel, .. } => {
                 let _ = channel.close(200, "consumer stopping".into()).await;
-                let _ = conn.close(200, "consumer stopping".into()).await;
             }
             #[cfg(feature = "testing")]
             Self::Memory(sub) => sub.close(),
@@ -134,8 +136,12 @@ impl Session {
     /// The link broke: close what is left of it before reconnecting.
     async fn drop_connection(&self) {
         match self {
-            Self::Lapin { conn, .. } => {
-                let _ = conn.close(200, "consumer reconnecting".into()).await;
+            // Only this consumer's channel (closing it returns what it held to the queue);
+            // if the shared connection itself broke, the next session reopens it.
+            Self::Lapin { channel, .. } => {
+                if channel.status().connected() {
+                    let _ = channel.close(200, "consumer restarting".into()).await;
+                }
             }
             #[cfg(feature = "testing")]
             Self::Memory(sub) => sub.close(),
@@ -172,6 +178,9 @@ pub(crate) struct ConsumerRuntime {
     /// RabbitMQ, or the in-memory broker of feature `testing` (only read with it).
     #[cfg_attr(not(feature = "testing"), allow(dead_code))]
     pub(crate) transport: Transport,
+    /// The connections consumers share, and which one this consumer's channels are on.
+    pub(crate) connections: Arc<connection::ConnectionSet>,
+    pub(crate) connection_slot: usize,
 }
 
 /// Spaces the sessions of one consumer.
@@ -218,6 +227,16 @@ struct Held<'a> {
     hand_back_at: Instant,
     /// The session's connection (to redeclare the topology on).
     connection: &'a Link,
+}
+
+/// A delivery received and waiting for a slot, its claim under way.
+struct Waiting {
+    delivery: Arc<Delivery>,
+    acker: Acker,
+    claim: Option<tokio::task::JoinHandle<Option<ClaimDecision>>>,
+    hand_back_at: Instant,
+    span: tracing::Span,
+    busy: InFlight,
 }
 
 /// Why a session ended.
@@ -289,11 +308,79 @@ impl ConsumerRuntime {
         let mut in_flight = JoinSet::new();
         let mut signal = self.shutdown.signal();
 
+        // Deliveries received and waiting for a slot, in delivery order, each with its claim
+        // already under way (claim ahead): the store's round trips for the whole window
+        // overlap the handlers, and claims that queue up together go to the store in one
+        // batch. At most a prefetch window of them (the broker sends no more unacked).
+        let mut waiting: VecDeque<Waiting> = VecDeque::new();
+        let read_ahead = usize::from(self.consumer.prefetch());
         let end = loop {
-            let next = tokio::select! {
-                biased;
-                _ = signal.cancelled() => break SessionEnd::Shutdown,
-                next = session.next() => next,
+            let next = if waiting.is_empty() {
+                tokio::select! {
+                    biased;
+                    _ = signal.cancelled() => break SessionEnd::Shutdown,
+                    next = session.next() => next,
+                }
+            } else {
+                let full = waiting.len() >= read_ahead;
+                let got = if full {
+                    tokio::select! {
+                        biased;
+                        _ = signal.cancelled() => break SessionEnd::Shutdown,
+                        // Slots go out in delivery order: always to the oldest waiting.
+                        permit = Arc::clone(&slots).acquire_owned() => Either::Left(permit),
+                        // With the window full the delivery stream is not polled, so watch
+                        // the link directly: a broker restart must not go unnoticed behind
+                        // slow handlers.
+                        reason = session.lost() => {
+                            break SessionEnd::Broken(session.lost_because(reason).await);
+                        }
+                    }
+                } else {
+                    tokio::select! {
+                        biased;
+                        _ = signal.cancelled() => break SessionEnd::Shutdown,
+                        permit = Arc::clone(&slots).acquire_owned() => Either::Left(permit),
+                        next = session.next() => Either::Right(next),
+                    }
+                };
+                match got {
+                    Either::Right(next) => next,
+                    Either::Left(permit) => {
+                        let Ok(permit) = permit else {
+                            break SessionEnd::Broken("slot semaphore closed".into());
+                        };
+                        let Some(w) = waiting.pop_front() else {
+                            continue;
+                        };
+                        // Reap finished tasks so the set does not grow with the session.
+                        while in_flight.try_join_next().is_some() {}
+                        let this = Arc::clone(self);
+                        let link = Arc::clone(&link);
+                        let Waiting {
+                            delivery,
+                            acker,
+                            claim,
+                            hand_back_at,
+                            span,
+                            busy,
+                        } = w;
+                        // Boxed: the task then holds a pointer, not the whole (several kB)
+                        // state machine, which tokio would copy on spawn and on completion.
+                        in_flight.spawn(Box::pin(
+                            async move {
+                                let _busy = busy;
+                                let held = Held {
+                                    hand_back_at,
+                                    connection: &link,
+                                };
+                                this.process(delivery, acker, claim, permit, held).await
+                            }
+                            .instrument(span),
+                        ));
+                        continue;
+                    }
+                }
             };
             // The broker's `consumer_timeout` runs from here.
             let hand_back_at = hand_back_deadline(Instant::now(), self.config.consumer_timeout);
@@ -337,50 +424,28 @@ impl ConsumerRuntime {
                 );
                 continue;
             }
-            // Claim ahead: an idempotent delivery starts its claim now, while it waits for a
-            // slot, so the store's round trip overlaps the handlers still running (at
-            // concurrency 1: the previous one). It waits at most one handler call for a
-            // slot, and its lease is renewed from the moment it is taken.
+            // The claim starts now, while the delivery waits for a slot; its lease is
+            // renewed from the moment it is taken.
             let claim = self.dedup.is_some().then(|| {
                 let (this, delivery, acker) =
                     (Arc::clone(self), Arc::clone(&delivery), acker.clone());
-                tokio::spawn(
+                tokio::spawn(Box::pin(
                     async move { this.claim(&delivery, &acker, hand_back_at).await }
                         .instrument(span.clone()),
-                )
+                ))
             });
-            // At most `concurrency` handlers run; the rest of the prefetch window waits in
-            // the client buffer, unacked. Slots go out in delivery order.
-            let permit = tokio::select! {
-                biased;
-                _ = signal.cancelled() => break SessionEnd::Shutdown,
-                // A free slot first: the link watch (a timer) is only armed when none is.
-                permit = Arc::clone(&slots).acquire_owned() => match permit {
-                    Ok(p) => p,
-                    Err(_) => break SessionEnd::Broken("slot semaphore closed".into()),
-                },
-                // With every slot busy the delivery stream is not polled, so watch the
-                // link directly: a broker restart must not go unnoticed behind slow handlers.
-                reason = session.lost() => {
-                    break SessionEnd::Broken(session.lost_because(reason).await);
-                }
-            };
-            // Reap finished tasks so the set does not grow with the session.
-            while in_flight.try_join_next().is_some() {}
-            let this = Arc::clone(self);
-            let link = Arc::clone(&link);
-            in_flight.spawn(
-                async move {
-                    let _busy = busy;
-                    let held = Held {
-                        hand_back_at,
-                        connection: &link,
-                    };
-                    this.process(delivery, acker, claim, permit, held).await
-                }
-                .instrument(span),
-            );
+            waiting.push_back(Waiting {
+                delivery,
+                acker,
+                claim,
+                hand_back_at,
+                span,
+                busy,
+            });
         };
+        // Deliveries that never got a slot stay unacked (the broker gets them back with the
+        // channel); a claim taken for one is released when its task's guard is dropped.
+        drop(waiting);
 
         self.stats.attached.store(false, Ordering::Relaxed);
         self.stats.metrics.attached(false);
@@ -421,14 +486,7 @@ impl ConsumerRuntime {
             return Ok((Session::Memory(subscription), link, MEMORY_FRAME_MAX));
         }
         let queue = self.consumer.queue();
-        let name = self.consumer.name();
-        // The consumer's name tells two consumers of one queue apart in the broker's tools.
-        let role = if name == queue {
-            format!("consumer {queue}")
-        } else {
-            format!("consumer {queue} as {name}")
-        };
-        let conn = Arc::new(connection::open(&self.config, &role).await?);
+        let conn = self.connections.get(self.connection_slot).await?;
         self.topology.declare(&conn).await?;
         let channel = conn
             .create_channel()
@@ -439,13 +497,9 @@ impl ConsumerRuntime {
             .await
             .map_err(|e| Error::amqp("setting prefetch", e))?;
         let tag = self.consumer_tag();
+        let (options, args) = self.consume_options();
         let deliveries = channel
-            .basic_consume(
-                queue.into(),
-                tag.as_str().into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
+            .basic_consume(queue.into(), tag.as_str().into(), options, args)
             .await
             .map_err(|e| Error::amqp(format!("subscribing to queue '{queue}'"), e))?;
         let frame_max = usize::try_from(conn.configuration().frame_max()).unwrap_or(usize::MAX);
@@ -584,16 +638,28 @@ impl ConsumerRuntime {
             .basic_qos(self.consumer.prefetch(), BasicQosOptions::default())
             .await
             .map_err(|e| Error::amqp("setting prefetch", e))?;
+        let (options, args) = self.consume_options();
         *deliveries = channel
-            .basic_consume(
-                queue.into(),
-                tag.as_str().into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
+            .basic_consume(queue.into(), tag.as_str().into(), options, args)
             .await
             .map_err(|e| Error::amqp(format!("subscribing to queue '{queue}'"), e))?;
         Ok(())
+    }
+
+    /// `basic.consume`'s options and arguments: `exclusive`, and `x-priority`.
+    fn consume_options(&self) -> (BasicConsumeOptions, FieldTable) {
+        let options = BasicConsumeOptions {
+            exclusive: self.consumer.model.exclusive(),
+            ..BasicConsumeOptions::default()
+        };
+        let mut args = FieldTable::default();
+        if let Some(priority) = self.consumer.model.priority() {
+            args.insert(
+                "x-priority".into(),
+                lapin::types::AMQPValue::LongInt(priority),
+            );
+        }
+        (options, args)
     }
 
     /// A fresh consumer tag, cut to fit an AMQP short string whatever the consumer's name.

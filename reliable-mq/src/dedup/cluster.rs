@@ -111,6 +111,8 @@ fn tls_client(_urls: Vec<String>, _tls: &TlsParams) -> Result<ClusterClient, Str
 }
 
 impl ConnectionSource for Source {
+    // A script runs on the node of its keys' one slot; a batch's keys hash to many.
+    const BATCHES: bool = false;
     type Pooled = Pooled;
     type Conn = ClusterConnection;
 

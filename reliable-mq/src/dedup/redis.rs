@@ -141,6 +141,7 @@ fn tls_connection_info(_url: &str, _tls: &TlsParams) -> Result<ConnectionInfo, S
 }
 
 impl ConnectionSource for Source {
+    const BATCHES: bool = true;
     type Pooled = Connection;
     type Conn = MultiplexedConnection;
 

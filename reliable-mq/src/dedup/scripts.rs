@@ -1,13 +1,25 @@
 //! The four Lua scripts of the claim protocol, shared by [`super::RedisStore`] and (with
 //! the `redis-cluster` feature) `RedisClusterStore`. Each script touches exactly one key
 //! (`KEYS[1]`), so it is atomic on one node and routes by that key's slot on a cluster.
+//!
+//! On one node, claims and done marks are also *batched*: the deliveries of a prefetch
+//! window arrive together, and their claims (and later their done marks) queue up while
+//! the previous batch is on the wire; the next batch takes all of them to Redis in one
+//! script call over several keys, which runs the one-key script's steps for each key in
+//! turn. Each key gets exactly the answer the one-key script would have given in that
+//! order (the script is atomic, so no other client comes between), so the protocol and
+//! its guarantees are the same; what changes is one round trip, one script run and one
+//! reply to parse per batch instead of per message. No delay is added to wait for a
+//! batch: a lone claim goes at once. A cluster routes a script by its one slot, and the
+//! keys of a batch hash to many: there every operation stays a call of its own.
 
 use std::future::Future;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use deadpool_redis::redis::aio::ConnectionLike;
-use deadpool_redis::redis::{Script, ScriptInvocation};
+use deadpool_redis::redis::{FromRedisValue, Script, ScriptInvocation};
+use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use super::{Claim, DedupError, DedupFuture, DedupStore, millis};
 
@@ -40,6 +52,40 @@ end
 return 0
 "#;
 
+/// [`CLAIM`] for each of `KEYS`, with `ARGV[2i-1]` the token and `ARGV[2i]` the lease
+/// of `KEYS[i]`; the answers in order.
+const CLAIM_MANY: &str = r#"
+local out = {}
+for i, key in ipairs(KEYS) do
+  local v = redis.call('GET', key)
+  if not v then
+    redis.call('SET', key, ARGV[2 * i - 1], 'PX', ARGV[2 * i])
+    out[i] = 0
+  elseif v == 'done' then
+    out[i] = 1
+  else
+    out[i] = 2
+  end
+end
+return out
+"#;
+
+/// [`COMPLETE`] for each of `KEYS`, with `ARGV[2i-1]` the token and `ARGV[2i]` the TTL of
+/// `KEYS[i]`; the answers in order.
+const COMPLETE_MANY: &str = r#"
+local out = {}
+for i, key in ipairs(KEYS) do
+  local v = redis.call('GET', key)
+  if v == ARGV[2 * i - 1] or not v then
+    redis.call('SET', key, 'done', 'PX', ARGV[2 * i])
+    out[i] = 1
+  else
+    out[i] = 0
+  end
+end
+return out
+"#;
+
 const RELEASE: &str = r#"
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('DEL', KEYS[1])
@@ -55,6 +101,8 @@ pub(super) struct Scripts {
     renew: Script,
     complete: Script,
     release: Script,
+    claim_many: Script,
+    complete_many: Script,
 }
 
 impl Scripts {
@@ -64,7 +112,23 @@ impl Scripts {
             renew: Script::new(RENEW),
             complete: Script::new(COMPLETE),
             release: Script::new(RELEASE),
+            claim_many: Script::new(CLAIM_MANY),
+            complete_many: Script::new(COMPLETE_MANY),
         }
+    }
+
+    /// One call for every `(key, token, duration)` of `batch`, claiming (`Op::Claim`) or
+    /// marking done (`Op::Complete`).
+    fn many(&self, op: Op, batch: &[Request]) -> ScriptInvocation<'_> {
+        let script = match op {
+            Op::Claim => &self.claim_many,
+            Op::Complete => &self.complete_many,
+        };
+        let mut inv = script.prepare_invoke();
+        for r in batch {
+            inv.key(&r.key).arg(&r.token).arg(millis(r.duration));
+        }
+        inv
     }
 
     pub(super) fn claim(&self, key: &str, token: &str, lease: Duration) -> ScriptInvocation<'_> {
@@ -118,6 +182,9 @@ pub(super) fn pool_config(pool_size: usize) -> deadpool_redis::PoolConfig {
 /// Where a script store gets its connection: a pool handing out multiplexed connections
 /// (one Redis node, or a cluster) of which cheap clones run commands.
 pub(super) trait ConnectionSource: Send + Sync + 'static {
+    /// Whether one script may touch keys of any slot (one node: yes; a cluster: no), so
+    /// claims and done marks can be batched.
+    const BATCHES: bool;
     /// What the pool hands out; kept in the shared slot, back to the pool when replaced.
     type Pooled: Send;
     /// A clone of it that runs commands (requests of all clones are pipelined).
@@ -132,36 +199,65 @@ pub(super) trait ConnectionSource: Send + Sync + 'static {
 /// shared multiplexed connection (no per-operation pool checkout, whose recycle check costs
 /// a round trip of its own); any error drops it, and the next operation takes a fresh one.
 pub(super) struct ScriptStore<S: ConnectionSource> {
+    shared: Arc<Shared<S>>,
+    /// The batchers of claims and done marks, started on first use (`S::BATCHES` only).
+    batchers: OnceLock<Option<Batchers>>,
+}
+
+/// What the store's operations and its batchers share.
+struct Shared<S: ConnectionSource> {
     source: S,
     /// The connection every operation clones; `None` until first use and after an error.
-    shared: Mutex<Option<S::Pooled>>,
+    slot: Mutex<Option<S::Pooled>>,
     scripts: Scripts,
 }
 
 impl<S: ConnectionSource> ScriptStore<S> {
     pub(super) fn new(source: S) -> Self {
         Self {
-            source,
-            shared: Mutex::new(None),
-            scripts: Scripts::new(),
+            shared: Arc::new(Shared {
+                source,
+                slot: Mutex::new(None),
+                scripts: Scripts::new(),
+            }),
+            batchers: OnceLock::new(),
         }
     }
 
+    /// The batchers, started on first use from within a Tokio runtime; `None` on a cluster
+    /// or outside a runtime (every operation is then a call of its own).
+    fn batchers(&self) -> Option<&Batchers> {
+        self.batchers
+            .get_or_init(|| {
+                if !S::BATCHES {
+                    return None;
+                }
+                let runtime = tokio::runtime::Handle::try_current().ok()?;
+                Some(Batchers {
+                    claims: Batcher::start(&runtime, Arc::clone(&self.shared), Op::Claim),
+                    completes: Batcher::start(&runtime, Arc::clone(&self.shared), Op::Complete),
+                })
+            })
+            .as_ref()
+    }
+}
+
+impl<S: ConnectionSource> Shared<S> {
     /// A handle on the shared connection, taking one from the pool if there is none.
     async fn connection(&self) -> Result<S::Conn, DedupError> {
-        if let Some(pooled) = self.lock_shared()?.as_ref() {
+        if let Some(pooled) = self.lock_slot()?.as_ref() {
             return Ok(S::handle(pooled));
         }
         let fresh = self.source.take().await?;
         let handle = S::handle(&fresh);
         // Several operations may race to fill the slot: the last one wins; a connection it
         // replaces goes back to the pool.
-        *self.lock_shared()? = Some(fresh);
+        *self.lock_slot()? = Some(fresh);
         Ok(handle)
     }
 
-    fn lock_shared(&self) -> Result<std::sync::MutexGuard<'_, Option<S::Pooled>>, DedupError> {
-        self.shared
+    fn lock_slot(&self) -> Result<std::sync::MutexGuard<'_, Option<S::Pooled>>, DedupError> {
+        self.slot
             .lock()
             .map_err(|_| DedupError("dedup store connection slot poisoned".into()))
     }
@@ -169,17 +265,142 @@ impl<S: ConnectionSource> ScriptStore<S> {
     /// After an error the connection may be broken: let the next operation take another
     /// (the pool's recycle check discards a dead one).
     fn forget_connection(&self) {
-        if let Ok(mut slot) = self.shared.lock() {
+        if let Ok(mut slot) = self.slot.lock() {
             *slot = None;
         }
     }
 
-    async fn run(&self, invocation: ScriptInvocation<'_>) -> Result<i64, DedupError> {
+    async fn run<T: FromRedisValue>(
+        &self,
+        invocation: ScriptInvocation<'_>,
+    ) -> Result<T, DedupError> {
         let mut conn = self.connection().await?;
         invocation.invoke_async(&mut conn).await.map_err(|e| {
             self.forget_connection();
             DedupError(e.to_string())
         })
+    }
+
+    /// Run one batch: a code per request, in order, or the error for all of them.
+    async fn run_batch(&self, op: Op, batch: &[Request]) -> Result<Vec<i64>, DedupError> {
+        let answer = tokio::time::timeout(
+            BATCH_CALL_TIMEOUT,
+            self.run::<Vec<i64>>(self.scripts.many(op, batch)),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            self.forget_connection();
+            Err(DedupError(format!(
+                "no answer within {BATCH_CALL_TIMEOUT:?}"
+            )))
+        })?;
+        if answer.len() == batch.len() {
+            Ok(answer)
+        } else {
+            Err(DedupError(format!(
+                "the batched script answered {} codes for {} keys",
+                answer.len(),
+                batch.len()
+            )))
+        }
+    }
+}
+
+/// A batch call's own deadline. A caller gives up on its answer sooner (its own
+/// deadline); this only ends a batch that hangs on a stopped Redis, so the next one can go.
+const BATCH_CALL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The most keys in one batch: a long script blocks the Redis server for other clients.
+const MAX_BATCH: usize = 128;
+
+/// Batches on the wire at once per operation. While they are out, new requests queue up
+/// and form the next batch: that waiting is what makes batches, with no timer.
+const BATCHES_IN_FLIGHT: usize = 2;
+
+#[derive(Debug, Clone, Copy)]
+enum Op {
+    Claim,
+    Complete,
+}
+
+/// One claim or done mark waiting for its batch.
+struct Request {
+    key: String,
+    token: String,
+    /// The lease (claim) or the TTL (done mark).
+    duration: Duration,
+    reply: oneshot::Sender<Result<i64, DedupError>>,
+}
+
+struct Batchers {
+    claims: Batcher,
+    completes: Batcher,
+}
+
+/// Where requests of one operation queue; the task that sends them in batches ends when
+/// the store is dropped.
+struct Batcher(mpsc::UnboundedSender<Request>);
+
+impl Batcher {
+    fn start<S: ConnectionSource>(
+        runtime: &tokio::runtime::Handle,
+        shared: Arc<Shared<S>>,
+        op: Op,
+    ) -> Self {
+        let (tx, mut rx) = mpsc::unbounded_channel::<Request>();
+        runtime.spawn(async move {
+            let slots = Arc::new(Semaphore::new(BATCHES_IN_FLIGHT));
+            loop {
+                let Ok(permit) = Arc::clone(&slots).acquire_owned().await else {
+                    return;
+                };
+                let mut batch = Vec::with_capacity(MAX_BATCH);
+                if rx.recv_many(&mut batch, MAX_BATCH).await == 0 {
+                    return;
+                }
+                // A caller that gave up (its deadline passed) is not claimed for: it is
+                // already releasing its claim, and a claim written after that release
+                // would hold the message off until its lease ran out.
+                batch.retain(|r: &Request| !r.reply.is_closed());
+                if batch.is_empty() {
+                    continue;
+                }
+                let shared = Arc::clone(&shared);
+                tokio::spawn(async move {
+                    let _permit = permit;
+                    match shared.run_batch(op, &batch).await {
+                        Ok(codes) => {
+                            for (r, code) in batch.into_iter().zip(codes) {
+                                let _ = r.reply.send(Ok(code));
+                            }
+                        }
+                        Err(e) => {
+                            for r in batch {
+                                let _ = r.reply.send(Err(e.clone()));
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        Self(tx)
+    }
+
+    /// Queue a request and wait for its batch's answer.
+    async fn call(&self, key: &str, token: &str, duration: Duration) -> Result<i64, DedupError> {
+        let (reply, answer) = oneshot::channel();
+        let request = Request {
+            key: key.to_owned(),
+            token: token.to_owned(),
+            duration,
+            reply,
+        };
+        if self.0.send(request).is_err() {
+            return Err(DedupError("the dedup batcher stopped".into()));
+        }
+        answer
+            .await
+            .unwrap_or_else(|_| Err(DedupError("the dedup batcher stopped".into())))
     }
 }
 
@@ -191,13 +412,26 @@ impl<S: ConnectionSource> DedupStore for ScriptStore<S> {
         lease: Duration,
     ) -> DedupFuture<'a, Claim> {
         Box::pin(async move {
-            let code = self.run(self.scripts.claim(key, token, lease)).await?;
+            let code = match self.batchers() {
+                Some(b) => b.claims.call(key, token, lease).await?,
+                None => {
+                    self.shared
+                        .run(self.shared.scripts.claim(key, token, lease))
+                        .await?
+                }
+            };
             Ok(claim_outcome(code))
         })
     }
 
     fn renew<'a>(&'a self, key: &'a str, token: &'a str, lease: Duration) -> DedupFuture<'a, bool> {
-        Box::pin(async move { Ok(self.run(self.scripts.renew(key, token, lease)).await? == 1) })
+        Box::pin(async move {
+            let code: i64 = self
+                .shared
+                .run(self.shared.scripts.renew(key, token, lease))
+                .await?;
+            Ok(code == 1)
+        })
     }
 
     fn complete<'a>(
@@ -206,23 +440,39 @@ impl<S: ConnectionSource> DedupStore for ScriptStore<S> {
         token: &'a str,
         ttl: Duration,
     ) -> DedupFuture<'a, bool> {
-        Box::pin(async move { Ok(self.run(self.scripts.complete(key, token, ttl)).await? == 1) })
+        Box::pin(async move {
+            let code = match self.batchers() {
+                Some(b) => b.completes.call(key, token, ttl).await?,
+                None => {
+                    self.shared
+                        .run(self.shared.scripts.complete(key, token, ttl))
+                        .await?
+                }
+            };
+            Ok(code == 1)
+        })
     }
 
     fn release<'a>(&'a self, key: &'a str, token: &'a str) -> DedupFuture<'a, bool> {
-        Box::pin(async move { Ok(self.run(self.scripts.release(key, token)).await? == 1) })
+        Box::pin(async move {
+            let code: i64 = self
+                .shared
+                .run(self.shared.scripts.release(key, token))
+                .await?;
+            Ok(code == 1)
+        })
     }
 
     /// On a cluster the client sends `PING` to every node: all must answer.
     fn ping(&self) -> DedupFuture<'_, ()> {
         Box::pin(async move {
-            let mut conn = self.connection().await?;
+            let mut conn = self.shared.connection().await?;
             deadpool_redis::redis::cmd("PING")
                 .query_async::<String>(&mut conn)
                 .await
                 .map(|_| ())
                 .map_err(|e| {
-                    self.forget_connection();
+                    self.shared.forget_connection();
                     DedupError(e.to_string())
                 })
         })

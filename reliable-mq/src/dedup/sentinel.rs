@@ -89,6 +89,8 @@ pub(super) struct Resolver {
 }
 
 impl ConnectionSource for Resolver {
+    // Every key lives on the one primary.
+    const BATCHES: bool = true;
     type Pooled = MultiplexedConnection;
     type Conn = MultiplexedConnection;
 
