@@ -84,6 +84,8 @@ mod delivery;
 mod error;
 mod failure;
 mod handler;
+#[cfg(feature = "postgres")]
+pub mod postgres;
 mod publisher;
 mod retry;
 mod shutdown;
@@ -125,6 +127,8 @@ pub mod __private {
     pub use crate::handler::{
         Handler, HandlerFuture, IntoHandlerError, IntoHandlerResult, Payload, decode,
     };
+    #[cfg(feature = "postgres")]
+    pub use crate::postgres::{InboxTx, PgPool};
     pub use crate::spec::{CONSUMERS, ConsumerSpec, Setting, defaults};
     pub use crate::state::{StateType, extract_state};
     pub use linkme;

@@ -354,6 +354,12 @@ impl ConsumerConfig {
         self.model.idempotent
     }
 
+    /// Whether messages go through the transactional inbox (`#[consumer(inbox)]`, feature
+    /// `postgres`): deduplicated in the handler's PostgreSQL transaction.
+    pub fn is_inbox(&self) -> bool {
+        self.model.inbox
+    }
+
     /// How long handled ids are remembered.
     pub fn dedup_ttl(&self) -> Duration {
         self.model.dedup_ttl()

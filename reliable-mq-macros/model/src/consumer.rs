@@ -44,6 +44,8 @@ pub enum Key {
     Idempotent,
     /// `dedup_ttl`
     DedupTtl,
+    /// `inbox`
+    Inbox,
 }
 
 /// What a key's value is read as.
@@ -58,7 +60,7 @@ enum Shape {
 
 impl Key {
     /// Every key, in the order the docs list them.
-    pub const ALL: [Key; 16] = [
+    pub const ALL: [Key; 17] = [
         Key::Queue,
         Key::Exchange,
         Key::ExchangeType,
@@ -75,6 +77,7 @@ impl Key {
         Key::Timeout,
         Key::Idempotent,
         Key::DedupTtl,
+        Key::Inbox,
     ];
 
     /// The key as written in the attribute.
@@ -96,6 +99,7 @@ impl Key {
             Key::Timeout => "timeout",
             Key::Idempotent => "idempotent",
             Key::DedupTtl => "dedup_ttl",
+            Key::Inbox => "inbox",
         }
     }
 
@@ -118,6 +122,7 @@ impl Key {
             Key::Timeout => r#"timeout = "30s""#,
             Key::Idempotent => "idempotent",
             Key::DedupTtl => r#"dedup_ttl = "24h""#,
+            Key::Inbox => "inbox",
         }
     }
 
@@ -155,6 +160,8 @@ impl Key {
             ("backoff", Key::RetryBackoff),
             ("dedup", Key::Idempotent),
             ("deduplicate", Key::Idempotent),
+            ("transactional", Key::Inbox),
+            ("exactly_once", Key::Inbox),
         ];
         let lower = name.to_lowercase();
         if let Some((_, key)) = ALIASES.iter().find(|(alias, _)| *alias == lower) {
@@ -172,7 +179,7 @@ impl Key {
                 Shape::Integer
             }
             Key::RetryDelay | Key::Timeout | Key::DedupTtl => Shape::Duration,
-            Key::Idempotent => Shape::Flag,
+            Key::Idempotent | Key::Inbox => Shape::Flag,
         }
     }
 }
@@ -282,6 +289,9 @@ pub struct ConsumerModel {
     pub idempotent: bool,
     /// How long a handled `message_id` is remembered.
     pub dedup_ttl: Option<Duration>,
+    /// Deduplicate by AMQP `message_id` in the handler's PostgreSQL transaction (the
+    /// transactional inbox, runtime feature `postgres`).
+    pub inbox: bool,
     /// Keys that were written with a value that could not be read (already reported):
     /// rules about them stay quiet rather than add noise.
     pub unreadable: Vec<Key>,
@@ -308,18 +318,26 @@ impl ConsumerModel {
         let shape = key.shape();
         match value {
             Value::Flag if shape == Shape::Flag => {
-                self.idempotent = true;
+                match key {
+                    Key::Inbox => self.inbox = true,
+                    _ => self.idempotent = true,
+                }
                 return Ok(());
             }
             _ if shape == Shape::Flag => {
                 let message = match value {
-                    Value::Other { text: "false", .. } => {
-                        "`idempotent` is a flag and takes no value: remove it to turn \
-                         deduplication off"
-                    }
-                    _ => "`idempotent` is a flag and takes no value: write just `idempotent`",
+                    Value::Other { text: "false", .. } => format!(
+                        "`{name}` is a flag and takes no value: remove it to turn \
+                         {} off",
+                        if key == Key::Inbox {
+                            "the inbox"
+                        } else {
+                            "deduplication"
+                        }
+                    ),
+                    _ => format!("`{name}` is a flag and takes no value: write just `{name}`"),
                 };
-                return Err(problem(Site::Entry, message.to_owned()));
+                return Err(problem(Site::Entry, message));
             }
             Value::Flag => {
                 return Err(problem(
@@ -528,6 +546,7 @@ impl ConsumerModel {
                 Key::Timeout => self.timeout.is_some(),
                 Key::Idempotent => self.idempotent,
                 Key::DedupTtl => self.dedup_ttl.is_some(),
+                Key::Inbox => self.inbox,
             }
     }
 
@@ -698,6 +717,7 @@ impl Rules<'_> {
         self.check_routing_key_not_ignored();
         self.check_delivery_limit_needs_quorum();
         self.check_dedup_ttl_needs_idempotent();
+        self.check_inbox_not_idempotent();
         self.check_delivery_limit_range();
         self.check_prefetch_range();
         self.check_concurrency_range();
@@ -914,12 +934,29 @@ impl Rules<'_> {
 
     /// A TTL for deduplication that is off would be silently ignored.
     fn check_dedup_ttl_needs_idempotent(&mut self) {
-        if self.m.written(Key::DedupTtl) && !self.m.written(Key::Idempotent) {
+        if self.m.written(Key::DedupTtl)
+            && !self.m.written(Key::Idempotent)
+            && !self.m.written(Key::Inbox)
+        {
             self.report(
                 Key::DedupTtl,
                 Site::Key,
-                "`dedup_ttl` has no effect without `idempotent`: add `idempotent` to \
+                "`dedup_ttl` has no effect without `idempotent` (or `inbox`): add `idempotent` to \
                  deduplicate by message_id, or remove `dedup_ttl`",
+            );
+        }
+    }
+
+    /// Both deduplicate by message_id, in two places that cannot agree: a message marked
+    /// done in Redis whose database transaction rolled back would be skipped for ever.
+    fn check_inbox_not_idempotent(&mut self) {
+        if self.m.written(Key::Inbox) && self.m.written(Key::Idempotent) {
+            self.report(
+                Key::Idempotent,
+                Site::Key,
+                "`inbox` already deduplicates by message_id, in the handler's database \
+                 transaction; `idempotent` would do it a second time in Redis: remove \
+                 `idempotent`",
             );
         }
     }
