@@ -146,13 +146,14 @@ async fn notify_customer(event: StockReserved) -> Result<(), HandlerError> {
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let serve = std::env::args().any(|a| a == "--serve");
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                // Expected handler failures are part of the story printed below.
-                .unwrap_or_else(|_| "warn,reliable_mq::consumer=error".into()),
-        )
-        .init();
+    let mut filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        // Expected handler failures are part of the story printed below.
+        .unwrap_or_else(|_| "warn,reliable_mq::consumer=error".into());
+    // lapin logs returned messages with their body: keep bodies out of the logs.
+    for directive in reliable_mq::Config::QUIET_LAPIN_DIRECTIVES {
+        filter = filter.add_directive(directive.parse()?);
+    }
+    tracing_subscriber::fmt().with_env_filter(filter).init();
 
     let mut config = reliable_mq::Config::from_env()?;
     if !serve {
