@@ -156,6 +156,8 @@ pub mod __private {
 
     /// The claim lease of a handler timeout (the dedup key is `dedup::KeyScope::key`).
     pub use crate::dedup::lease_for;
+    #[cfg(all(feature = "testing", feature = "postgres"))]
+    pub use crate::postgres::seams as inbox_seams;
     #[cfg(feature = "testing")]
     pub use crate::retry::crash_seam;
 

@@ -269,6 +269,8 @@ impl InboxCall<'_> {
         match (result, tx) {
             (Ok(()), Some(tx)) => match tx.commit().await {
                 Ok(()) => {
+                    #[cfg(feature = "testing")]
+                    crate::postgres::seams::fire(&crate::postgres::seams::AFTER_INBOX_COMMIT);
                     ConsumerStats::bump(&self.stats.handled);
                     debug!("handled and committed");
                     Attempt::Settle(SettleOutcome::Ack)

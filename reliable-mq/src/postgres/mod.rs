@@ -21,6 +21,26 @@ pub use sqlx::PgPool;
 
 use crate::Error;
 
+/// Crash seams for the fault suite (feature `testing`): a function the test process sets,
+/// called right after an inbox commit (before the ack) and right after a relay batch's
+/// confirms (before the rows are marked sent). Not a public API.
+#[doc(hidden)]
+#[cfg(feature = "testing")]
+pub mod seams {
+    use std::sync::OnceLock;
+
+    /// Called after an inbox transaction committed, before its delivery is acked.
+    pub static AFTER_INBOX_COMMIT: OnceLock<fn()> = OnceLock::new();
+    /// Called after a relay batch was confirmed, before its rows are marked sent.
+    pub static RELAY_BEFORE_MARK: OnceLock<fn()> = OnceLock::new();
+
+    pub(crate) fn fire(seam: &OnceLock<fn()>) {
+        if let Some(f) = seam.get() {
+            f();
+        }
+    }
+}
+
 /// Apply the inbox and outbox schema to `pool`'s database (idempotent: safe on every
 /// start, and from several instances at once: sqlx takes an advisory lock).
 ///

@@ -379,6 +379,8 @@ impl OutboxRelay {
             });
         }
         let outcomes = futures_util::future::join_all(publishes).await;
+        #[cfg(feature = "testing")]
+        crate::postgres::seams::fire(&crate::postgres::seams::RELAY_BEFORE_MARK);
         let mut sent = Vec::new();
         for (id, outcome) in outcomes {
             match outcome {
