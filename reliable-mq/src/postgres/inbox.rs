@@ -118,6 +118,72 @@ impl DerefMut for InboxTx {
     }
 }
 
+/// A [`Handler`] for an inbox consumer built by hand ([`ConsumerConfig::inbox`]): a
+/// closure that takes the payload and the transaction and gives the transaction back with
+/// its result.
+///
+/// [`ConsumerConfig::inbox`]: crate::ConsumerConfig::inbox
+pub struct InboxFnHandler<T, F> {
+    f: F,
+    _payload: std::marker::PhantomData<fn() -> T>,
+}
+
+/// Wrap a closure `Fn(T, InboxTx) -> impl Future<Output = (InboxTx, Result<(), E>)>` as
+/// the handler of an inbox consumer built by hand.
+///
+/// ```no_run
+/// # use std::time::Duration;
+/// use reliable_mq::ConsumerConfig;
+/// use reliable_mq::postgres::inbox_handler_fn;
+///
+/// let handler = inbox_handler_fn(|id: i64, mut tx| async move {
+///     let done = sqlx::query("INSERT INTO seen (id) VALUES ($1)")
+///         .bind(id)
+///         .execute(&mut *tx)
+///         .await;
+///     (tx, done.map(|_| ()))
+/// });
+/// let consumer = ConsumerConfig::new("orders", "orders.dlx", handler).inbox(Duration::from_secs(86_400));
+/// # let _ = consumer;
+/// ```
+pub fn inbox_handler_fn<T, F, Fut, R>(f: F) -> InboxFnHandler<T, F>
+where
+    T: crate::handler::Payload,
+    F: Fn(T, InboxTx) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = (InboxTx, R)> + Send + 'static,
+    R: crate::handler::IntoHandlerResult,
+{
+    InboxFnHandler {
+        f,
+        _payload: std::marker::PhantomData,
+    }
+}
+
+impl<T, F, Fut, R> Handler for InboxFnHandler<T, F>
+where
+    T: crate::handler::Payload,
+    F: Fn(T, InboxTx) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = (InboxTx, R)> + Send + 'static,
+    R: crate::handler::IntoHandlerResult,
+{
+    fn call(&self, delivery: Arc<Delivery>) -> crate::handler::HandlerFuture {
+        let payload = match crate::handler::decode::<T>(&delivery) {
+            Ok(payload) => payload,
+            Err(e) => return Box::pin(std::future::ready(Err(e))),
+        };
+        let tx = match InboxTx::take() {
+            Ok(tx) => tx,
+            Err(e) => return Box::pin(std::future::ready(Err(e))),
+        };
+        let fut = (self.f)(payload, tx);
+        Box::pin(async move {
+            let (tx, result) = fut.await;
+            tx.hand_back();
+            result.into_handler_result()
+        })
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }

@@ -10,10 +10,10 @@ mod outbox;
 
 use std::time::Duration;
 
-pub use inbox::InboxTx;
 /// Delete up to `limit` inbox rows past their `dedup_ttl` (the app does this every minute
 /// for its inbox consumers); how many went.
 pub use inbox::delete_expired as remove_expired_inbox_rows;
+pub use inbox::{InboxFnHandler, InboxTx, inbox_handler_fn};
 pub use outbox::{
     FailedMessage, Outbox, OutboxError, OutboxMessage, OutboxRelay, OutboxStats, RelayBatch,
 };
