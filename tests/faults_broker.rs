@@ -59,7 +59,7 @@ where
     // Dropped last: the services are back (the guard below) before anything is deleted.
     let _cleanup = Cleanup::consumer(&queue, &["1s", "2s", "4s"], &[])
         .redis_keys(&format!("rmq-test:{queue}"))
-        .redis_keys(&format!("reliable-mq:{queue}"));
+        .redis_keys(&format!("reliable-mq:/:{queue}"));
     let _restore = ServiceGuard;
     ensure_rabbit_up();
     ensure_redis_up();

@@ -165,8 +165,44 @@ impl App {
         &self.consumers
     }
 
+    /// The app's topology as an AsyncAPI 3.0 document (JSON or YAML): every consumer's
+    /// exchange, queue with its arguments, binding, DLX, DLQ and retry tiers, and its
+    /// reliability settings under `x-reliable-mq`. Touches no broker.
+    ///
+    /// `RELIABLE_MQ_EXPORT=asyncapi` (or `asyncapi-yaml`) makes [`App::run`] print this
+    /// and exit 0, so any service can export its topology in CI without code changes.
+    ///
+    /// ```
+    /// # use reliable_mq::{App, Config, ConsumerConfig, ExportFormat, HandlerError, handler_fn};
+    /// let app = App::new(Config::default()).consumer(ConsumerConfig::new(
+    ///     "emails", "emails.dlx",
+    ///     handler_fn(|_: String| async { Ok::<_, HandlerError>(()) }),
+    /// ));
+    /// let doc = app.asyncapi(ExportFormat::Json);
+    /// assert!(doc.contains("\"asyncapi\": \"3.0.0\""));
+    /// assert!(app.asyncapi(ExportFormat::Yaml).starts_with("asyncapi: \"3.0.0\""));
+    /// ```
+    pub fn asyncapi(&self, format: ExportFormat) -> String {
+        crate::asyncapi::render(&crate::asyncapi::document(&self.consumers), format)
+    }
+
     /// Run until SIGINT/SIGTERM or the shutdown handle, then stop gracefully.
+    ///
+    /// With `RELIABLE_MQ_EXPORT=asyncapi` (or `asyncapi-yaml`) set, it prints
+    /// [`App::asyncapi`] to stdout and exits the process with status 0 instead, without
+    /// connecting to anything.
     pub async fn run(self) -> Result<(), Error> {
+        if let Some(format) = ExportFormat::from_env()? {
+            use std::io::Write as _;
+            let doc = self.asyncapi(format);
+            let mut out = std::io::stdout().lock();
+            writeln!(out, "{doc}")
+                .and_then(|()| out.flush())
+                .map_err(|e| {
+                    Error::Config(format!("RELIABLE_MQ_EXPORT: cannot write to stdout: {e}"))
+                })?;
+            std::process::exit(0);
+        }
         let mut stop_requested = self.shutdown.signal();
         let mut running = self.start().await?;
         let outcome = tokio::select! {
@@ -316,19 +352,25 @@ async fn dedup_from_config(
                 .map(|c| usize::from(c.concurrency()))
                 .sum::<usize>()
                 .clamp(4, 256);
-            let store: Arc<dyn DedupStore> = match crate::dedup::cluster_nodes(url) {
-                None => Arc::new(RedisStore::new(url, pool_size)?),
-                Some(nodes) => cluster_store(&nodes, pool_size)?,
+            let store: Arc<dyn DedupStore> = if let Some(s) = crate::dedup::sentinel_url(url) {
+                sentinel_store(&s)?
+            } else {
+                match crate::dedup::cluster_nodes(url) {
+                    None => Arc::new(RedisStore::new(url, pool_size)?),
+                    Some(nodes) => cluster_store(&nodes, pool_size)?,
+                }
             };
             if let Err(e) = store.ping().await {
-                warn!(error = %e, "dedup store (Redis) does not answer yet; idempotent consumers stay paused until it does");
+                startup_warning(&format!(
+                    "dedup store (Redis) does not answer yet ({e}); idempotent consumers stay paused until it does"
+                ));
             }
             Ok(store)
         }
         None => {
-            warn!(
+            startup_warning(
                 "REDIS_URL is not set: idempotent consumers dedup IN THIS PROCESS ONLY. \
-                 That is fine for a single instance and wrong for several: set REDIS_URL"
+                 That is fine for a single instance and wrong for several: set REDIS_URL",
             );
             Ok(Arc::new(MemoryStore::new()))
         }
@@ -355,6 +397,86 @@ fn cluster_store(_nodes: &[String], _pool_size: usize) -> Result<Arc<dyn DedupSt
     Err(Error::Config(
         "REDIS_URL asks for a Redis Cluster (redis+cluster://), but reliable-mq was built \
          without its `redis-cluster` feature: enable it (reliable-mq = { features = [\"redis-cluster\"] })"
+            .into(),
+    ))
+}
+
+/// Which document [`App::asyncapi`] renders.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ExportFormat {
+    /// AsyncAPI 3.0 as pretty-printed JSON (`RELIABLE_MQ_EXPORT=asyncapi`).
+    Json,
+    /// AsyncAPI 3.0 as YAML (`RELIABLE_MQ_EXPORT=asyncapi-yaml`).
+    Yaml,
+}
+
+impl ExportFormat {
+    /// The format `RELIABLE_MQ_EXPORT` asks for; `None` when unset or empty.
+    fn from_env() -> Result<Option<Self>, Error> {
+        match std::env::var("RELIABLE_MQ_EXPORT") {
+            Err(_) => Ok(None),
+            Ok(v) => match v.trim() {
+                "" => Ok(None),
+                "asyncapi" | "asyncapi-json" => Ok(Some(Self::Json)),
+                "asyncapi-yaml" => Ok(Some(Self::Yaml)),
+                other => Err(Error::Config(format!(
+                    "RELIABLE_MQ_EXPORT={other:?} is not an export format; use `asyncapi` (JSON) or `asyncapi-yaml`"
+                ))),
+            },
+        }
+    }
+}
+
+/// A start-up warning the user must see (a setting that silently weakens a guarantee).
+/// It goes through `tracing`; when the application installed no subscriber, tracing would
+/// drop it, so it is also written to stderr. `RELIABLE_MQ_LOG=off` silences that fallback.
+pub(crate) fn startup_warning(message: &str) {
+    warn!("{message}");
+    if !has_subscriber() && !fallback_silenced() {
+        static HINT: std::sync::Once = std::sync::Once::new();
+        eprintln!("WARN reliable_mq: {message}");
+        HINT.call_once(|| {
+            eprintln!(
+                "     (printed here because no tracing subscriber is installed: call \
+                 tracing_subscriber::fmt::init() in main to see all logs; \
+                 RELIABLE_MQ_LOG=off silences this fallback)"
+            );
+        });
+    }
+}
+
+/// Whether a `tracing` subscriber (global or scoped) would receive our events.
+fn has_subscriber() -> bool {
+    !tracing::dispatcher::get_default(|d| d.is::<tracing::subscriber::NoSubscriber>())
+}
+
+fn fallback_silenced() -> bool {
+    std::env::var("RELIABLE_MQ_LOG").is_ok_and(|v| v.trim().eq_ignore_ascii_case("off"))
+}
+
+/// The Redis Sentinel store for a `redis+sentinel://` URL.
+#[cfg(feature = "redis-sentinel")]
+fn sentinel_store(url: &crate::dedup::SentinelUrl) -> Result<Arc<dyn DedupStore>, Error> {
+    if url.sentinels.is_empty() || url.master.is_empty() {
+        return Err(Error::Config(
+            "REDIS_URL is redis+sentinel:// without sentinels or master name: write it as redis+sentinel://host1:port1,host2:port2/master-name".into(),
+        ));
+    }
+    Ok(Arc::new(crate::dedup::RedisSentinelStore::new(
+        &url.sentinels,
+        &url.master,
+        url.username.as_deref(),
+        url.password.as_deref(),
+    )?))
+}
+
+/// Without the `redis-sentinel` feature a Sentinel URL is a configuration error.
+#[cfg(not(feature = "redis-sentinel"))]
+fn sentinel_store(_url: &crate::dedup::SentinelUrl) -> Result<Arc<dyn DedupStore>, Error> {
+    Err(Error::Config(
+        "REDIS_URL asks for Redis Sentinel (redis+sentinel://), but reliable-mq was built \
+         without its `redis-sentinel` feature: enable it (reliable-mq = { features = [\"redis-sentinel\"] })"
             .into(),
     ))
 }
@@ -516,7 +638,9 @@ impl RunningApp {
             tokio::time::sleep(step).await;
             waited += step;
             if waited.as_secs() >= 10 && waited.as_millis() % 10_000 < 10 {
-                warn!(waited = ?waited, "still waiting for every consumer to attach (is the broker reachable?)");
+                startup_warning(&format!(
+                    "still waiting for every consumer to attach after {waited:?} (is the broker reachable?)"
+                ));
             }
         }
     }

@@ -30,6 +30,13 @@ pub trait Handler: Send + Sync + 'static {
     fn states(&self) -> Vec<crate::state::StateType> {
         Vec::new()
     }
+
+    /// The Rust type message bodies decode into (`std::any::type_name`), named in the
+    /// AsyncAPI export ([`crate::App::asyncapi`]). `None` when not known: the export then
+    /// describes the payload as any JSON value.
+    fn payload_type(&self) -> Option<&'static str> {
+        None
+    }
 }
 
 /// A message body type: anything serde can decode from JSON.
@@ -205,6 +212,10 @@ where
     fn call(&self, delivery: Arc<Delivery>) -> HandlerFuture {
         decode_then(delivery, |payload, _| (self.f)(payload))
     }
+
+    fn payload_type(&self) -> Option<&'static str> {
+        Some(std::any::type_name::<T>())
+    }
 }
 
 /// A [`Handler`] made from a closure that also sees the [`Delivery`].
@@ -236,6 +247,10 @@ where
 {
     fn call(&self, delivery: Arc<Delivery>) -> HandlerFuture {
         decode_then(delivery, |payload, delivery| (self.f)(payload, delivery))
+    }
+
+    fn payload_type(&self) -> Option<&'static str> {
+        Some(std::any::type_name::<T>())
     }
 }
 

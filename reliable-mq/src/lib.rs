@@ -33,17 +33,18 @@
 //! | what you write | items |
 //! |---|---|
 //! | a consumer | [`consumer`] (the attribute), [`HandlerError`], [`Delivery`], [`State`] |
-//! | running it | [`run`], [`run_with`], [`App`], [`RunningApp`], [`Config`], [`Error`], [`ShutdownHandle`] |
+//! | running it | [`run`], [`run_with`], [`App`], [`RunningApp`], [`Config`], [`Error`], [`ShutdownHandle`], [`ExportFormat`] (the AsyncAPI export) |
 //! | watching it | [`Health`], [`ConsumerHealth`], [`StatsSnapshot`] |
 //! | publishing | [`Publisher`], [`PublishOptions`], [`PublishError`] |
 //! | consumers built by hand | [`ConsumerConfig`], [`ConsumerSpec`], [`handler_fn`], [`delivery_handler_fn`], [`Handler`], [`ExchangeKind`], [`QueueKind`], [`RetryBackoff`] |
-//! | dead letters | [`FailureKind`], the [`headers`] module (names, replay helper) |
+//! | dead letters | [`FailureKind`], the [`headers`] module (names, replay helper), the `dlq` module (feature `cli`: list, show, replay, purge) |
 //! | your own dedup store | the [`dedup`] module ([`DedupStore`], [`RedisStore`], [`MemoryStore`]) |
 //! | lapin's types in this API | [`lapin`] (re-exported, so you never match its version by hand) |
 //!
 //! Cargo features: `anyhow` (handlers may return `anyhow::Result<()>`), `redis-cluster`
 //! (a Redis Cluster dedup store), `testing` (`Delivery::for_test`, for unit tests of
-//! handlers).
+//! handlers), `cli` (the `reliable-mq` binary, `dlq list|show|replay|purge`, and its
+//! library module `dlq`).
 //!
 //! # State
 //!
@@ -76,11 +77,14 @@
 //! consumer and the type.
 
 mod app;
+mod asyncapi;
 mod config;
 mod connection;
 mod consumer;
 pub mod dedup;
 mod delivery;
+#[cfg(feature = "cli")]
+pub mod dlq;
 mod error;
 mod failure;
 mod handler;
@@ -93,7 +97,7 @@ mod spec;
 mod state;
 mod topology;
 
-pub use app::{App, ConsumerHealth, Health, RunningApp, run, run_with};
+pub use app::{App, ConsumerHealth, ExportFormat, Health, RunningApp, run, run_with};
 pub use config::Config;
 pub use consumer::StatsSnapshot;
 pub use dedup::{DedupStore, MemoryStore, RedisStore};

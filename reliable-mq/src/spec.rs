@@ -166,6 +166,10 @@ impl Handler for StaticHandler {
     fn states(&self) -> Vec<crate::state::StateType> {
         self.0.states()
     }
+
+    fn payload_type(&self) -> Option<&'static str> {
+        self.0.payload_type()
+    }
 }
 
 impl From<&ConsumerSpec> for ConsumerConfig {

@@ -84,11 +84,29 @@ impl Topology {
         }
         declare_exchange(ch, &self.dlx, ExchangeKind::Direct).await?;
 
-        let mut dlq_args = FieldTable::default();
-        put_str(&mut dlq_args, "x-queue-type", self.queue_type.as_str());
-        declare_queue(ch, &self.dlq, dlq_args).await?;
+        declare_queue(ch, &self.dlq, self.dlq_arguments()).await?;
         bind(ch, &self.dlq, &self.dlx, &self.queue).await?;
 
+        declare_queue(ch, &self.queue, self.queue_arguments()).await?;
+        if let Some((exchange, _, key)) = &self.exchange {
+            bind(ch, &self.queue, exchange, key).await?;
+        }
+
+        for (tier, delay) in self.wait_queues() {
+            declare_queue(ch, &tier, self.tier_arguments(delay)).await?;
+        }
+        Ok(())
+    }
+
+    /// The DLQ's declaration arguments.
+    pub(crate) fn dlq_arguments(&self) -> FieldTable {
+        let mut args = FieldTable::default();
+        put_str(&mut args, "x-queue-type", self.queue_type.as_str());
+        args
+    }
+
+    /// The work queue's declaration arguments (the AsyncAPI export shows these too).
+    pub(crate) fn queue_arguments(&self) -> FieldTable {
         let mut args = FieldTable::default();
         put_str(&mut args, "x-queue-type", self.queue_type.as_str());
         put_str(&mut args, "x-dead-letter-exchange", &self.dlx);
@@ -101,24 +119,21 @@ impl Topology {
                 AMQPValue::LongLongInt(i64::from(limit)),
             );
         }
-        declare_queue(ch, &self.queue, args).await?;
-        if let Some((exchange, _, key)) = &self.exchange {
-            bind(ch, &self.queue, exchange, key).await?;
-        }
+        args
+    }
 
-        for (tier, delay) in self.wait_queues() {
-            let mut args = FieldTable::default();
-            put_str(&mut args, "x-queue-type", self.queue_type.as_str());
-            args.insert(
-                "x-message-ttl".into(),
-                AMQPValue::LongLongInt(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX)),
-            );
-            put_str(&mut args, "x-dead-letter-exchange", "");
-            put_str(&mut args, "x-dead-letter-routing-key", &self.queue);
-            self.at_least_once(&mut args);
-            declare_queue(ch, &tier, args).await?;
-        }
-        Ok(())
+    /// A wait queue's declaration arguments: hold for `delay`, then back to the work queue.
+    pub(crate) fn tier_arguments(&self, delay: std::time::Duration) -> FieldTable {
+        let mut args = FieldTable::default();
+        put_str(&mut args, "x-queue-type", self.queue_type.as_str());
+        args.insert(
+            "x-message-ttl".into(),
+            AMQPValue::LongLongInt(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX)),
+        );
+        put_str(&mut args, "x-dead-letter-exchange", "");
+        put_str(&mut args, "x-dead-letter-routing-key", &self.queue);
+        self.at_least_once(&mut args);
+        args
     }
 }
 

@@ -5,7 +5,7 @@
 //!
 //! Environment: `FAULT_QUEUE`, `FAULT_LOG`, `FAULT_HANDLER_MS` (work per message),
 //! `FAULT_CONCURRENCY`, `FAULT_IDEMPOTENT` (`1`: Redis dedup via `REDIS_URL`),
-//! `FAULT_CONN_NAME`, plus the usual `AMQP_URL` / `REDIS_URL`.
+//! `FAULT_CONN_NAME`, `FAULT_QUEUE_TYPE` (`quorum`; default classic), plus the usual `AMQP_URL` / `REDIS_URL`.
 
 use std::io::Write;
 use std::sync::{Arc, Mutex};
@@ -54,6 +54,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .with_prefetch(concurrency.saturating_mul(4).max(16))
         .with_concurrency(concurrency)
         .with_timeout(Duration::from_secs(2));
+    if std::env::var("FAULT_QUEUE_TYPE").is_ok_and(|t| t == "quorum") {
+        consumer = consumer.quorum(None);
+    }
     if idempotent {
         // A short TTL is enough for the test; the lease follows the 2s timeout.
         consumer = consumer.idempotent(Duration::from_secs(600));

@@ -97,7 +97,14 @@ pub struct Worker {
 impl Worker {
     /// Start a worker.
     pub fn spawn(o: &WorkerOptions) -> Self {
-        let child = Command::new(&o.bin)
+        Self::spawn_with_env(o, &[])
+    }
+
+    /// Start a worker with extra environment (`AMQP_URL` of a cluster, `FAULT_QUEUE_TYPE`),
+    /// which overrides the defaults.
+    pub fn spawn_with_env(o: &WorkerOptions, extra: &[(&str, String)]) -> Self {
+        let mut command = Command::new(&o.bin);
+        command
             .env("AMQP_URL", amqp_url())
             .env("REDIS_URL", redis_url())
             .env("FAULT_QUEUE", &o.queue)
@@ -105,9 +112,11 @@ impl Worker {
             .env("FAULT_HANDLER_MS", o.handler_ms.to_string())
             .env("FAULT_CONCURRENCY", o.concurrency.to_string())
             .env("FAULT_IDEMPOTENT", if o.idempotent { "1" } else { "0" })
-            .env("FAULT_CONN_NAME", format!("fault-{}", o.queue))
-            .spawn()
-            .expect("spawn fault_worker");
+            .env("FAULT_CONN_NAME", format!("fault-{}", o.queue));
+        for (key, value) in extra {
+            command.env(key, value);
+        }
+        let child = command.spawn().expect("spawn fault_worker");
         Self { child }
     }
 

@@ -14,6 +14,7 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use reliable_mq::Config;
 
+pub mod cluster;
 pub mod fault;
 pub mod raw;
 pub mod tls;

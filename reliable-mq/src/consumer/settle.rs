@@ -341,7 +341,7 @@ fn copied_headers(delivery: &Delivery, drop: &[&str]) -> FieldTable {
 
 /// `original`'s properties with `headers`, minus `expiration` and `user_id` (see
 /// [`Settler::copy_then_ack`]).
-fn copy_properties(original: &BasicProperties, headers: FieldTable) -> BasicProperties {
+pub(crate) fn copy_properties(original: &BasicProperties, headers: FieldTable) -> BasicProperties {
     let mut p = BasicProperties::default().with_headers(headers);
     if let Some(v) = original.content_type() {
         p = p.with_content_type(v.clone());

@@ -1,0 +1,384 @@
+//! The cluster suite: a private 3-node RabbitMQ cluster (`scripts/rabbitmq-cluster.sh`,
+//! beside the machine's default node, which it never touches), a consumer process and a
+//! publisher given all three addresses, 3,000 messages per scenario, and a node failing
+//! mid-stream. The checker of `support/fault.rs` counts every message.
+//!
+//! Opt-in with `RELIABLE_MQ_CLUSTER=1` (`.ci/run` sets it): each test starts its own
+//! cluster (20-40 s) and removes it when it ends, also when it fails. The tests share node
+//! names and ports, so they run one at a time.
+//!
+//! Run: `RELIABLE_MQ_CLUSTER=1 cargo test -p reliable-mq-tests --test cluster -- --nocapture`;
+//! each scenario prints its row (also appended to target/fault-report.md).
+
+use std::future::Future;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use reliable_mq::Publisher;
+use reliable_mq_tests::cluster::{CLUSTER_LOCK, Cluster};
+use reliable_mq_tests::fault::{
+    Ledger, Report, Worker, WorkerOptions, drain_ids, log_path, produce, read_log, time_to_resume,
+    wait_settled,
+};
+use reliable_mq_tests::{Cleanup, eventually, init_tracing, test_config, unique};
+
+/// Messages per scenario.
+const MESSAGES: usize = 3000;
+/// When the fault strikes, after the stream starts.
+const FAULT_AT: Duration = Duration::from_secs(3);
+/// Handlers in flight in the consumer process; also the bound on duplicate calls that
+/// dedup cannot absorb (a handler done, its `done` mark or ack lost with the connection).
+const CONCURRENCY: u16 = 8;
+
+/// How long until a message published after `since_index` is handled: the time from a
+/// fault until consumption resumes end to end (publisher, broker and consumer), which the
+/// prefetched backlog cannot fake.
+async fn time_to_handle_after(
+    log: &Path,
+    since_index: usize,
+    t0: Instant,
+    within: Duration,
+) -> Option<Duration> {
+    while t0.elapsed() < within {
+        let calls = read_log(log);
+        if calls.keys().any(|id| {
+            id.strip_prefix("m-")
+                .and_then(|n| n.parse::<usize>().ok())
+                .is_some_and(|n| n > since_index)
+        }) {
+            return Some(t0.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    None
+}
+
+fn attempted(ledger: &Arc<Mutex<Ledger>>) -> usize {
+    ledger.lock().map(|l| l.attempted.len()).unwrap_or(0)
+}
+
+/// What a fault sees: the cluster, the queue, the consumer's connection name, the log and
+/// the producer's ledger (to time the resumption).
+struct Ctx {
+    cluster: Arc<Cluster>,
+    queue: String,
+    conn_name: String,
+    log: std::path::PathBuf,
+    ledger: Arc<Mutex<Ledger>>,
+}
+
+impl Ctx {
+    /// The node the consumer process's consuming connection is on.
+    fn consumer_node(&self) -> Option<usize> {
+        self.cluster
+            .connection_node(&format!("{} (consumer", self.conn_name))
+            .or_else(|| self.cluster.connection_node(&self.conn_name))
+    }
+
+    /// Whether the producer has messages left to publish.
+    fn streaming(&self) -> bool {
+        attempted(&self.ledger) < MESSAGES
+    }
+
+    /// Time from now until a message published from now on is handled (`None` if it does
+    /// not happen, or if the stream is already over and there is nothing to wait for).
+    async fn resume_from_now(&self) -> Option<Duration> {
+        if !self.streaming() {
+            return None;
+        }
+        let since = attempted(&self.ledger);
+        time_to_handle_after(&self.log, since, Instant::now(), Duration::from_secs(90)).await
+    }
+}
+
+/// Run one scenario on a fresh cluster: a consumer process (a quorum or a classic queue,
+/// `handler_ms` of work per message) and `rate` messages per second, `fault` mid-stream
+/// (it returns the time to resume), then settle and check.
+async fn run<F, Fut>(
+    slug: &str,
+    name: &str,
+    quorum: bool,
+    rate: u32,
+    handler_ms: u64,
+    min_confirmed: usize,
+    fault: F,
+) -> Report
+where
+    F: FnOnce(Ctx) -> Fut,
+    Fut: Future<Output = Option<Duration>>,
+{
+    init_tracing();
+    let _serial = CLUSTER_LOCK.lock().await;
+    let queue = unique(&format!("cluster-{slug}"));
+    // The broker objects go with the cluster's data; only the Redis keys need cleaning.
+    let _cleanup = Cleanup::default().redis_keys(&format!("reliable-mq:/:{queue}"));
+    let cluster = Arc::new(Cluster::start());
+    let broker = cluster.broker().await.expect("a cluster node accepts");
+    let log = log_path(&queue);
+    let conn_name = format!("fault-{queue}");
+    let options = WorkerOptions {
+        bin: env!("CARGO_BIN_EXE_fault_worker").into(),
+        queue: queue.clone(),
+        log: log.clone(),
+        handler_ms,
+        concurrency: CONCURRENCY,
+        idempotent: true,
+    };
+    let queue_type = if quorum { "quorum" } else { "classic" };
+    let env = [
+        ("AMQP_URL", Cluster::url()),
+        ("FAULT_QUEUE_TYPE", queue_type.to_owned()),
+    ];
+    let worker = Worker::spawn_with_env(&options, &env);
+    assert!(
+        eventually(Duration::from_secs(60), || broker.queue_exists(&queue)).await,
+        "worker declared its queue"
+    );
+    let ctx = Ctx {
+        cluster: Arc::clone(&cluster),
+        queue: queue.clone(),
+        conn_name,
+        log: log.clone(),
+        ledger: Arc::new(Mutex::new(Ledger::default())),
+    };
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            ctx.consumer_node().is_some()
+        })
+        .await,
+        "the consumer's connection is listed"
+    );
+
+    if quorum {
+        // Leader and consumer on different nodes, so that each scenario breaks one thing.
+        let consumer = ctx.consumer_node().expect("consumer node");
+        let leader = cluster.leader(&queue);
+        eprintln!("{name}: consumer on node {consumer}, leader on {leader:?}");
+        if leader == Some(consumer) {
+            assert!(cluster.move_leader_off(&queue, consumer), "leader moved");
+            assert!(cluster.await_members(&queue, Duration::from_secs(60)).await);
+        }
+        assert!(
+            eventually(Duration::from_secs(30), || async {
+                cluster.leader(&queue).is_some_and(|l| l != consumer)
+            })
+            .await,
+            "the leader is on another node than the consumer"
+        );
+    }
+
+    let config = test_config(&queue)
+        .with_amqp_url(Cluster::url())
+        .with_publish_retries(120)
+        .with_connection_name(format!("fault-producer-{queue}"));
+    let publisher = Publisher::from_config(&config).await.expect("publisher");
+    let producer = {
+        let (publisher, queue, ledger) =
+            (publisher.clone(), queue.clone(), Arc::clone(&ctx.ledger));
+        tokio::spawn(async move { produce(&publisher, &queue, "m", MESSAGES, rate, &ledger).await })
+    };
+    tokio::time::sleep(FAULT_AT).await;
+    let ledger = Arc::clone(&ctx.ledger);
+    let resume = fault(ctx).await;
+
+    producer.await.expect("producer");
+    let broker = cluster.broker().await.expect("a cluster node accepts");
+    wait_settled(&broker, &queue, &log, &ledger, Duration::from_secs(120)).await;
+    let status = worker.terminate();
+    assert!(status.success(), "worker exits 0 on SIGTERM: {status:?}");
+    let dead = drain_ids(&broker, &format!("{queue}.dlq")).await;
+    let calls = read_log(&log);
+    let report = {
+        let ledger = ledger.lock().expect("ledger");
+        Report::check(&format!("cluster: {name}"), &ledger, &calls, &dead, resume)
+    };
+    report.publish();
+    publisher.close().await;
+
+    assert!(
+        report.confirmed >= min_confirmed,
+        "at least {min_confirmed} publishes confirmed: {report:?}"
+    );
+    assert!(
+        report.lost.is_empty(),
+        "lost confirmed messages: {:?}",
+        report.lost
+    );
+    assert!(
+        report.unexpected.is_empty(),
+        "unexpected: {:?}",
+        report.unexpected
+    );
+    assert!(
+        report.resume.is_some(),
+        "consumption resumed after the fault"
+    );
+    // Dedup absorbs redeliveries whose handler finished; what it cannot absorb is a
+    // handler whose side effect was done when its connection died, before `done` was
+    // written: at most the handlers in flight, per break of the consumer's connection.
+    assert!(report.duplicates <= 3 * CONCURRENCY as usize, "{report:?}");
+    report
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quorum_leader_node_killed_mid_stream() {
+    if !reliable_mq_tests::cluster_enabled("quorum_leader_node_killed_mid_stream") {
+        return;
+    }
+    run(
+        "leader",
+        "quorum leader's node killed",
+        true,
+        300,
+        2,
+        MESSAGES / 2,
+        |ctx| async move {
+            let consumer = ctx.consumer_node().expect("consumer node");
+            let leader = ctx.cluster.leader(&ctx.queue).expect("leader");
+            assert_ne!(leader, consumer, "leader and consumer on different nodes");
+            assert!(ctx.cluster.kill(leader), "killed node {leader}");
+            let resume = ctx.resume_from_now().await;
+            assert!(ctx.cluster.start_node(leader), "node {leader} back");
+            resume
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumer_node_killed_mid_stream() {
+    if !reliable_mq_tests::cluster_enabled("consumer_node_killed_mid_stream") {
+        return;
+    }
+    run(
+        "consumer-node",
+        "consumer's node killed",
+        true,
+        300,
+        2,
+        MESSAGES / 2,
+        |ctx| async move {
+            let consumer = ctx.consumer_node().expect("consumer node");
+            assert!(ctx.cluster.kill(consumer), "killed node {consumer}");
+            let resume = ctx.resume_from_now().await;
+            let moved = ctx.consumer_node();
+            assert!(
+                moved.is_some_and(|n| n != consumer),
+                "the consumer reconnected to another node: {moved:?}"
+            );
+            assert!(ctx.cluster.start_node(consumer), "node {consumer} back");
+            resume
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rolling_restart_of_every_node() {
+    if !reliable_mq_tests::cluster_enabled("rolling_restart_of_every_node") {
+        return;
+    }
+    // A slower stream (50 s), so that it lasts through the three restarts.
+    run(
+        "rolling",
+        "rolling restart",
+        true,
+        60,
+        2,
+        MESSAGES / 2,
+        |ctx| async move {
+            // The longest resumption over the restarts that happened mid-stream (at least
+            // the first two; the stream is long enough for all three on an idle machine).
+            let mut worst: Option<Duration> = None;
+            let mut measured = 0;
+            for node in 1..=3 {
+                // As an operator would: the queue fully replicated before the next node goes.
+                assert!(
+                    ctx.cluster
+                        .await_members(&ctx.queue, Duration::from_secs(60))
+                        .await,
+                    "all members online before stopping node {node}"
+                );
+                let mid_stream = ctx.streaming();
+                assert!(ctx.cluster.stop(node), "stopped node {node}");
+                if mid_stream {
+                    let resume = ctx.resume_from_now().await;
+                    assert!(resume.is_some(), "resumed after stopping node {node}");
+                    worst = worst.max(resume);
+                    measured += 1;
+                }
+                assert!(ctx.cluster.start_node(node), "node {node} back");
+            }
+            eprintln!("rolling restart: {measured} of 3 restarts mid-stream");
+            assert!(measured >= 2, "the stream outlasted two restarts");
+            worst
+        },
+    )
+    .await;
+}
+
+/// A classic queue lives on one node. While that node is down the queue is unavailable
+/// from every node: a declare (even passive) is refused with 404 NOT_FOUND "home node ...
+/// is down or inaccessible", publishes to it are not confirmed (the publisher gets an
+/// error), and consumers cannot consume it. The consumer keeps reconnecting and
+/// redeclaring with backoff, and resumes when the node returns; durable messages
+/// confirmed before the stop are all there. The handler is slower than the stream here,
+/// so a backlog waits in the queue when its node dies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn classic_queue_node_stopped_until_it_returns() {
+    if !reliable_mq_tests::cluster_enabled("classic_queue_node_stopped_until_it_returns") {
+        return;
+    }
+    run(
+        "classic",
+        "classic queue's node down 10 s",
+        false,
+        600,
+        20,
+        MESSAGES / 4,
+        |ctx| async move {
+            let home = ctx.cluster.leader(&ctx.queue).expect("the queue's node");
+            assert!(ctx.cluster.kill(home), "killed node {home}");
+            let other = if home == 1 { 2 } else { 1 };
+            let conn = lapin::Connection::connect(
+                &Cluster::url_of(other),
+                lapin::ConnectionProperties::default(),
+            )
+            .await
+            .expect("another node accepts");
+            let channel = conn.create_channel().await.expect("channel");
+            let declared = channel
+                .queue_declare(
+                    ctx.queue.as_str().into(),
+                    lapin::options::QueueDeclareOptions {
+                        passive: true,
+                        ..Default::default()
+                    },
+                    Default::default(),
+                )
+                .await;
+            let refusal = declared.expect_err("a classic queue whose node is down is unavailable");
+            eprintln!("passive declare on node {other} while node {home} is down: {refusal}");
+            assert!(
+                refusal.to_string().contains("down"),
+                "the broker says the queue's node is down: {refusal}"
+            );
+            let _ = conn.close(200, "done".into()).await;
+            // Nothing is consumed while the node is down (after the in-flight handlers end).
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let stalled = read_log(&ctx.log).values().sum::<usize>();
+            tokio::time::sleep(Duration::from_secs(8)).await;
+            let still = read_log(&ctx.log).values().sum::<usize>();
+            assert_eq!(
+                stalled, still,
+                "no handler ran while the queue's node was down"
+            );
+            // The stream is over by now (publishes while the node was down were not
+            // confirmed): resuming means the backlog drains.
+            assert!(ctx.cluster.start_node(home), "node {home} back");
+            time_to_resume(&ctx.log, still, Duration::from_secs(90)).await
+        },
+    )
+    .await;
+}
