@@ -309,17 +309,21 @@ async fn postgres_restarted_mid_stream() {
     while !broker.queue_exists(QUEUE).await && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    for n in 0..MESSAGES {
-        broker
-            .publish_json("", QUEUE, &serde_json::json!(n), &format!("fault-{n}"))
-            .await;
-    }
-    // Mid-stream: a third applied.
+    // Published while the consumer runs, and through the outage.
+    let publishing = tokio::spawn(async move {
+        let broker = Broker::connect().await;
+        for n in 0..MESSAGES {
+            broker
+                .publish_json("", QUEUE, &serde_json::json!(n), &format!("fault-{n}"))
+                .await;
+        }
+    });
+    // Mid-stream: a tenth applied.
     let deadline = Instant::now() + Duration::from_secs(60);
-    while count(&db.pool, "SELECT count(*) FROM orders").await < MESSAGES / 3
+    while count(&db.pool, "SELECT count(*) FROM orders").await < MESSAGES / 10
         && Instant::now() < deadline
     {
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let guard = PostgresGuard;
     assert!(pg_ctl("stop"), "stopped PostgreSQL");
@@ -329,6 +333,7 @@ async fn postgres_restarted_mid_stream() {
     let retry_tier_while_down = broker.ready_count(&format!("{QUEUE}.retry.1s")).await;
     assert!(pg_ctl("start"), "started PostgreSQL");
     drop(guard);
+    let _ = publishing.await;
     let deadline = Instant::now() + Duration::from_secs(180);
     loop {
         let distinct = count(&db.pool, "SELECT count(DISTINCT n) FROM orders").await;
@@ -356,6 +361,10 @@ async fn postgres_restarted_mid_stream() {
     };
     table.print();
     println!("while down: ready {ready_while_down:?}, retry tier {retry_tier_while_down:?}");
+    assert!(
+        ready_while_down.is_some_and(|r| r > 0),
+        "the outage came mid-stream (messages waiting): {ready_while_down:?}"
+    );
     assert!(!crashed, "the worker kept running");
     let stats = std::fs::read_to_string(log).unwrap_or_default();
     let last = stats
