@@ -80,7 +80,13 @@ fn check_inbox_matches(
         .extractors
         .iter()
         .any(|e| matches!(e, Extractor::Inbox));
-    if takes_tx && !attribute.model.inbox {
+    // `inbox` written with a value has its own error; the parameter is then no second one.
+    let inbox_written = attribute.model.inbox
+        || attribute
+            .model
+            .unreadable
+            .contains(&reliable_mq_model::Key::Inbox);
+    if takes_tx && !inbox_written {
         let ty = function.sig.inputs.iter().find_map(|arg| match arg {
             syn::FnArg::Typed(pat) if quote!(#pat).to_string().contains("InboxTx") => Some(pat),
             _ => None,
