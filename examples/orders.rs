@@ -2,7 +2,8 @@
 //!
 //! ```text
 //! cargo run --example orders            # publish a batch, show what happened, clean up, exit
-//! cargo run --example orders -- --serve # keep consuming until Ctrl-C (queues are kept)
+//! cargo run --example orders -- --serve # keep consuming until Ctrl-C (queues are kept),
+//!                                       # health and metrics on http://127.0.0.1:9090
 //! ```
 //!
 //! Two consumers: `reserve_stock` (idempotent, retried) reserves stock for each order in
@@ -168,7 +169,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .with_state(stock.clone());
     if serve {
         println!("consuming demo.orders and demo.notifications until Ctrl-C");
-        return Ok(app.run().await?);
+        return serve_until_ctrl_c(app).await;
     }
 
     println!("reliable-mq demo: an order service\n");
@@ -328,4 +329,23 @@ async fn cleanup(url: &str) -> Result<(), lapin::Error> {
     }
     let _ = conn.close(200, "demo cleaned up".into()).await;
     Ok(())
+}
+
+/// `--serve`: consume until Ctrl-C, with the health and metrics endpoint on
+/// `RELIABLE_MQ_HTTP_ADDR` (default `127.0.0.1:9090`).
+#[cfg(feature = "observe")]
+async fn serve_until_ctrl_c(app: App) -> Result<(), Box<dyn std::error::Error>> {
+    let running = app.start().await?;
+    let addr = std::env::var("RELIABLE_MQ_HTTP_ADDR").unwrap_or_else(|_| "127.0.0.1:9090".into());
+    let addr = running.serve_http(&addr).await?;
+    println!("  curl http://{addr}/health/ready");
+    println!("  curl http://{addr}/metrics");
+    tokio::signal::ctrl_c().await?;
+    Ok(running.shutdown().await?)
+}
+
+/// `--serve` without the endpoint (built with `--no-default-features`).
+#[cfg(not(feature = "observe"))]
+async fn serve_until_ctrl_c(app: App) -> Result<(), Box<dyn std::error::Error>> {
+    Ok(app.run().await?)
 }

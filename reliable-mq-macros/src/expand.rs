@@ -291,6 +291,9 @@ fn handler_impl(p: &TokenStream, name: &Ident, handler: &HandlerSig) -> TokenStr
             fn call(&self, #delivery: #p::Arc<#p::Delivery>) -> #p::HandlerFuture {
                 #boxed
             }
+            fn payload_type(&self) -> ::core::option::Option<&'static str> {
+                ::core::option::Option::Some(::core::any::type_name::<#payload_ty>())
+            }
             #states
         }
     }

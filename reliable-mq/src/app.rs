@@ -68,6 +68,7 @@ pub struct App {
     dedup: Option<Arc<dyn DedupStore>>,
     shutdown: ShutdownHandle,
     states: StateMap,
+    transport: crate::transport::Transport,
 }
 
 impl std::fmt::Debug for App {
@@ -94,7 +95,18 @@ impl App {
             dedup: None,
             shutdown: ShutdownHandle::new(),
             states: StateMap::default(),
+            transport: crate::transport::Transport::default(),
         }
+    }
+
+    /// Run on the in-memory broker of feature `testing` instead of RabbitMQ.
+    #[cfg(feature = "testing")]
+    pub(crate) fn on_memory_broker(
+        mut self,
+        broker: Arc<crate::transport::memory::MemoryBroker>,
+    ) -> Self {
+        self.transport = crate::transport::Transport::Memory(broker);
+        self
     }
 
     /// Register `state` for handlers that take `State<S>` (each handler call gets a
@@ -205,6 +217,10 @@ impl App {
         }
         let mut stop_requested = self.shutdown.signal();
         let mut running = self.start().await?;
+        #[cfg(feature = "http")]
+        if let Err(e) = crate::observe::http::serve_from_env(&running).await {
+            return running.shutdown().await.and(Err(e));
+        }
         let outcome = tokio::select! {
             r = shutdown::os_signal() => {
                 r.map_err(Error::Signal)?;
@@ -245,9 +261,21 @@ impl App {
             }
             None => None,
         };
-        let publisher = Publisher::from_config(&config).await?;
+        let publisher = match &self.transport {
+            crate::transport::Transport::Lapin => Publisher::from_config(&config).await?,
+            #[cfg(feature = "testing")]
+            crate::transport::Transport::Memory(broker) => Publisher::memory(
+                &config,
+                Arc::clone(broker),
+                crate::transport::memory::Origin::Handler,
+            ),
+        };
 
         let key_scope = KeyScope::from_config(&config)?;
+        // Before any consumer registers its metrics (unless the application has a
+        // recorder of its own).
+        #[cfg(feature = "metrics")]
+        crate::observe::metrics::install_prometheus();
         let mut tasks = JoinSet::new();
         let mut stats = Vec::new();
         let mut runtimes = Vec::new();
@@ -255,7 +283,7 @@ impl App {
             let topology = Topology::of(&consumer);
             // One set of counters per consumer, even when two consume one queue: each
             // has its own session, so its own `attached` and health.
-            let consumer_stats = Arc::new(ConsumerStats::default());
+            let consumer_stats = Arc::new(ConsumerStats::new(consumer.name(), consumer.queue()));
             stats.push(ConsumerEntry {
                 name: consumer.name().to_owned(),
                 queue: consumer.queue().to_owned(),
@@ -278,17 +306,19 @@ impl App {
                     config.max_reconnect_delay,
                 )),
                 states: Arc::clone(&states),
+                transport: self.transport.clone(),
             }));
         }
         // Declare everything up front so a mismatch stops start-up before any consuming.
-        let conn = crate::connection::open(&config, "topology").await?;
-        for r in &runtimes {
-            if let Err(e) = r.topology.declare(&conn).await {
-                let _ = conn.close(200, "topology check failed".into()).await;
-                return Err(e);
-            }
-        }
-        let _ = conn.close(200, "topology declared".into()).await;
+        declare_all(&self.transport, &config, &runtimes).await?;
+        // The queues `wait_idle` watches: each work queue and its wait tiers.
+        let runtimes_queues: Vec<String> = runtimes
+            .iter()
+            .flat_map(|r| {
+                std::iter::once(r.topology.queue.clone())
+                    .chain(r.topology.wait_queues().into_iter().map(|(q, _)| q))
+            })
+            .collect();
         #[cfg(feature = "postgres")]
         if runtimes.iter().any(|r| r.consumer.is_inbox())
             && let Some(pool) = states.get::<sqlx::PgPool>()
@@ -302,7 +332,13 @@ impl App {
         for r in runtimes {
             tasks.spawn(r.run());
         }
+        let idle = IdleCheck {
+            config: Arc::clone(&config),
+            transport: self.transport.clone(),
+            queues: runtimes_queues,
+        };
         let running = RunningApp {
+            idle,
             tasks,
             stats,
             shutdown: self.shutdown,
@@ -338,6 +374,32 @@ fn check_inbox_pool(consumer: &ConsumerConfig, states: &StateMap) -> Result<(), 
         "consumer `{}` is an `inbox` consumer, which runs in a PostgreSQL transaction: {fix}",
         consumer.name()
     )))
+}
+
+/// Declare every consumer's topology on `transport` before any of them consumes.
+// Without feature `testing` the transport can only be lapin.
+#[cfg_attr(not(feature = "testing"), allow(unused_variables))]
+async fn declare_all(
+    transport: &crate::transport::Transport,
+    config: &Config,
+    runtimes: &[Arc<ConsumerRuntime>],
+) -> Result<(), Error> {
+    #[cfg(feature = "testing")]
+    if let crate::transport::Transport::Memory(broker) = transport {
+        for r in runtimes {
+            broker.declare(&r.topology)?;
+        }
+        return Ok(());
+    }
+    let conn = crate::connection::open(config, "topology").await?;
+    for r in runtimes {
+        if let Err(e) = r.topology.declare(&conn).await {
+            let _ = conn.close(200, "topology check failed".into()).await;
+            return Err(e);
+        }
+    }
+    let _ = conn.close(200, "topology declared".into()).await;
+    Ok(())
 }
 
 async fn dedup_from_config(
@@ -481,7 +543,77 @@ fn sentinel_store(_url: &crate::dedup::SentinelUrl) -> Result<Arc<dyn DedupStore
     ))
 }
 
+/// What `RunningApp::wait_idle` looks at besides the consumers' counters.
+struct IdleCheck {
+    config: Arc<Config>,
+    #[cfg_attr(not(feature = "testing"), allow(dead_code))]
+    transport: crate::transport::Transport,
+    queues: Vec<String>,
+}
+
+/// A connection for counting messages, opened on first use.
+#[derive(Default)]
+struct QueueCounter(Option<Box<lapin::Connection>>);
+
+impl QueueCounter {
+    async fn close(self) {
+        if let Some(conn) = self.0 {
+            let _ = conn.close(200, "idle check done".into()).await;
+        }
+    }
+}
+
+impl IdleCheck {
+    /// Whether every watched queue is empty (a queue that cannot be counted is not).
+    async fn queues_empty(&self, counter: &mut QueueCounter) -> bool {
+        #[cfg(feature = "testing")]
+        if let crate::transport::Transport::Memory(broker) = &self.transport {
+            return self.queues.iter().all(|q| broker.messages(q).is_empty());
+        }
+        if counter.0.is_none() {
+            match crate::connection::open(&self.config, "idle check").await {
+                Ok(conn) => counter.0 = Some(Box::new(conn)),
+                Err(e) => {
+                    warn!(error = %e, "wait_idle cannot count the queues");
+                    return false;
+                }
+            }
+        }
+        let Some(conn) = &counter.0 else {
+            return false;
+        };
+        let Ok(channel) = conn.create_channel().await else {
+            counter.0 = None;
+            return false;
+        };
+        let mut empty = true;
+        for queue in &self.queues {
+            let options = lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..lapin::options::QueueDeclareOptions::default()
+            };
+            match channel
+                .queue_declare(
+                    queue.as_str().into(),
+                    options,
+                    lapin::types::FieldTable::default(),
+                )
+                .await
+            {
+                Ok(q) if q.message_count() == 0 => {}
+                _ => {
+                    empty = false;
+                    break;
+                }
+            }
+        }
+        let _ = channel.close(200, "counted".into()).await;
+        empty
+    }
+}
+
 /// One running consumer's counters.
+#[derive(Clone)]
 struct ConsumerEntry {
     name: String,
     queue: String,
@@ -490,6 +622,7 @@ struct ConsumerEntry {
 
 /// A started app: consumers attached and running in the background.
 pub struct RunningApp {
+    idle: IdleCheck,
     tasks: JoinSet<Result<(), Error>>,
     stats: Vec<ConsumerEntry>,
     shutdown: ShutdownHandle,
@@ -579,6 +712,35 @@ impl RunningApp {
         all
     }
 
+    /// Wait until the app is quiet: every consumer's queue and retry tier empty and no
+    /// delivery being handled or settled, seen twice in a row (50 ms apart); or until
+    /// `timeout`. Returns whether it got quiet. For batch jobs and integration tests;
+    /// messages published meanwhile keep it busy. A delivery the broker has sent but the
+    /// consumer has not yet taken from its buffer can slip between two looks only if
+    /// both miss it.
+    pub async fn wait_idle(&self, timeout: std::time::Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut quiet_before = false;
+        let mut counter = QueueCounter::default();
+        loop {
+            let handlers_idle = self
+                .stats
+                .iter()
+                .all(|c| c.stats.in_flight.load(std::sync::atomic::Ordering::Relaxed) == 0);
+            let quiet = handlers_idle && self.idle.queues_empty(&mut counter).await;
+            if quiet && quiet_before {
+                counter.close().await;
+                return true;
+            }
+            quiet_before = quiet;
+            if tokio::time::Instant::now() >= deadline {
+                counter.close().await;
+                return false;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+
     /// The app's confirmed publisher (its own connection, separate from consumers').
     pub fn publisher(&self) -> &Publisher {
         &self.publisher
@@ -591,8 +753,36 @@ impl RunningApp {
 
     /// Readiness: consumers attached, publisher connected, dedup store answering.
     pub async fn health(&self) -> Health {
+        self.health_probe().health().await
+    }
+
+    /// What [`RunningApp::health`] looks at, detached from the app (for the HTTP
+    /// endpoint's tasks).
+    pub(crate) fn health_probe(&self) -> HealthProbe {
+        HealthProbe {
+            stats: self.stats.clone(),
+            publisher: self.publisher.clone(),
+            dedup: self.dedup.clone(),
+        }
+    }
+}
+
+/// The parts of a running app its health is read from.
+#[derive(Clone)]
+pub(crate) struct HealthProbe {
+    stats: Vec<ConsumerEntry>,
+    publisher: Publisher,
+    dedup: Option<Arc<dyn DedupStore>>,
+}
+
+impl HealthProbe {
+    /// See [`RunningApp::health`]. A dedup store that does not answer within
+    /// [`PING_TIMEOUT`] is down: a health check must not hang on it.
+    pub(crate) async fn health(&self) -> Health {
         let dedup_up = match &self.dedup {
-            Some(store) => store.ping().await.is_ok(),
+            Some(store) => tokio::time::timeout(PING_TIMEOUT, store.ping())
+                .await
+                .is_ok_and(|r| r.is_ok()),
             None => true,
         };
         let consumers: Vec<ConsumerHealth> = self
@@ -612,7 +802,9 @@ impl RunningApp {
             consumers,
         }
     }
+}
 
+impl RunningApp {
     /// Wait until every consumer has attached once (its first session subscribed), or
     /// return the error of a consumer that stopped before it could. A consumer that cannot
     /// reach the broker keeps retrying with backoff, and this keeps waiting: `start`
@@ -675,6 +867,9 @@ impl RunningApp {
         first_error
     }
 }
+
+/// How long a health check waits for the dedup store.
+const PING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// A consumer task that panicked (or was cancelled): a bug, reported as such.
 fn panicked(join: tokio::task::JoinError) -> Error {

@@ -42,9 +42,12 @@
 //! | lapin's types in this API | [`lapin`] (re-exported, so you never match its version by hand) |
 //!
 //! Cargo features: `anyhow` (handlers may return `anyhow::Result<()>`), `redis-cluster`
-//! (a Redis Cluster dedup store), `testing` (`Delivery::for_test`, for unit tests of
+//! (a Redis Cluster dedup store), `testing` (`testing::TestApp`: your consumers on an
+//! in-memory broker running the same pipeline; `Delivery::for_test`, for unit tests of
 //! handlers), `cli` (the `reliable-mq` binary, `dlq list|show|replay|purge`, and its
-//! library module `dlq`).
+//! library module `dlq`), `otel` (W3C trace context through message headers), `metrics`
+//! (counters, gauges and histograms through the `metrics` facade), `http`
+//! (`/health/live`, `/health/ready` and `/metrics`; see `observe`).
 //!
 //! # State
 //!
@@ -88,6 +91,10 @@ pub mod dlq;
 mod error;
 mod failure;
 mod handler;
+#[cfg(any(feature = "otel", feature = "metrics"))]
+pub mod observe;
+#[cfg(not(any(feature = "otel", feature = "metrics")))]
+mod observe;
 #[cfg(feature = "postgres")]
 pub mod postgres;
 mod publisher;
@@ -95,7 +102,10 @@ mod retry;
 mod shutdown;
 mod spec;
 mod state;
+#[cfg(feature = "testing")]
+pub mod testing;
 mod topology;
+mod transport;
 
 pub use app::{App, ConsumerHealth, ExportFormat, Health, RunningApp, run, run_with};
 pub use config::Config;

@@ -79,23 +79,61 @@ impl Topology {
     }
 
     async fn declare_on(&self, ch: &Channel) -> Result<(), Error> {
-        if let Some((exchange, kind, _)) = &self.exchange {
-            declare_exchange(ch, exchange, *kind).await?;
-        }
-        declare_exchange(ch, &self.dlx, ExchangeKind::Direct).await?;
-
-        declare_queue(ch, &self.dlq, self.dlq_arguments()).await?;
-        bind(ch, &self.dlq, &self.dlx, &self.queue).await?;
-
-        declare_queue(ch, &self.queue, self.queue_arguments()).await?;
-        if let Some((exchange, _, key)) = &self.exchange {
-            bind(ch, &self.queue, exchange, key).await?;
-        }
-
-        for (tier, delay) in self.wait_queues() {
-            declare_queue(ch, &tier, self.tier_arguments(delay)).await?;
+        for step in self.plan() {
+            match step {
+                Declaration::Exchange { name, kind } => declare_exchange(ch, &name, kind).await?,
+                Declaration::Queue { name, args } => declare_queue(ch, &name, args).await?,
+                Declaration::Bind {
+                    queue,
+                    exchange,
+                    key,
+                } => bind(ch, &queue, &exchange, &key).await?,
+            }
         }
         Ok(())
+    }
+
+    /// Every object to declare, in order, with its arguments: the one description both
+    /// transports (RabbitMQ and the in-memory broker of feature `testing`) declare from.
+    pub(crate) fn plan(&self) -> Vec<Declaration> {
+        let mut plan = Vec::new();
+        if let Some((exchange, kind, _)) = &self.exchange {
+            plan.push(Declaration::Exchange {
+                name: exchange.clone(),
+                kind: *kind,
+            });
+        }
+        plan.push(Declaration::Exchange {
+            name: self.dlx.clone(),
+            kind: ExchangeKind::Direct,
+        });
+        plan.push(Declaration::Queue {
+            name: self.dlq.clone(),
+            args: self.dlq_arguments(),
+        });
+        plan.push(Declaration::Bind {
+            queue: self.dlq.clone(),
+            exchange: self.dlx.clone(),
+            key: self.queue.clone(),
+        });
+        plan.push(Declaration::Queue {
+            name: self.queue.clone(),
+            args: self.queue_arguments(),
+        });
+        if let Some((exchange, _, key)) = &self.exchange {
+            plan.push(Declaration::Bind {
+                queue: self.queue.clone(),
+                exchange: exchange.clone(),
+                key: key.clone(),
+            });
+        }
+        for (tier, delay) in self.wait_queues() {
+            plan.push(Declaration::Queue {
+                args: self.tier_arguments(delay),
+                name: tier,
+            });
+        }
+        plan
     }
 
     /// The DLQ's declaration arguments.
@@ -135,6 +173,21 @@ impl Topology {
         self.at_least_once(&mut args);
         args
     }
+}
+
+/// One object of a [`Topology`], as declared on the broker.
+#[derive(Debug, Clone)]
+pub(crate) enum Declaration {
+    /// A durable exchange.
+    Exchange { name: String, kind: ExchangeKind },
+    /// A durable queue with its arguments.
+    Queue { name: String, args: FieldTable },
+    /// A binding of `queue` to `exchange` with `key`.
+    Bind {
+        queue: String,
+        exchange: String,
+        key: String,
+    },
 }
 
 impl Topology {

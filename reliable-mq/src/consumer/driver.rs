@@ -26,19 +26,20 @@ use lapin::types::FieldTable;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
-use tracing::{Instrument, debug, error, info, info_span, warn};
+use tracing::{Instrument, debug, error, info, warn};
 
 use crate::connection::{self, Backoff};
 use crate::consumer::claim::{ClaimDecision, claim};
 use crate::consumer::inspect;
 use crate::consumer::invoke::invoke;
 use crate::consumer::settle::{SettleOutcome, Settler};
-use crate::consumer::{ConsumerStats, hand_back_deadline};
+use crate::consumer::{ConsumerStats, InFlight, hand_back_deadline};
 use crate::dedup::{DedupStore, KeyScope};
 use crate::publisher::Publisher;
 use crate::shutdown::ShutdownHandle;
 use crate::spec::ConsumerConfig;
 use crate::topology::Topology;
+use crate::transport::{Acker, Link, RawDelivery, Transport};
 use crate::{Config, Delivery, Error};
 
 /// Resolves when the session's connection or channel is no longer usable.
@@ -51,6 +52,94 @@ async fn link_lost(conn: &lapin::Connection, channel: &lapin::Channel) -> String
             return "channel closed".into();
         }
         tokio::time::sleep(LINK_CHECK_EVERY).await;
+    }
+}
+
+/// The frame limit the in-memory broker reports (RabbitMQ's default).
+#[cfg(feature = "testing")]
+const MEMORY_FRAME_MAX: usize = 131_072;
+
+/// One subscription and what it came with, on either transport (see `crate::transport`).
+// One per session, made once and never moved around: boxing would only add a hop.
+#[allow(clippy::large_enum_variant)]
+enum Session {
+    Lapin {
+        conn: Arc<lapin::Connection>,
+        channel: lapin::Channel,
+        deliveries: lapin::Consumer,
+        tag: String,
+    },
+    #[cfg(feature = "testing")]
+    Memory(crate::transport::memory::Subscription),
+}
+
+impl Session {
+    /// The next delivery; `Err` with the reason when the link broke, `None` when the
+    /// broker cancelled the subscription.
+    async fn next(&mut self) -> Option<Result<RawDelivery, String>> {
+        match self {
+            Self::Lapin { deliveries, .. } => match deliveries.next().await? {
+                Ok(d) => Some(Ok(RawDelivery::from(d))),
+                Err(e) => Some(Err(inspect::stream_error(&e))),
+            },
+            #[cfg(feature = "testing")]
+            Self::Memory(sub) => Some(sub.next().await),
+        }
+    }
+
+    /// Resolves with the reason once the link is no longer usable.
+    async fn lost(&self) -> String {
+        match self {
+            Self::Lapin { conn, channel, .. } => link_lost(conn, channel).await,
+            #[cfg(feature = "testing")]
+            Self::Memory(sub) => sub.lost().await,
+        }
+    }
+
+    /// The reason the link was `lost`, made precise by what the deliveries read ahead say
+    /// (see [`inspect::lost_because`]).
+    async fn lost_because(&mut self, lost: String) -> String {
+        match self {
+            Self::Lapin { deliveries, .. } => inspect::lost_because(deliveries, lost).await,
+            #[cfg(feature = "testing")]
+            Self::Memory(_) => lost,
+        }
+    }
+
+    /// Stop new deliveries (shutdown); those in flight still settle.
+    async fn cancel(&self) {
+        match self {
+            Self::Lapin { channel, tag, .. } => {
+                let _ = channel
+                    .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
+                    .await;
+            }
+            #[cfg(feature = "testing")]
+            Self::Memory(_) => {}
+        }
+    }
+
+    /// Close the channel and connection: every unacked delivery returns to the queue.
+    async fn close(&self) {
+        match self {
+            Self::Lapin { conn, channel, .. } => {
+                let _ = channel.close(200, "consumer stopping".into()).await;
+                let _ = conn.close(200, "consumer stopping".into()).await;
+            }
+            #[cfg(feature = "testing")]
+            Self::Memory(sub) => sub.close(),
+        }
+    }
+
+    /// The link broke: close what is left of it before reconnecting.
+    async fn drop_connection(&self) {
+        match self {
+            Self::Lapin { conn, .. } => {
+                let _ = conn.close(200, "consumer reconnecting".into()).await;
+            }
+            #[cfg(feature = "testing")]
+            Self::Memory(sub) => sub.close(),
+        }
     }
 }
 
@@ -80,6 +169,9 @@ pub(crate) struct ConsumerRuntime {
     pub(crate) key_scope: KeyScope,
     /// Paces the held settle copies of this consumer (see `Settler::retry_gate`).
     pub(crate) retry_gate: tokio::sync::Mutex<Backoff>,
+    /// RabbitMQ, or the in-memory broker of feature `testing` (only read with it).
+    #[cfg_attr(not(feature = "testing"), allow(dead_code))]
+    pub(crate) transport: Transport,
 }
 
 /// Spaces the sessions of one consumer.
@@ -125,7 +217,7 @@ struct Held<'a> {
     /// Hand it back to the broker by then (its `consumer_timeout` is near).
     hand_back_at: Instant,
     /// The session's connection (to redeclare the topology on).
-    connection: &'a lapin::Connection,
+    connection: &'a Link,
 }
 
 /// Why a session ended.
@@ -155,6 +247,7 @@ impl ConsumerRuntime {
                 Err(e) => SessionEnd::Broken(e.to_string()),
             };
             self.stats.attached.store(false, Ordering::Relaxed);
+            self.stats.metrics.attached(false);
             match end {
                 SessionEnd::Shutdown => return Ok(()),
                 SessionEnd::Broken(reason) => {
@@ -180,42 +273,17 @@ impl ConsumerRuntime {
     /// this one starts with a window of one delivery (see [`inspect::UnreadableFrames`]).
     async fn session(self: &Arc<Self>, mut narrow: bool) -> Result<SessionEnd, Error> {
         let queue = self.consumer.queue();
-        let name = self.consumer.name();
-        // The consumer's name tells two consumers of one queue apart in the broker's tools.
-        let role = if name == queue {
-            format!("consumer {queue}")
-        } else {
-            format!("consumer {queue} as {name}")
-        };
-        let conn = Arc::new(connection::open(&self.config, &role).await?);
-        self.topology.declare(&conn).await?;
-        let channel = conn
-            .create_channel()
-            .await
-            .map_err(|e| Error::amqp("opening the consumer channel", e))?;
-        let prefetch = if narrow { 1 } else { self.consumer.prefetch() };
-        channel
-            .basic_qos(prefetch, BasicQosOptions::default())
-            .await
-            .map_err(|e| Error::amqp("setting prefetch", e))?;
-        let mut tag = self.consumer_tag();
+        let (mut session, link, frame_max) = self.open_session(narrow).await?;
         let mut narrow_reads = 0u8;
-        let mut deliveries = channel
-            .basic_consume(
-                queue.into(),
-                tag.as_str().into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .map_err(|e| Error::amqp(format!("subscribing to queue '{queue}'"), e))?;
         ConsumerStats::bump(&self.stats.sessions);
         self.stats.attached.store(true, Ordering::Relaxed);
+        self.stats.metrics.attached(true);
+        let prefetch = if narrow { 1 } else { self.consumer.prefetch() };
         info!(%queue, prefetch, concurrency = self.consumer.concurrency(), "consumer attached");
 
         let limits = inspect::Limits {
             max_body_size: self.config.max_body_size,
-            frame_max: usize::try_from(conn.configuration().frame_max()).unwrap_or(usize::MAX),
+            frame_max,
         };
         let slots = Arc::new(Semaphore::new(usize::from(self.consumer.concurrency())));
         let mut in_flight = JoinSet::new();
@@ -225,7 +293,7 @@ impl ConsumerRuntime {
             let next = tokio::select! {
                 biased;
                 _ = signal.cancelled() => break SessionEnd::Shutdown,
-                next = deliveries.next() => next,
+                next = session.next() => next,
             };
             // The broker's `consumer_timeout` runs from here.
             let hand_back_at = hand_back_deadline(Instant::now(), self.config.consumer_timeout);
@@ -237,15 +305,14 @@ impl ConsumerRuntime {
                     narrow_reads += 1;
                     if narrow_reads == 2 {
                         narrow = false;
-                        match self.widen(&channel, &mut tag).await {
-                            Ok(stream) => deliveries = stream,
-                            Err(e) => break SessionEnd::Broken(e.to_string()),
+                        if let Err(e) = self.widen(&mut session).await {
+                            break SessionEnd::Broken(e.to_string());
                         }
                     }
                     d
                 }
                 Some(Ok(d)) => d,
-                Some(Err(e)) => break SessionEnd::Broken(inspect::stream_error(&e)),
+                Some(Err(e)) => break SessionEnd::Broken(e),
                 None => {
                     break SessionEnd::Broken(
                         "the broker cancelled the subscription (queue deleted?)".into(),
@@ -253,14 +320,16 @@ impl ConsumerRuntime {
                 }
             };
             let (delivery, acker, span) = self.receive(raw);
+            let busy = InFlight::new(&self.stats);
             if let Some(refusal) = inspect::refuse(&delivery, limits) {
                 // Hostile input: to the DLQ without a slot, a claim or a handler call.
-                let (this, conn) = (Arc::clone(self), Arc::clone(&conn));
+                let (this, link) = (Arc::clone(self), Arc::clone(&link));
                 in_flight.spawn(
                     async move {
+                        let _busy = busy;
                         let held = Held {
                             hand_back_at,
-                            connection: &conn,
+                            connection: &link,
                         };
                         this.refuse(delivery, &acker, refusal, held).await
                     }
@@ -292,19 +361,20 @@ impl ConsumerRuntime {
                 },
                 // With every slot busy the delivery stream is not polled, so watch the
                 // link directly: a broker restart must not go unnoticed behind slow handlers.
-                reason = link_lost(&conn, &channel) => {
-                    break SessionEnd::Broken(inspect::lost_because(&mut deliveries, reason).await);
+                reason = session.lost() => {
+                    break SessionEnd::Broken(session.lost_because(reason).await);
                 }
             };
             // Reap finished tasks so the set does not grow with the session.
             while in_flight.try_join_next().is_some() {}
             let this = Arc::clone(self);
-            let conn = Arc::clone(&conn);
+            let link = Arc::clone(&link);
             in_flight.spawn(
                 async move {
+                    let _busy = busy;
                     let held = Held {
                         hand_back_at,
-                        connection: &conn,
+                        connection: &link,
                     };
                     this.process(delivery, acker, claim, permit, held).await
                 }
@@ -313,19 +383,18 @@ impl ConsumerRuntime {
         };
 
         self.stats.attached.store(false, Ordering::Relaxed);
+        self.stats.metrics.attached(false);
         if let SessionEnd::Broken(_) = &end {
             // The channel is gone: in-flight handlers cannot ack on it any more, and the
             // broker is already redelivering their messages. Let them finish detached (their
             // acks fail harmlessly; dedup absorbs the redeliveries) and reconnect now rather
             // than after the slowest handler.
             in_flight.detach_all();
-            let _ = conn.close(200, "consumer reconnecting".into()).await;
+            session.drop_connection().await;
             return Ok(end);
         }
         // Stop new deliveries, let in-flight handlers settle on this (still open) channel.
-        let _ = channel
-            .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
-            .await;
+        session.cancel().await;
         let grace = self.config.shutdown_grace;
         let drained = tokio::time::timeout(grace, async {
             while in_flight.join_next().await.is_some() {}
@@ -336,9 +405,61 @@ impl ConsumerRuntime {
             in_flight.abort_all();
         }
         // Closing returns every unacked delivery (prefetched, abandoned) to the queue.
-        let _ = channel.close(200, "consumer stopping".into()).await;
-        let _ = conn.close(200, "consumer stopping".into()).await;
+        session.close().await;
         Ok(end)
+    }
+
+    /// Connect, declare the topology, set the prefetch window and subscribe, on this
+    /// consumer's transport. Also returns the link to redeclare on and the frame limit.
+    async fn open_session(&self, narrow: bool) -> Result<(Session, Arc<Link>, usize), Error> {
+        let prefetch = if narrow { 1 } else { self.consumer.prefetch() };
+        #[cfg(feature = "testing")]
+        if let Transport::Memory(broker) = &self.transport {
+            broker.declare(&self.topology)?;
+            let subscription = broker.subscribe(self.consumer.queue(), prefetch);
+            let link = Arc::new(Link::Memory(Arc::clone(broker)));
+            return Ok((Session::Memory(subscription), link, MEMORY_FRAME_MAX));
+        }
+        let queue = self.consumer.queue();
+        let name = self.consumer.name();
+        // The consumer's name tells two consumers of one queue apart in the broker's tools.
+        let role = if name == queue {
+            format!("consumer {queue}")
+        } else {
+            format!("consumer {queue} as {name}")
+        };
+        let conn = Arc::new(connection::open(&self.config, &role).await?);
+        self.topology.declare(&conn).await?;
+        let channel = conn
+            .create_channel()
+            .await
+            .map_err(|e| Error::amqp("opening the consumer channel", e))?;
+        channel
+            .basic_qos(prefetch, BasicQosOptions::default())
+            .await
+            .map_err(|e| Error::amqp("setting prefetch", e))?;
+        let tag = self.consumer_tag();
+        let deliveries = channel
+            .basic_consume(
+                queue.into(),
+                tag.as_str().into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| Error::amqp(format!("subscribing to queue '{queue}'"), e))?;
+        let frame_max = usize::try_from(conn.configuration().frame_max()).unwrap_or(usize::MAX);
+        let link = Arc::new(Link::Lapin(Arc::clone(&conn)));
+        Ok((
+            Session::Lapin {
+                conn,
+                channel,
+                deliveries,
+                tag,
+            },
+            link,
+            frame_max,
+        ))
     }
 
     /// Claim `delivery`; while the store does not answer, hold it (unacked, slot kept) and
@@ -348,10 +469,12 @@ impl ConsumerRuntime {
     async fn claim(
         &self,
         delivery: &Delivery,
-        acker: &lapin::Acker,
+        acker: &Acker,
         hand_back_at: Instant,
     ) -> Option<ClaimDecision> {
         let mut backoff: Option<Backoff> = None;
+        // Counts the time paused when dropped, whichever way the pause ends.
+        let mut _paused = None;
         let mut signal = self.shutdown.signal();
         loop {
             let decision = claim(
@@ -368,11 +491,13 @@ impl ConsumerRuntime {
                 }
                 return Some(decision);
             };
+            self.stats.metrics.dedup_error();
             let delay = match &mut backoff {
                 Some(b) => b.next_delay(),
                 None => {
                     warn!(error = %e, "dedup store unreachable: pausing this delivery (unacked, nothing dead-lettered) until it answers");
                     self.stats.paused.fetch_add(1, Ordering::Relaxed);
+                    _paused = Some(self.stats.metrics.paused());
                     backoff
                         .insert(Backoff::new(DEDUP_RETRY_MAX_DELAY))
                         .next_delay()
@@ -391,6 +516,7 @@ impl ConsumerRuntime {
                     warn!("dedup store still unreachable; handing the delivery back before the broker's consumer_timeout");
                     crate::consumer::settle::put_back(acker, std::time::Duration::ZERO).await;
                     ConsumerStats::bump(&self.stats.requeued);
+                    self.stats.metrics.requeued();
                     return None;
                 }
             }
@@ -403,12 +529,10 @@ impl ConsumerRuntime {
     }
 
     /// Take a delivery apart into what the handler sees, its acker and its span.
-    fn receive(
-        &self,
-        raw: lapin::message::Delivery,
-    ) -> (Arc<Delivery>, lapin::Acker, tracing::Span) {
+    fn receive(&self, raw: RawDelivery) -> (Arc<Delivery>, Acker, tracing::Span) {
         ConsumerStats::bump(&self.stats.received);
-        let lapin::message::Delivery {
+        self.stats.metrics.received();
+        let RawDelivery {
             delivery_tag,
             exchange,
             routing_key,
@@ -420,34 +544,35 @@ impl ConsumerRuntime {
         let delivery = Arc::new(Delivery {
             body: data,
             properties,
-            exchange: exchange.to_string(),
-            routing_key: routing_key.to_string(),
+            exchange,
+            routing_key,
             queue: self.consumer.queue().to_owned(),
             redelivered,
             delivery_tag,
             publisher: Some(self.publisher.clone()),
             states: Arc::clone(&self.states),
         });
-        let span = info_span!(
-            "delivery",
-            queue = %self.consumer.queue(),
-            message_id = delivery.message_id().unwrap_or(""),
-            delivery_tag,
-            redelivered,
-            attempt = delivery.attempt(),
-        );
+        let span = crate::observe::trace::delivery_span(&delivery);
         (delivery, acker, span)
     }
 
     /// Re-subscribe with the full prefetch window (a consumer's prefetch is fixed when it
     /// subscribes). Deliveries already received stay unacked on the channel and settle as
     /// usual.
-    async fn widen(
-        &self,
-        channel: &lapin::Channel,
-        tag: &mut String,
-    ) -> Result<lapin::Consumer, Error> {
+    // Without feature `testing` a session can only be a lapin one.
+    #[cfg_attr(not(feature = "testing"), allow(irrefutable_let_patterns))]
+    async fn widen(&self, session: &mut Session) -> Result<(), Error> {
         let queue = self.consumer.queue();
+        let Session::Lapin {
+            channel,
+            deliveries,
+            tag,
+            ..
+        } = session
+        else {
+            // The in-memory broker never sends an unreadable frame, so never narrows.
+            return Ok(());
+        };
         channel
             .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
             .await
@@ -459,7 +584,7 @@ impl ConsumerRuntime {
             .basic_qos(self.consumer.prefetch(), BasicQosOptions::default())
             .await
             .map_err(|e| Error::amqp("setting prefetch", e))?;
-        channel
+        *deliveries = channel
             .basic_consume(
                 queue.into(),
                 tag.as_str().into(),
@@ -467,7 +592,8 @@ impl ConsumerRuntime {
                 FieldTable::default(),
             )
             .await
-            .map_err(|e| Error::amqp(format!("subscribing to queue '{queue}'"), e))
+            .map_err(|e| Error::amqp(format!("subscribing to queue '{queue}'"), e))?;
+        Ok(())
     }
 
     /// A fresh consumer tag, cut to fit an AMQP short string whatever the consumer's name.
@@ -495,7 +621,7 @@ impl ConsumerRuntime {
     async fn refuse(
         &self,
         mut delivery: Arc<Delivery>,
-        acker: &lapin::Acker,
+        acker: &Acker,
         refusal: inspect::Refusal,
         held: Held<'_>,
     ) {
@@ -527,12 +653,13 @@ impl ConsumerRuntime {
     async fn process(
         &self,
         delivery: Arc<Delivery>,
-        acker: lapin::Acker,
+        acker: Acker,
         claim: Option<tokio::task::JoinHandle<Option<ClaimDecision>>>,
         slot: tokio::sync::OwnedSemaphorePermit,
         held: Held<'_>,
     ) {
         let mut slot = Some(slot);
+        let _in_flight = self.stats.metrics.in_flight();
         let settler = self.settler(&held);
         let decision = match claim {
             Some(task) => task.await.ok().flatten(),
@@ -566,7 +693,9 @@ impl ConsumerRuntime {
             ClaimDecision::Run(guard) => {
                 let handler = self.consumer.handler.as_ref();
                 // The claim's lease is renewed by a task of its own, beside the call.
+                let timer = self.stats.metrics.timer();
                 let result = invoke(handler, Arc::clone(&delivery), self.consumer.timeout()).await;
+                self.stats.metrics.handler_took(timer);
                 // The handler is done: its slot goes to the next delivery while this settles.
                 slot = None;
                 match result {
@@ -575,6 +704,7 @@ impl ConsumerRuntime {
                             g.complete(self.consumer.dedup_ttl()).await;
                         }
                         ConsumerStats::bump(&self.stats.handled);
+                        self.stats.metrics.handled();
                         debug!("handled");
                         SettleOutcome::Ack
                     }
@@ -582,6 +712,7 @@ impl ConsumerRuntime {
                         if let Some(g) = guard {
                             g.release().await;
                         }
+                        crate::observe::trace::record_error(e.kind().as_str());
                         warn!(error = %e, "handler failed");
                         SettleOutcome::from_error(e)
                     }
@@ -589,6 +720,7 @@ impl ConsumerRuntime {
             }
             ClaimDecision::Duplicate => {
                 ConsumerStats::bump(&self.stats.duplicates);
+                self.stats.metrics.duplicate();
                 debug!("duplicate of a handled message; acking without a handler call");
                 SettleOutcome::Ack
             }
@@ -607,7 +739,15 @@ impl ConsumerRuntime {
             }
         };
         drop(slot);
-        settler.settle(&acker, &delivery, outcome).await;
+        let timer = self.stats.metrics.timer();
+        let name = outcome.name();
+        crate::observe::trace::settling(
+            settler.settle(&acker, &delivery, outcome),
+            delivery.queue(),
+            name,
+        )
+        .await;
+        self.stats.metrics.settled(timer);
     }
 }
 

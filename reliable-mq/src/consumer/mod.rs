@@ -28,6 +28,10 @@ pub struct ConsumerStats {
     pub(crate) paused: AtomicU64,
     pub(crate) held: AtomicU64,
     pub(crate) attached: AtomicBool,
+    /// The same events for the metrics recorder (feature `metrics`; empty without it).
+    pub(crate) metrics: crate::observe::ConsumerMetrics,
+    /// Deliveries received and not yet settled (or given up on): see [`InFlight`].
+    pub(crate) in_flight: AtomicU64,
     /// Why the consumer cannot settle some deliveries right now, and the copy target that
     /// fails (see [`ConsumerStats::degraded`]).
     degraded: Mutex<Option<Degraded>>,
@@ -71,6 +75,14 @@ pub struct StatsSnapshot {
 }
 
 impl ConsumerStats {
+    /// The counters of the consumer `name` of `queue` (the labels of its metrics).
+    pub(crate) fn new(name: &str, queue: &str) -> Self {
+        Self {
+            metrics: crate::observe::ConsumerMetrics::new(name, queue),
+            ..Self::default()
+        }
+    }
+
     /// Read every counter.
     pub fn snapshot(&self) -> StatsSnapshot {
         let r = |c: &AtomicU64| c.load(Ordering::Relaxed);
@@ -121,6 +133,24 @@ impl ConsumerStats {
         if degraded.as_ref().is_some_and(|d| d.target == target) {
             *degraded = None;
         }
+    }
+}
+
+/// One received delivery until its processing ends (settled, held and handed back, or
+/// abandoned with its channel): counted in [`ConsumerStats::in_flight`], for
+/// `RunningApp::wait_idle`.
+pub(crate) struct InFlight(std::sync::Arc<ConsumerStats>);
+
+impl InFlight {
+    pub(crate) fn new(stats: &std::sync::Arc<ConsumerStats>) -> Self {
+        stats.in_flight.fetch_add(1, Ordering::Relaxed);
+        Self(std::sync::Arc::clone(stats))
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

@@ -13,9 +13,8 @@
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use lapin::options::{BasicAckOptions, BasicNackOptions};
+use lapin::BasicProperties;
 use lapin::types::FieldTable;
-use lapin::{Acker, BasicProperties};
 use tokio::time::Instant;
 use tracing::{debug, error, info, warn};
 
@@ -25,6 +24,7 @@ use crate::failure::{self, FailureKind, header};
 use crate::publisher::{PublishError, Publisher};
 use crate::shutdown::ShutdownHandle;
 use crate::topology::Topology;
+use crate::transport::{Acker, Link};
 use crate::{Delivery, HandlerError};
 
 /// How long to wait before putting a message back that cannot be settled at all, so it
@@ -50,6 +50,17 @@ pub(crate) enum SettleOutcome {
 }
 
 impl SettleOutcome {
+    /// The outcome's name, for its settle span.
+    pub(crate) fn name(&self) -> &'static str {
+        match self {
+            Self::Ack => "ack",
+            Self::Retry { .. } => "retry",
+            Self::DeadLetter { .. } => "dead_letter",
+            Self::RequeueHeld => "requeue",
+            Self::PutBack => "put_back",
+        }
+    }
+
     /// The outcome of a failed handler call.
     pub(crate) fn from_error(e: HandlerError) -> Self {
         let kind = e.kind();
@@ -69,7 +80,7 @@ pub(crate) struct Settler<'a> {
     pub(crate) stats: &'a ConsumerStats,
     /// The session's connection, to redeclare the topology on before a held copy tries
     /// again (a deleted tier, DLX or binding comes back).
-    pub(crate) connection: &'a lapin::Connection,
+    pub(crate) connection: &'a Link,
     /// Taken by a held copy for its next try: one at a time per consumer, with a delay
     /// that grows across tries until one succeeds (then it starts over).
     pub(crate) retry_gate: &'a tokio::sync::Mutex<Backoff>,
@@ -94,6 +105,7 @@ impl Settler<'_> {
                             .await
                         {
                             ConsumerStats::bump(&self.stats.retried);
+                            self.stats.metrics.retried(kind.as_str());
                         }
                     }
                     None => {
@@ -123,6 +135,7 @@ impl Settler<'_> {
                     error!("no requeue tier for a held claim; putting the message back");
                     put_back(acker, PUT_BACK_DELAY).await;
                     ConsumerStats::bump(&self.stats.requeued);
+                    self.stats.metrics.requeued();
                     return;
                 };
                 // Not a failure: the retry state (`x-attempts`, ...) travels unchanged. The
@@ -137,24 +150,26 @@ impl Settler<'_> {
                 );
                 if self.copy_then_ack(acker, delivery, "", tier, headers).await {
                     ConsumerStats::bump(&self.stats.requeued);
+                    self.stats.metrics.requeued();
                 }
             }
             SettleOutcome::PutBack => {
                 put_back(acker, Duration::ZERO).await;
                 ConsumerStats::bump(&self.stats.requeued);
+                self.stats.metrics.requeued();
             }
         }
     }
 
     async fn dead_letter(&self, acker: &Acker, delivery: &Delivery, headers: FieldTable) {
-        info!(
-            kind = failure::header_str(Some(&headers), header::ERROR_KIND).unwrap_or(""),
-            dlq = %self.topology.dlq,
-            "dead-lettering"
-        );
+        let kind = failure::header_str(Some(&headers), header::ERROR_KIND)
+            .unwrap_or("")
+            .to_owned();
+        info!(kind, dlq = %self.topology.dlq, "dead-lettering");
         let (dlx, key) = (&self.topology.dlx, &self.topology.queue);
         if self.copy_then_ack(acker, delivery, dlx, key, headers).await {
             ConsumerStats::bump(&self.stats.dead_lettered);
+            self.stats.metrics.dead_lettered(&kind);
         }
     }
 
@@ -220,6 +235,7 @@ impl Settler<'_> {
                     warn!(exchange, routing_key, "the settle copy is still not taken; handing the original back before the broker's consumer_timeout would close the channel");
                     put_back(acker, Duration::ZERO).await;
                     ConsumerStats::bump(&self.stats.requeued);
+                    self.stats.metrics.requeued();
                     self.stats.release_held();
                     return false;
                 }
@@ -235,7 +251,7 @@ impl Settler<'_> {
                 }
             };
             // A deleted tier, DLX or binding comes back with the topology.
-            if let Err(e) = self.topology.declare(self.connection).await {
+            if let Err(e) = self.connection.declare(self.topology).await {
                 debug!(error = %e, "cannot redeclare the topology before trying the copy again");
             }
             result = publish().await;
@@ -394,7 +410,7 @@ fn keep_origin(headers: &mut FieldTable, delivery: &Delivery) {
 }
 
 pub(crate) async fn ack(acker: &Acker) {
-    match acker.ack(BasicAckOptions::default()).await {
+    match acker.ack().await {
         Ok(true) => {}
         // The channel is gone: the broker redelivers the message (dedup absorbs it).
         Ok(false) => debug!("ack not sent: the channel is gone; the broker will redeliver"),
@@ -406,11 +422,7 @@ pub(crate) async fn put_back(acker: &Acker, delay: Duration) {
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;
     }
-    let options = BasicNackOptions {
-        requeue: true,
-        ..BasicNackOptions::default()
-    };
-    if let Err(e) = acker.nack(options).await {
+    if let Err(e) = acker.nack(true).await {
         warn!(error = %e, "nack failed; the broker will redeliver when the channel closes");
     }
 }

@@ -199,7 +199,7 @@ const UNAVAILABLE_MAX_DELAY: Duration = Duration::from_secs(5);
 pub(crate) struct InboxCall<'a> {
     pub(crate) handler: &'a dyn Handler,
     pub(crate) delivery: &'a Arc<Delivery>,
-    pub(crate) acker: &'a lapin::Acker,
+    pub(crate) acker: &'a crate::transport::Acker,
     pub(crate) consumer: &'a str,
     pub(crate) timeout: Duration,
     pub(crate) dedup_ttl: Duration,
@@ -307,6 +307,7 @@ impl InboxCall<'_> {
             Ok(done) if done.rows_affected() == 0 => {
                 let _ = tx.rollback().await;
                 ConsumerStats::bump(&self.stats.duplicates);
+                self.stats.metrics.duplicate();
                 debug!(
                     "duplicate of a message already in the inbox; acking without a handler call"
                 );
@@ -338,6 +339,7 @@ impl InboxCall<'_> {
                     #[cfg(feature = "testing")]
                     crate::postgres::seams::fire(&crate::postgres::seams::AFTER_INBOX_COMMIT);
                     ConsumerStats::bump(&self.stats.handled);
+                    self.stats.metrics.handled();
                     debug!("handled and committed");
                     Attempt::Settle(SettleOutcome::Ack)
                 }

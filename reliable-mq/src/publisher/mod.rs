@@ -73,6 +73,7 @@ use serde::Serialize;
 use tracing::{Instrument, debug, warn};
 
 use crate::connection;
+use crate::observe::publish_metrics;
 use crate::{Config, Error};
 use ledger::{Ledger, Outcome};
 
@@ -290,6 +291,12 @@ struct Inner {
     /// refused exchange: 403, 404, 406): still good, so the next link opens a channel on
     /// it instead of a new connection.
     reusable: Mutex<Option<Arc<Connection>>>,
+    /// Publish to the in-memory broker instead (feature `testing`), as `origin`.
+    #[cfg(feature = "testing")]
+    memory: Option<(
+        Arc<crate::transport::memory::MemoryBroker>,
+        crate::transport::memory::Origin,
+    )>,
 }
 
 pub(crate) struct Link {
@@ -384,11 +391,35 @@ impl Publisher {
                 last_connect_error: Mutex::new(String::new()),
                 generation: AtomicU64::new(0),
                 reusable: Mutex::new(None),
+                #[cfg(feature = "testing")]
+                memory: None,
             }),
         };
         let link = publisher.open_link().await?;
         *write(&publisher.inner.link) = Some(link);
         Ok(publisher)
+    }
+
+    /// A publisher on the in-memory broker of feature `testing`: the same validation,
+    /// retries and error classification, one confirmed publish answered by `broker`.
+    #[cfg(feature = "testing")]
+    pub(crate) fn memory(
+        config: &Config,
+        broker: Arc<crate::transport::memory::MemoryBroker>,
+        origin: crate::transport::memory::Origin,
+    ) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                config: config.clone(),
+                link: RwLock::new(None),
+                reconnecting: tokio::sync::Mutex::new(()),
+                connect_failures: AtomicU64::new(0),
+                last_connect_error: Mutex::new(String::new()),
+                generation: AtomicU64::new(0),
+                reusable: Mutex::new(None),
+                memory: Some((broker, origin)),
+            }),
+        }
     }
 
     /// The configuration this publisher runs with.
@@ -578,14 +609,11 @@ impl Publisher {
         if patience == Patience::Republish {
             limits::check_properties(&properties)?;
         }
-        let span = tracing::debug_span!(
-            "publish",
-            exchange,
-            routing_key,
-            message_id = %message_id,
-            outcome = tracing::field::Empty,
-            retries = tracing::field::Empty,
-        );
+        let span = crate::observe::trace::publish_span(exchange, routing_key, &message_id);
+        // A copy keeps the trace context of the message it copies.
+        if patience == Patience::Republish {
+            properties = crate::observe::trace::inject(&span, properties);
+        }
         if let Some(max) = max_body_size
             && body.len() > max
         {
@@ -694,6 +722,21 @@ impl Publisher {
     /// One publish and its confirm, bounded by the confirm timeout from the moment it is
     /// handed to the ledger (unless the path awaits its own confirm).
     async fn attempt(&self, send: &Send<'_>) -> Result<(), AttemptError> {
+        #[cfg(feature = "testing")]
+        if let Some((broker, origin)) = &self.inner.memory {
+            let origin = match send.patience {
+                Patience::AwaitOwnConfirm => crate::transport::memory::Origin::Settle,
+                Patience::Republish => *origin,
+            };
+            let outcome = broker.publish(
+                origin,
+                send.exchange,
+                send.routing_key,
+                send.properties.clone(),
+                send.body.as_ref().clone(),
+            );
+            return judge(outcome).map_err(|(e, _)| e);
+        }
         let link = self.link().await.map_err(AttemptError::Lost)?;
         if link.connection.status().blocked() {
             self.wait_unblocked(&link).await?;
@@ -715,6 +758,7 @@ impl Publisher {
             .await
             // No room within the timeout: nothing was sent.
             .ok_or(AttemptError::Timeout)?;
+        let sent = publish_metrics::published();
         let outcome = match send.patience {
             Patience::Republish => ticket.await,
             Patience::AwaitOwnConfirm => {
@@ -731,21 +775,18 @@ impl Publisher {
                 }
             }
         };
-        match outcome {
-            Outcome::Confirmed => Ok(()),
-            Outcome::Returned(code, reply) => Err(AttemptError::Unroutable(code, reply)),
-            Outcome::Nacked => Err(AttemptError::Nacked),
-            Outcome::TimedOut => Err(AttemptError::Timeout),
-            Outcome::Failed(code, reason) => {
-                // A refusal closes only the channel: keep the connection for the next one.
-                let keep_connection = code.is_some_and(is_refusal);
-                self.invalidate(link.generation, keep_connection);
-                Err(match code {
-                    Some(code) if is_refusal(code) => AttemptError::Refused(code, reason),
-                    _ => AttemptError::Lost(reason),
-                })
-            }
+        match &outcome {
+            Outcome::Confirmed => publish_metrics::confirmed(sent),
+            Outcome::Returned(..) => publish_metrics::returned(),
+            Outcome::Nacked => publish_metrics::nacked(),
+            _ => {}
         }
+        judge(outcome).map_err(|(e, failed)| {
+            if let Some(keep_connection) = failed {
+                self.invalidate(link.generation, keep_connection);
+            }
+            e
+        })
     }
 
     /// Wait (bounded) while the broker blocks publishing.
@@ -863,6 +904,10 @@ impl Publisher {
 
     /// Whether the publisher currently has a live connection.
     pub async fn is_connected(&self) -> bool {
+        #[cfg(feature = "testing")]
+        if self.inner.memory.is_some() {
+            return true;
+        }
         self.current().is_some()
     }
 
@@ -876,6 +921,27 @@ impl Publisher {
         let kept = lock(&self.inner.reusable).take();
         if let Some(connection) = kept {
             let _ = connection.close(200, "publisher closed".into()).await;
+        }
+    }
+}
+
+/// What one attempt's outcome means, on either transport. With the error: for a failed
+/// channel or connection, whether the connection can be kept (only the channel was
+/// refused) or must be replaced.
+fn judge(outcome: Outcome) -> Result<(), (AttemptError, Option<bool>)> {
+    match outcome {
+        Outcome::Confirmed => Ok(()),
+        Outcome::Returned(code, reply) => Err((AttemptError::Unroutable(code, reply), None)),
+        Outcome::Nacked => Err((AttemptError::Nacked, None)),
+        Outcome::TimedOut => Err((AttemptError::Timeout, None)),
+        Outcome::Failed(code, reason) => {
+            // A refusal closes only the channel: keep the connection for the next one.
+            let keep_connection = code.is_some_and(is_refusal);
+            let e = match code {
+                Some(code) if is_refusal(code) => AttemptError::Refused(code, reason),
+                _ => AttemptError::Lost(reason),
+            };
+            Err((e, Some(keep_connection)))
         }
     }
 }

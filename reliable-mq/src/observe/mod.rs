@@ -1,0 +1,141 @@
+//! Observability: trace context through message headers (feature `otel`), metrics
+//! (feature `metrics`) and an HTTP endpoint for health and metrics (feature `http`).
+//!
+//! The pipeline calls the hooks here once per event. With a feature off its hooks are
+//! empty inline functions on zero-sized types, so a build without the features carries
+//! none of this.
+
+#[cfg(feature = "http")]
+pub mod http;
+#[cfg(feature = "metrics")]
+pub mod metrics;
+#[cfg(feature = "otel")]
+pub(crate) mod trace;
+
+#[cfg(feature = "metrics")]
+pub(crate) use metrics::{ConsumerMetrics, publisher as publish_metrics};
+
+#[cfg(not(feature = "metrics"))]
+pub(crate) use off::{ConsumerMetrics, publish_metrics};
+
+#[cfg(not(feature = "otel"))]
+pub(crate) use off::trace;
+
+/// The hooks with their features off: nothing recorded, nothing compiled in.
+#[cfg(not(all(feature = "metrics", feature = "otel")))]
+mod off {
+    /// No metrics: every hook is empty.
+    #[cfg(not(feature = "metrics"))]
+    #[derive(Debug, Default)]
+    pub(crate) struct ConsumerMetrics;
+
+    /// Nothing to time or to drop.
+    #[cfg(not(feature = "metrics"))]
+    pub(crate) struct Nothing;
+
+    #[cfg(not(feature = "metrics"))]
+    impl ConsumerMetrics {
+        #[inline(always)]
+        pub(crate) fn new(_name: &str, _queue: &str) -> Self {
+            Self
+        }
+        #[inline(always)]
+        pub(crate) fn received(&self) {}
+        #[inline(always)]
+        pub(crate) fn handled(&self) {}
+        #[inline(always)]
+        pub(crate) fn duplicate(&self) {}
+        #[inline(always)]
+        pub(crate) fn requeued(&self) {}
+        #[inline(always)]
+        pub(crate) fn retried(&self, _kind: &str) {}
+        #[inline(always)]
+        pub(crate) fn dead_lettered(&self, _kind: &str) {}
+        #[inline(always)]
+        pub(crate) fn attached(&self, _attached: bool) {}
+        #[inline(always)]
+        pub(crate) fn dedup_error(&self) {}
+        #[inline(always)]
+        pub(crate) fn timer(&self) -> Nothing {
+            Nothing
+        }
+        #[inline(always)]
+        pub(crate) fn handler_took(&self, _t: Nothing) {}
+        #[inline(always)]
+        pub(crate) fn settled(&self, _t: Nothing) {}
+        #[inline(always)]
+        pub(crate) fn in_flight(&self) -> Nothing {
+            Nothing
+        }
+        #[inline(always)]
+        pub(crate) fn paused(&self) -> Nothing {
+            Nothing
+        }
+    }
+
+    #[cfg(not(feature = "metrics"))]
+    pub(crate) mod publish_metrics {
+        use super::Nothing;
+
+        #[inline(always)]
+        pub(crate) fn published() -> Nothing {
+            Nothing
+        }
+        #[inline(always)]
+        pub(crate) fn confirmed(_t: Nothing) {}
+        #[inline(always)]
+        pub(crate) fn nacked() {}
+        #[inline(always)]
+        pub(crate) fn returned() {}
+    }
+
+    #[cfg(not(feature = "otel"))]
+    pub(crate) mod trace {
+        use lapin::BasicProperties;
+
+        use crate::Delivery;
+
+        /// The publish span, as without trace propagation.
+        #[inline(always)]
+        pub(crate) fn publish_span(
+            exchange: &str,
+            routing_key: &str,
+            message_id: &str,
+        ) -> tracing::Span {
+            tracing::debug_span!(
+                "publish",
+                exchange,
+                routing_key,
+                message_id = %message_id,
+                outcome = tracing::field::Empty,
+                retries = tracing::field::Empty,
+            )
+        }
+
+        /// The per-delivery span, as without trace propagation.
+        #[inline(always)]
+        pub(crate) fn delivery_span(delivery: &Delivery) -> tracing::Span {
+            tracing::info_span!(
+                "delivery",
+                queue = %delivery.queue(),
+                message_id = delivery.message_id().unwrap_or(""),
+                delivery_tag = delivery.delivery_tag,
+                redelivered = delivery.redelivered(),
+                attempt = delivery.attempt(),
+            )
+        }
+
+        #[inline(always)]
+        pub(crate) fn inject(_span: &tracing::Span, p: BasicProperties) -> BasicProperties {
+            p
+        }
+
+        #[inline(always)]
+        pub(crate) fn record_error(_kind: &str) {}
+
+        #[inline(always)]
+        pub(crate) fn settling<F>(settle: F, _queue: &str, _outcome: &str) -> F {
+            settle
+        }
+    }
+}

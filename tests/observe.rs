@@ -1,0 +1,504 @@
+//! Observability on the real broker: trace context across publish, retry and dead letter
+//! (an in-memory OpenTelemetry exporter), the Prometheus metrics scraped over HTTP, and
+//! the health endpoint answering 200 and 503 to real HTTP requests.
+//!
+//! One process-wide tracing subscriber and metrics recorder serve every test here, so
+//! each test finds its own spans and series by its unique queue name and message ids.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use lapin::BasicProperties;
+use opentelemetry::trace::{SpanKind, TraceContextExt, TracerProvider as _};
+use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider, SpanData};
+use reliable_mq::{App, ConsumerConfig, Delivery, HandlerError, RedisStore, delivery_handler_fn};
+use reliable_mq_tests::{Broker, Cleanup, eventually, faults_enabled, test_config, unique};
+use serde::Deserialize;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tracing::Instrument;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+use tracing_subscriber::layer::SubscriberExt;
+
+const WAIT: Duration = Duration::from_secs(15);
+
+#[derive(Debug, Deserialize)]
+struct Job {
+    name: String,
+}
+
+/// The exporter every span of this process ends up in.
+fn spans() -> &'static InMemorySpanExporter {
+    static EXPORTER: OnceLock<(InMemorySpanExporter, SdkTracerProvider)> = OnceLock::new();
+    &EXPORTER
+        .get_or_init(|| {
+            let exporter = InMemorySpanExporter::default();
+            let provider = SdkTracerProvider::builder()
+                .with_simple_exporter(exporter.clone())
+                .build();
+            let layer = tracing_opentelemetry::layer().with_tracer(provider.tracer("observe"));
+            let filter = tracing_subscriber::filter::Targets::new()
+                .with_target("reliable_mq", tracing::Level::INFO)
+                .with_target("observe", tracing::Level::INFO);
+            let subscriber = tracing_subscriber::registry().with(layer).with(filter);
+            tracing::subscriber::set_global_default(subscriber).expect("one subscriber");
+            (exporter, provider)
+        })
+        .0
+}
+
+fn attr(span: &SpanData, key: &str) -> Option<String> {
+    span.attributes
+        .iter()
+        .find(|kv| kv.key.as_str() == key)
+        .map(|kv| kv.value.to_string())
+}
+
+fn finished() -> Vec<SpanData> {
+    spans().get_finished_spans().unwrap_or_default()
+}
+
+/// The consumer span of a message is a child of its publish span; its retry copy and its
+/// dead letter stay in that trace, and the dead letter's headers carry it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_is_a_child_of_its_publish_and_the_trace_survives_retry_and_dead_letter() {
+    spans();
+    let q = unique("otel");
+    let _cleanup = Cleanup::consumer(&q, &["200ms"], &[]);
+    let broker = Broker::connect().await;
+    let handler = delivery_handler_fn(|job: Job, _d: Arc<Delivery>| async move {
+        if job.name == "fails" {
+            return Err(HandlerError::retry("the database is down"));
+        }
+        Ok(())
+    });
+    let consumer = ConsumerConfig::new(&q, format!("{q}.dlx"), handler).with_retries(
+        1,
+        Duration::from_millis(200),
+        reliable_mq::RetryBackoff::Fixed,
+    );
+    let app = App::new(test_config(&q))
+        .consumer(consumer)
+        .start()
+        .await
+        .expect("start");
+
+    let request = tracing::info_span!("request");
+    let trace_id = request.context().span().span_context().trace_id();
+    assert!(
+        request.context().span().span_context().is_valid(),
+        "OpenTelemetry layer on"
+    );
+    let publisher = app.publisher().clone();
+    let (ok_id, failing_id) = async {
+        let ok = publisher
+            .publish("", &q, &serde_json::json!({"name": "ok"}))
+            .await;
+        let failing = publisher
+            .publish("", &q, &serde_json::json!({"name": "fails"}))
+            .await;
+        (ok.expect("confirmed"), failing.expect("confirmed"))
+    }
+    .instrument(request)
+    .await;
+
+    // The dead letter leads back to the request: its traceparent is the original's.
+    let dead = broker
+        .get_within(&format!("{q}.dlq"), WAIT)
+        .await
+        .expect("dead letter");
+    assert_eq!(dead.message_id().as_deref(), Some(failing_id.as_str()));
+    let traceparent = dead
+        .header("traceparent")
+        .expect("traceparent on the dead letter");
+    assert!(
+        traceparent.contains(&trace_id.to_string()),
+        "{traceparent} carries trace {trace_id}"
+    );
+    assert_eq!(
+        dead.header("x-error-kind").as_deref(),
+        Some("retries-exhausted")
+    );
+
+    let processed = |id: &str| {
+        finished()
+            .into_iter()
+            .filter(|s| {
+                s.span_kind == SpanKind::Consumer
+                    && attr(s, "messaging.message.id").as_deref() == Some(id)
+            })
+            .collect::<Vec<_>>()
+    };
+    assert!(
+        eventually(WAIT, || async {
+            processed(&failing_id).len() == 2 && processed(&ok_id).len() == 1
+        })
+        .await,
+        "one process span per attempt: {:?}",
+        finished()
+            .iter()
+            .map(|s| s.name.clone())
+            .collect::<Vec<_>>()
+    );
+    let all = finished();
+    let publish_of = |id: &str| {
+        all.iter()
+            .find(|s| {
+                s.span_kind == SpanKind::Producer
+                    && attr(s, "messaging.message.id").as_deref() == Some(id)
+            })
+            .cloned()
+            .expect("publish span")
+    };
+    for id in [&ok_id, &failing_id] {
+        let publish = publish_of(id);
+        assert_eq!(publish.span_context.trace_id(), trace_id);
+        assert_eq!(publish.name, "publish amq.default");
+        assert_eq!(
+            attr(&publish, "messaging.system").as_deref(),
+            Some("rabbitmq")
+        );
+        assert_eq!(
+            attr(&publish, "messaging.operation.type").as_deref(),
+            Some("send")
+        );
+        assert_eq!(
+            attr(&publish, "messaging.rabbitmq.destination.routing_key").as_deref(),
+            Some(q.as_str())
+        );
+        for process in processed(id) {
+            assert_eq!(process.span_context.trace_id(), trace_id, "same trace");
+            assert_eq!(
+                process.parent_span_id,
+                publish.span_context.span_id(),
+                "the publish span is the parent (also of the retry copy's delivery)"
+            );
+            assert_eq!(process.name, format!("process {q}"));
+            assert_eq!(
+                attr(&process, "messaging.operation.type").as_deref(),
+                Some("process")
+            );
+            assert_eq!(
+                attr(&process, "messaging.destination.subscription.name").as_deref(),
+                Some(q.as_str())
+            );
+        }
+    }
+    let failed = processed(&failing_id);
+    assert!(
+        failed
+            .iter()
+            .all(|s| attr(s, "error.type").as_deref() == Some("error")),
+        "error.type on each failed attempt"
+    );
+    // The copies are published inside a settle span of the delivery, in the same trace.
+    let settles: Vec<_> = all
+        .iter()
+        .filter(|s| {
+            attr(s, "messaging.operation.type").as_deref() == Some("settle")
+                && failed
+                    .iter()
+                    .any(|p| p.span_context.span_id() == s.parent_span_id)
+        })
+        .collect();
+    assert_eq!(settles.len(), 2, "retry, then dead letter");
+    assert!(
+        settles
+            .iter()
+            .all(|s| s.span_context.trace_id() == trace_id)
+    );
+
+    app.shutdown().await.expect("clean shutdown");
+}
+
+/// A minimal HTTP/1.1 GET over a fresh connection: status and body.
+async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.expect("send");
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await.expect("read");
+    let text = String::from_utf8_lossy(&response).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// The value of each series of `metric` whose labels include `label`, by label set.
+fn series(scrape: &str, metric: &str, label: &str) -> BTreeMap<String, f64> {
+    scrape
+        .lines()
+        .filter(|l| l.starts_with(&format!("{metric}{{")) && l.contains(label))
+        .filter_map(|l| {
+            let (name, value) = l.rsplit_once(' ')?;
+            Some((name.to_owned(), value.parse().ok()?))
+        })
+        .collect()
+}
+
+fn one(scrape: &str, metric: &str, label: &str) -> f64 {
+    series(scrape, metric, label).values().sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_are_scraped_over_http_with_every_outcome_counted() {
+    spans();
+    let q = unique("metrics");
+    let _cleanup = Cleanup::consumer(&q, &[], &[]);
+    let broker = Broker::connect().await;
+    let handler = delivery_handler_fn(|job: Job, _d: Arc<Delivery>| async move {
+        if job.name == "bad" {
+            return Err(HandlerError::reject("not a valid job"));
+        }
+        Ok(())
+    });
+    let consumer = ConsumerConfig::new(&q, format!("{q}.dlx"), handler).with_retries(
+        0,
+        Duration::from_millis(100),
+        reliable_mq::RetryBackoff::Fixed,
+    );
+    let app = App::new(test_config(&q))
+        .consumer(consumer)
+        .start()
+        .await
+        .expect("start");
+    let addr = app.serve_http("127.0.0.1:0").await.expect("listen");
+
+    for name in ["a", "b", "bad"] {
+        app.publisher()
+            .publish("", &q, &serde_json::json!({ "name": name }))
+            .await
+            .expect("confirmed");
+    }
+    let props = BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_message_id("not-json-1".into());
+    broker.publish_raw("", &q, b"{not json", props).await;
+    assert!(
+        eventually(WAIT, || async {
+            app.stats(&q)
+                .is_some_and(|s| s.handled == 2 && s.dead_lettered == 2)
+        })
+        .await
+    );
+
+    let (status, scrape) = get(addr, "/metrics").await;
+    assert_eq!(status, 200);
+    let mine = format!("queue=\"{q}\"");
+    let count = |metric: &str| one(&scrape, metric, &mine);
+    assert_eq!(
+        count("reliable_mq_consumer_received_total"),
+        4.0,
+        "{scrape}"
+    );
+    assert_eq!(count("reliable_mq_consumer_handled_total"), 2.0);
+    assert_eq!(count("reliable_mq_consumer_decode_failures_total"), 1.0);
+    let dead = series(&scrape, "reliable_mq_consumer_dead_lettered_total", &mine);
+    assert_eq!(
+        dead.iter()
+            .filter(|(k, _)| k.contains("kind=\"rejected\""))
+            .map(|(_, v)| *v)
+            .sum::<f64>(),
+        1.0,
+        "{dead:?}"
+    );
+    assert_eq!(
+        dead.iter()
+            .filter(|(k, _)| k.contains("kind=\"decode\""))
+            .map(|(_, v)| *v)
+            .sum::<f64>(),
+        1.0,
+        "{dead:?}"
+    );
+    assert_eq!(count("reliable_mq_consumer_attached"), 1.0);
+    assert_eq!(count("reliable_mq_consumer_in_flight"), 0.0);
+    // Four calls: decoding is part of the call (the undecodable one fails there).
+    assert_eq!(
+        count("reliable_mq_consumer_handler_duration_seconds_count"),
+        4.0
+    );
+    assert_eq!(
+        count("reliable_mq_consumer_settle_duration_seconds_count"),
+        4.0
+    );
+    assert!(scrape.contains("reliable_mq_consumer_handler_duration_seconds_bucket{"));
+    // The publisher's own: 3 publishes and 2 dead-letter copies, all confirmed (other
+    // tests of this process publish too: at least).
+    let total = |metric: &str| {
+        scrape
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{metric} ")))
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    assert!(
+        total("reliable_mq_publisher_published_total") >= 5.0,
+        "{scrape}"
+    );
+    assert!(total("reliable_mq_publisher_confirmed_total") >= 5.0);
+    assert!(scrape.contains("reliable_mq_publisher_confirm_duration_seconds_count"));
+
+    app.shutdown().await.expect("clean shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_is_503_with_the_reason_while_the_dedup_store_does_not_answer() {
+    spans();
+    let q = unique("ready-dedup");
+    let _cleanup = Cleanup::consumer(&q, &[], &[]);
+    let handler =
+        delivery_handler_fn(|_job: Job, _d: Arc<Delivery>| async { Ok::<_, HandlerError>(()) });
+    // Nothing listens on port 1: the store never answers.
+    let store = RedisStore::new("redis://127.0.0.1:1", 1).expect("lazy pool");
+    let app = App::new(test_config(&q))
+        .consumer(
+            ConsumerConfig::new(&q, format!("{q}.dlx"), handler)
+                .idempotent(Duration::from_secs(60)),
+        )
+        .with_dedup_store(store)
+        .start()
+        .await
+        .expect("start");
+    let addr = app.serve_http("127.0.0.1:0").await.expect("listen");
+
+    let (status, body) = get(addr, "/health/live").await;
+    assert_eq!((status, body.as_str()), (200, r#"{"live":true}"#));
+    let (status, body) = get(addr, "/health/ready").await;
+    assert_eq!(status, 503, "{body}");
+    let doc: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+    assert_eq!(doc["ready"], false);
+    assert_eq!(doc["dedup_up"], false);
+    assert_eq!(doc["consumers_attached"], true);
+    assert_eq!(
+        doc["reasons"],
+        serde_json::json!(["the dedup store does not answer"])
+    );
+    app.shutdown().await.expect("clean shutdown");
+    // The endpoint stops with the app.
+    assert!(
+        eventually(WAIT, || async {
+            tokio::net::TcpStream::connect(addr).await.is_err()
+        })
+        .await
+    );
+}
+
+/// A TCP proxy to the broker that the test can cut: the app's "broker" goes away
+/// without touching the shared RabbitMQ.
+struct Proxy {
+    addr: SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Proxy {
+    async fn start() -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let task = tokio::spawn(async move {
+            let mut links = tokio::task::JoinSet::new();
+            while let Ok((mut client, _)) = listener.accept().await {
+                links.spawn(async move {
+                    if let Ok(mut broker) = tokio::net::TcpStream::connect("127.0.0.1:5672").await {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut broker).await;
+                    }
+                });
+            }
+        });
+        Self { addr, task }
+    }
+
+    /// Drop every connection through the proxy and refuse new ones.
+    fn cut(&self) {
+        self.task.abort();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_is_200_while_the_broker_is_there_and_503_when_it_is_gone() {
+    spans();
+    let q = unique("ready-broker");
+    let _cleanup = Cleanup::consumer(&q, &[], &[]);
+    let proxy = Proxy::start().await;
+    let handler =
+        delivery_handler_fn(|_job: Job, _d: Arc<Delivery>| async { Ok::<_, HandlerError>(()) });
+    let config = test_config(&q).with_amqp_url(format!("amqp://guest:guest@{}/%2f", proxy.addr));
+    let app = App::new(config)
+        .consumer(ConsumerConfig::new(&q, format!("{q}.dlx"), handler))
+        .start()
+        .await
+        .expect("start");
+    let addr = app.serve_http("127.0.0.1:0").await.expect("listen");
+    let (status, body) = get(addr, "/health/ready").await;
+    assert_eq!(status, 200, "{body}");
+    let doc: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+    assert_eq!(doc["ready"], true);
+    assert_eq!(doc["consumers"][0]["queue"], q.as_str());
+
+    proxy.cut();
+    let last = std::sync::Mutex::new(String::new());
+    assert!(
+        eventually(WAIT, || async {
+            let (status, body) = get(addr, "/health/ready").await;
+            let gone = status == 503
+                && body.contains("is not attached")
+                && body.contains("the publisher is not connected");
+            *last.lock().expect("last") = body;
+            gone
+        })
+        .await,
+        "{}",
+        last.lock().expect("last")
+    );
+    // Live all the same: the process is fine, its broker is not.
+    assert_eq!(get(addr, "/health/live").await.0, 200);
+    let _ = tokio::time::timeout(WAIT, app.shutdown()).await;
+}
+
+/// The same with the real broker stopped (opt-in: it stops this machine's RabbitMQ).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_is_503_while_the_broker_is_stopped() {
+    if !faults_enabled("readiness_is_503_while_the_broker_is_stopped") {
+        return;
+    }
+    spans();
+    let _services = reliable_mq_tests::fault::ServiceGuard;
+    let q = unique("ready-stopped");
+    let _cleanup = Cleanup::consumer(&q, &[], &[]);
+    let handler =
+        delivery_handler_fn(|_job: Job, _d: Arc<Delivery>| async { Ok::<_, HandlerError>(()) });
+    let app = App::new(test_config(&q))
+        .consumer(ConsumerConfig::new(&q, format!("{q}.dlx"), handler))
+        .start()
+        .await
+        .expect("start");
+    let addr = app.serve_http("127.0.0.1:0").await.expect("listen");
+    assert_eq!(get(addr, "/health/ready").await.0, 200);
+    assert!(reliable_mq_tests::sh(
+        "timeout 60 rabbitmqctl -q stop_app >/dev/null 2>&1"
+    ));
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            get(addr, "/health/ready").await.0 == 503
+        })
+        .await
+    );
+    reliable_mq_tests::fault::ensure_rabbit_up();
+    assert!(
+        eventually(Duration::from_secs(60), || async {
+            get(addr, "/health/ready").await.0 == 200
+        })
+        .await,
+        "ready again once the broker is back"
+    );
+    app.shutdown().await.expect("clean shutdown");
+}
