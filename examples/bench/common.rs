@@ -21,6 +21,8 @@ modes:
   consume   drain a pre-filled durable queue of persistent 256-byte JSON messages: raw
             lapin (manual ack, prefetch 100), reliable_mq at concurrency 1 and 16, and
             idempotent with RedisStore at concurrency 1 and 16
+  inbox     (feature postgres) drain a pre-filled queue with the transactional inbox
+            against Redis-idempotent and raw lapin, concurrency 16
   latency   publish at a fixed rate with Publisher, measure publish -> handler
             (p50/p90/p99/max), against raw lapin publish -> raw consumer
   rss       peak RSS of a consumer process (slow handler, prefetch 100) with a shallow

@@ -7,6 +7,7 @@
 //!                                               [--one-by-one-n 2000] [--concurrency 1000]
 //! cargo run --release --example bench -- publish-cancelled [--n 100000] [--window 1000]
 //! cargo run --release --example bench -- consume [--n 50000] [--reps 3]
+//! cargo run --release --example bench --features postgres -- inbox [--n 20000] [--reps 3]
 //! cargo run --release --example bench -- latency [--rate 1000] [--seconds 10]
 //! cargo run --release --example bench -- rss [--depth-small 100000] [--depth-large 1000000]
 //!                                           [--rss-seconds 5]
@@ -17,6 +18,8 @@
 
 mod common;
 mod consume;
+#[cfg(feature = "postgres")]
+mod inbox;
 mod latency;
 mod many;
 mod publish;
@@ -41,6 +44,8 @@ async fn main() {
         "publish" => publish::run(&args).await,
         "publish-cancelled" => publish::run_cancelled(&args).await,
         "consume" => consume::run(&args).await,
+        #[cfg(feature = "postgres")]
+        "inbox" => inbox::run(&args).await,
         "latency" => latency::run(&args).await,
         "many" => many::run(&args).await,
         "rss" => rss::run(&args).await,

@@ -52,6 +52,9 @@ pub(crate) fn analyze(
         check::rules(&mut cx, attribute);
     }
     let handler = function.as_ref().and_then(|f| sig::check(&mut cx, f));
+    if let (Some(function), Some(handler), Some(attribute)) = (&function, &handler, &attribute) {
+        check_inbox_matches(&mut cx, function, handler, attribute);
+    }
     cx.check()?;
     match (function, handler, attribute) {
         (Some(function), Some(handler), Some(attribute)) => Ok((function, handler, attribute)),
@@ -61,6 +64,47 @@ pub(crate) fn analyze(
             "reliable-mq internal error: `#[consumer]` rejected this without saying why; \
              please report it",
         )),
+    }
+}
+
+/// The `inbox` key and a `&mut InboxTx` parameter go together: the transaction exists only
+/// for inbox consumers, and an inbox whose handler cannot write in its transaction would
+/// make nothing exactly once while looking as if it did.
+fn check_inbox_matches(
+    cx: &mut Ctxt,
+    function: &ItemFn,
+    handler: &HandlerSig,
+    attribute: &Attribute,
+) {
+    let takes_tx = handler
+        .extractors
+        .iter()
+        .any(|e| matches!(e, Extractor::Inbox));
+    // `inbox` written with a value has its own error; the parameter is then no second one.
+    let inbox_written = attribute.model.inbox
+        || attribute
+            .model
+            .unreadable
+            .contains(&reliable_mq_model::Key::Inbox);
+    if takes_tx && !inbox_written {
+        let ty = function.sig.inputs.iter().find_map(|arg| match arg {
+            syn::FnArg::Typed(pat) if quote!(#pat).to_string().contains("InboxTx") => Some(pat),
+            _ => None,
+        });
+        let message = "`&mut InboxTx` is the transaction of the transactional inbox: add \
+                       `inbox` to the `#[consumer(...)]` attribute (feature `postgres`)";
+        match ty {
+            Some(ty) => cx.error_spanned_by(&ty.ty, message),
+            None => cx.error_at(Span::call_site(), message),
+        }
+    }
+    if attribute.model.inbox && !takes_tx {
+        cx.error_at(
+            function.sig.paren_token.span.join(),
+            "an `inbox` consumer writes its effects in the inbox's transaction: take \
+             `tx: &mut InboxTx` after the payload and run your queries on it \
+             (`.execute(&mut **tx)`)",
+        );
     }
 }
 
@@ -186,9 +230,15 @@ fn handler_impl(p: &TokenStream, name: &Ident, handler: &HandlerSig) -> TokenStr
     let mut extract = Vec::new();
     let mut args = vec![quote!(#payload)];
     let mut state_types = Vec::new();
+    let tx = Ident::new("inbox_tx", Span::mixed_site());
+    let mut inbox = false;
     for (i, extractor) in handler.extractors.iter().enumerate() {
         match extractor {
             Extractor::Delivery => args.push(quote!(&#delivery)),
+            Extractor::Inbox => {
+                inbox = true;
+                args.push(quote!(&mut #tx));
+            }
             Extractor::State(ty) => {
                 let var = Ident::new(&format!("state_{i}"), Span::mixed_site());
                 let p = &p_at(ty.span());
@@ -206,11 +256,23 @@ fn handler_impl(p: &TokenStream, name: &Ident, handler: &HandlerSig) -> TokenStr
         #p_out::IntoHandlerResult::into_handler_result(#result)
     };
     let p = &p_at(name.span());
+    // The inbox's transaction is lent by the runtime for the call and handed back after it,
+    // so the runtime commits it (or rolls it back) itself.
+    let (take_tx, return_tx) = if inbox {
+        (
+            quote!(let mut #tx = #p::InboxTx::take()?;),
+            quote!(#tx.hand_back();),
+        )
+    } else {
+        (quote!(), quote!())
+    };
     let boxed = quote_spanned! {name.span()=>
         #p::Box::pin(async move {
             let #payload: #payload_ty = #decode?;
             #(#extract)*
+            #take_tx
             let #result = #name(#(#args),*).await;
+            #return_tx
             #into_result
         })
     };

@@ -16,6 +16,8 @@ pub enum Extractor {
     Delivery,
     /// `State<S>`: the state type `S`.
     State(Box<Type>),
+    /// `&mut InboxTx`: the inbox's PostgreSQL transaction (`#[consumer(inbox)]`).
+    Inbox,
 }
 
 /// What the expansion needs from a valid handler signature.
@@ -27,7 +29,8 @@ pub struct HandlerSig {
 }
 
 const FORMS: &str = "`async fn name(payload: T) -> Result<(), E>`, optionally followed by \
-                     `delivery: &Delivery` and `State(s): State<S>` parameters in any order";
+                     `delivery: &Delivery`, `State(s): State<S>` and (with `inbox`) \
+                     `tx: &mut InboxTx` parameters in any order";
 
 /// Check the signature, reporting every problem; `None` if the adapter cannot be built.
 pub fn check(cx: &mut Ctxt, item: &ItemFn) -> Option<HandlerSig> {
@@ -166,7 +169,28 @@ fn check_params(cx: &mut Ctxt, item: &ItemFn) -> Option<(Type, Vec<Extractor>)> 
     let mut ok = true;
     let mut extractors = Vec::new();
     let mut delivery_seen = false;
+    let mut inbox_seen = false;
     for param in rest {
+        if let Some(inbox) = is_inbox_tx(&param.ty) {
+            match inbox {
+                Ok(()) if !inbox_seen => {
+                    inbox_seen = true;
+                    extractors.push(Extractor::Inbox);
+                }
+                Ok(()) => {
+                    cx.error_spanned_by(
+                        &param.ty,
+                        "a consumer takes `&mut InboxTx` at most once: remove this one",
+                    );
+                    ok = false;
+                }
+                Err(why) => {
+                    cx.error_spanned_by(&param.ty, why);
+                    ok = false;
+                }
+            }
+            continue;
+        }
         match check_extractor(cx, &param.ty, &mut delivery_seen) {
             Some(extractor) => extractors.push(extractor),
             None => ok = false,
@@ -258,6 +282,30 @@ fn check_extractor(cx: &mut Ctxt, ty: &Type, delivery_seen: &mut bool) -> Option
     };
     cx.error_spanned_by(ty, why);
     None
+}
+
+/// `Some(Ok)` for `&mut InboxTx`, `Some(Err(fix))` for another way of naming `InboxTx`
+/// (by value, shared), `None` for anything else. The runtime owns the transaction (it
+/// commits it after the handler): the handler borrows it mutably for the call.
+fn is_inbox_tx(ty: &Type) -> Option<Result<(), &'static str>> {
+    let names_inbox = |ty: &Type| {
+        matches!(ty, Type::Path(path) if path.qself.is_none()
+            && path.path.segments.last().is_some_and(|s| s.ident == "InboxTx" && s.arguments.is_none()))
+    };
+    match ty {
+        Type::Reference(reference) if names_inbox(&reference.elem) => {
+            Some(if reference.mutability.is_some() {
+                Ok(())
+            } else {
+                Err("the inbox transaction is written to: take `tx: &mut InboxTx`")
+            })
+        }
+        _ if names_inbox(ty) => Some(Err(
+            "the runtime owns the inbox transaction (it commits it after the handler): \
+             borrow it, `tx: &mut InboxTx`",
+        )),
+        _ => None,
+    }
 }
 
 /// Whether `ty` is `&Delivery` (any path ending in `Delivery`, shared).

@@ -140,6 +140,27 @@ impl App {
         self
     }
 
+    /// Use `pool` for `inbox` consumers and the handlers' `State<PgPool>` (feature
+    /// `postgres`). Give it an `acquire_timeout` of a few seconds: while PostgreSQL is
+    /// down, inbox deliveries pause in place and try again at that pace.
+    #[cfg(feature = "postgres")]
+    pub fn with_postgres(mut self, pool: sqlx::PgPool) -> Self {
+        self.states.insert(pool);
+        self
+    }
+
+    /// Apply the inbox and outbox schema to the pool given to [`App::with_postgres`]
+    /// (see [`postgres::migrate`](crate::postgres::migrate)).
+    #[cfg(feature = "postgres")]
+    pub async fn migrate(&self) -> Result<(), Error> {
+        match self.states.get::<sqlx::PgPool>() {
+            Some(pool) => crate::postgres::migrate(&pool).await,
+            None => Err(Error::Config(
+                "App::migrate needs a PostgreSQL pool: call App::with_postgres(pool) first".into(),
+            )),
+        }
+    }
+
     /// Use `store` for dedup instead of the one chosen from `REDIS_URL`.
     pub fn with_dedup_store(mut self, store: impl DedupStore) -> Self {
         self.dedup = Some(Arc::new(store));
@@ -228,6 +249,7 @@ impl App {
                     });
                 }
             }
+            check_inbox_pool(c, &self.states)?;
         }
         topology::check_conflicts(&self.consumers)?;
         let states = Arc::new(self.states);
@@ -300,6 +322,16 @@ impl App {
                     .chain(r.topology.wait_queues().into_iter().map(|(q, _)| q))
             })
             .collect();
+        #[cfg(feature = "postgres")]
+        if runtimes.iter().any(|r| r.consumer.is_inbox())
+            && let Some(pool) = states.get::<sqlx::PgPool>()
+        {
+            let shutdown = self.shutdown.clone();
+            tasks.spawn(async move {
+                crate::postgres::inbox::clean_up(pool, INBOX_CLEAN_UP_EVERY, shutdown).await;
+                Ok(())
+            });
+        }
         for r in runtimes {
             tasks.spawn(r.run());
         }
@@ -321,6 +353,31 @@ impl App {
         running.wait_attached().await?;
         Ok(running)
     }
+}
+
+/// How often expired inbox rows are removed.
+#[cfg(feature = "postgres")]
+const INBOX_CLEAN_UP_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// An `inbox` consumer needs the PostgreSQL pool its transactions run on.
+fn check_inbox_pool(consumer: &ConsumerConfig, states: &StateMap) -> Result<(), Error> {
+    if !consumer.is_inbox() {
+        return Ok(());
+    }
+    #[cfg(feature = "postgres")]
+    if states.contains(&crate::state::StateType::of::<sqlx::PgPool>()) {
+        return Ok(());
+    }
+    let _ = states;
+    let fix = if cfg!(feature = "postgres") {
+        "register a pool with App::with_postgres(pool)"
+    } else {
+        "enable reliable-mq's `postgres` feature and register a pool with App::with_postgres(pool)"
+    };
+    Err(Error::Config(format!(
+        "consumer `{}` is an `inbox` consumer, which runs in a PostgreSQL transaction: {fix}",
+        consumer.name()
+    )))
 }
 
 /// Declare every consumer's topology on `transport` before any of them consumes.

@@ -121,6 +121,19 @@ impl<E: std::error::Error + Send + Sync + 'static> From<E> for HandlerError {
 impl<E: Into<anyhow::Error>> From<E> for HandlerError {
     fn from(e: E) -> Self {
         let e: anyhow::Error = e.into();
+        // Kept as itself, not boxed inside anyhow (which hides it from `downcast_ref`):
+        // the inbox tells a lost race or an unreachable database from other failures by it.
+        #[cfg(feature = "postgres")]
+        let e = match e.downcast::<sqlx::Error>() {
+            Ok(db) => {
+                return Self {
+                    kind: FailureKind::Error,
+                    message: sqlx_message(&db),
+                    source: Some(Box::new(db)),
+                };
+            }
+            Err(e) => e,
+        };
         Self {
             kind: FailureKind::Error,
             // `{:#}` prints the whole cause chain, as the std conversion does.
@@ -128,6 +141,19 @@ impl<E: Into<anyhow::Error>> From<E> for HandlerError {
             source: Some(e.into()),
         }
     }
+}
+
+/// `e`'s message with its causes, as the conversions above write it.
+#[cfg(all(feature = "anyhow", feature = "postgres"))]
+fn sqlx_message(e: &sqlx::Error) -> String {
+    let mut message = e.to_string();
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        message.push_str(": ");
+        message.push_str(&c.to_string());
+        cause = c.source();
+    }
+    message
 }
 
 /// An error raised by the runtime: at start-up (configuration, topology, connection) or

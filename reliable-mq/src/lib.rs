@@ -95,6 +95,8 @@ mod handler;
 pub mod observe;
 #[cfg(not(any(feature = "otel", feature = "metrics")))]
 mod observe;
+#[cfg(feature = "postgres")]
+pub mod postgres;
 mod publisher;
 mod retry;
 mod shutdown;
@@ -139,6 +141,8 @@ pub mod __private {
     pub use crate::handler::{
         Handler, HandlerFuture, IntoHandlerError, IntoHandlerResult, Payload, decode,
     };
+    #[cfg(feature = "postgres")]
+    pub use crate::postgres::{InboxTx, PgPool};
     pub use crate::spec::{CONSUMERS, ConsumerSpec, Setting, defaults};
     pub use crate::state::{StateType, extract_state};
     pub use linkme;
@@ -166,6 +170,8 @@ pub mod __private {
 
     /// The claim lease of a handler timeout (the dedup key is `dedup::KeyScope::key`).
     pub use crate::dedup::lease_for;
+    #[cfg(all(feature = "testing", feature = "postgres"))]
+    pub use crate::postgres::seams as inbox_seams;
     #[cfg(feature = "testing")]
     pub use crate::retry::crash_seam;
 

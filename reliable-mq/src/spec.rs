@@ -295,6 +295,15 @@ impl ConsumerConfig {
         self
     }
 
+    /// Run each delivery through the transactional inbox (feature `postgres`), remembering
+    /// handled ids for `ttl`; the handler takes the transaction
+    /// ([`postgres::inbox_handler_fn`](crate::postgres::inbox_handler_fn)).
+    pub fn inbox(mut self, ttl: Duration) -> Self {
+        self.model.inbox = true;
+        self.model.dedup_ttl = Some(ttl);
+        self
+    }
+
     /// Use a quorum queue, with `delivery_limit` (default `max_retries + 5`).
     pub fn quorum(mut self, delivery_limit: Option<u32>) -> Self {
         self.model.queue_type = Some(QueueKind::Quorum);
@@ -380,6 +389,12 @@ impl ConsumerConfig {
     /// Whether messages are deduplicated by `message_id`.
     pub fn is_idempotent(&self) -> bool {
         self.model.idempotent
+    }
+
+    /// Whether messages go through the transactional inbox (`#[consumer(inbox)]`, feature
+    /// `postgres`): deduplicated in the handler's PostgreSQL transaction.
+    pub fn is_inbox(&self) -> bool {
+        self.model.inbox
     }
 
     /// How long handled ids are remembered.

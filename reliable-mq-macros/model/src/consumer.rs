@@ -50,6 +50,8 @@ pub enum Key {
     Priority,
     /// `exclusive`
     Exclusive,
+    /// `inbox`
+    Inbox,
 }
 
 /// What a key's value is read as.
@@ -64,7 +66,7 @@ enum Shape {
 
 impl Key {
     /// Every key, in the order the docs list them.
-    pub const ALL: [Key; 19] = [
+    pub const ALL: [Key; 20] = [
         Key::Queue,
         Key::Exchange,
         Key::ExchangeType,
@@ -84,6 +86,7 @@ impl Key {
         Key::SingleActiveConsumer,
         Key::Priority,
         Key::Exclusive,
+        Key::Inbox,
     ];
 
     /// The key as written in the attribute.
@@ -108,6 +111,7 @@ impl Key {
             Key::SingleActiveConsumer => "single_active_consumer",
             Key::Priority => "priority",
             Key::Exclusive => "exclusive",
+            Key::Inbox => "inbox",
         }
     }
 
@@ -133,6 +137,7 @@ impl Key {
             Key::SingleActiveConsumer => "single_active_consumer",
             Key::Priority => "priority = 10",
             Key::Exclusive => "exclusive",
+            Key::Inbox => "inbox",
         }
     }
 
@@ -175,6 +180,8 @@ impl Key {
             ("x_priority", Key::Priority),
             ("consumer_priority", Key::Priority),
             ("exclusive_consumer", Key::Exclusive),
+            ("transactional", Key::Inbox),
+            ("exactly_once", Key::Inbox),
         ];
         let lower = name.to_lowercase();
         if let Some((_, key)) = ALIASES.iter().find(|(alias, _)| *alias == lower) {
@@ -194,7 +201,9 @@ impl Key {
             | Key::MaxRetries
             | Key::Priority => Shape::Integer,
             Key::RetryDelay | Key::Timeout | Key::DedupTtl => Shape::Duration,
-            Key::Idempotent | Key::SingleActiveConsumer | Key::Exclusive => Shape::Flag,
+            Key::Idempotent | Key::SingleActiveConsumer | Key::Exclusive | Key::Inbox => {
+                Shape::Flag
+            }
         }
     }
 }
@@ -312,6 +321,9 @@ pub struct ConsumerModel {
     pub priority: Option<u64>,
     /// Subscribe as the queue's only consumer (`basic.consume` with `exclusive`).
     pub exclusive: bool,
+    /// Deduplicate by AMQP `message_id` in the handler's PostgreSQL transaction (the
+    /// transactional inbox, runtime feature `postgres`).
+    pub inbox: bool,
     /// Keys that were written with a value that could not be read (already reported):
     /// rules about them stay quiet rather than add noise.
     pub unreadable: Vec<Key>,
@@ -341,6 +353,7 @@ impl ConsumerModel {
                 match key {
                     Key::SingleActiveConsumer => self.single_active_consumer = true,
                     Key::Exclusive => self.exclusive = true,
+                    Key::Inbox => self.inbox = true,
                     _ => self.idempotent = true,
                 }
                 return Ok(());
@@ -349,6 +362,7 @@ impl ConsumerModel {
                 let what = match key {
                     Key::SingleActiveConsumer => "single active consumer",
                     Key::Exclusive => "the exclusive subscription",
+                    Key::Inbox => "the inbox",
                     _ => "deduplication",
                 };
                 let message = match value {
@@ -570,6 +584,7 @@ impl ConsumerModel {
                 Key::SingleActiveConsumer => self.single_active_consumer,
                 Key::Priority => self.priority.is_some(),
                 Key::Exclusive => self.exclusive,
+                Key::Inbox => self.inbox,
             }
     }
 
@@ -755,6 +770,7 @@ impl Rules<'_> {
         self.check_routing_key_not_ignored();
         self.check_delivery_limit_needs_quorum();
         self.check_dedup_ttl_needs_idempotent();
+        self.check_inbox_not_idempotent();
         self.check_delivery_limit_range();
         self.check_prefetch_range();
         self.check_concurrency_range();
@@ -974,12 +990,29 @@ impl Rules<'_> {
 
     /// A TTL for deduplication that is off would be silently ignored.
     fn check_dedup_ttl_needs_idempotent(&mut self) {
-        if self.m.written(Key::DedupTtl) && !self.m.written(Key::Idempotent) {
+        if self.m.written(Key::DedupTtl)
+            && !self.m.written(Key::Idempotent)
+            && !self.m.written(Key::Inbox)
+        {
             self.report(
                 Key::DedupTtl,
                 Site::Key,
-                "`dedup_ttl` has no effect without `idempotent`: add `idempotent` to \
+                "`dedup_ttl` has no effect without `idempotent` (or `inbox`): add `idempotent` to \
                  deduplicate by message_id, or remove `dedup_ttl`",
+            );
+        }
+    }
+
+    /// Both deduplicate by message_id, in two places that cannot agree: a message marked
+    /// done in Redis whose database transaction rolled back would be skipped for ever.
+    fn check_inbox_not_idempotent(&mut self) {
+        if self.m.written(Key::Inbox) && self.m.written(Key::Idempotent) {
+            self.report(
+                Key::Idempotent,
+                Site::Key,
+                "`inbox` already deduplicates by message_id, in the handler's database \
+                 transaction; `idempotent` would do it a second time in Redis: remove \
+                 `idempotent`",
             );
         }
     }

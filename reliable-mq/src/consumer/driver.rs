@@ -737,6 +737,25 @@ impl ConsumerRuntime {
             return;
         };
         let outcome = match decision {
+            #[cfg(feature = "postgres")]
+            ClaimDecision::Run(None) if self.consumer.is_inbox() => {
+                let call = crate::postgres::inbox::InboxCall {
+                    handler: self.consumer.handler.as_ref(),
+                    delivery: &delivery,
+                    acker: &acker,
+                    consumer: self.consumer.queue(),
+                    timeout: self.consumer.timeout(),
+                    dedup_ttl: self.consumer.dedup_ttl(),
+                    stats: &self.stats,
+                    shutdown: &self.shutdown,
+                    hand_back_at: held.hand_back_at,
+                };
+                match call.run().await {
+                    Some(outcome) => outcome,
+                    // Left unacked: the broker redelivers it.
+                    None => return,
+                }
+            }
             ClaimDecision::Run(guard) => {
                 let handler = self.consumer.handler.as_ref();
                 // The claim's lease is renewed by a task of its own, beside the call.

@@ -1,0 +1,478 @@
+//! The transactional inbox on the real broker and PostgreSQL: each message's database
+//! effects are committed once (duplicates are acked without a call), a handler error rolls
+//! its writes back and takes the retry ladder, a serialization failure is run again in
+//! place, a commit that fails is never acked, an unreachable database pauses the consumer
+//! in place, and an outbox write in the handler commits with it.
+
+#[path = "pg_support.rs"]
+mod pg_support;
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use pg_support::TestSchema;
+use reliable_mq::postgres::{InboxTx, Outbox};
+use reliable_mq::{App, Delivery, Error, HandlerError, consumer};
+use reliable_mq_tests::{Broker, Cleanup, eventually, init_tracing, test_config};
+use sqlx::PgPool;
+
+async fn count(pool: &PgPool, sql: &str) -> i64 {
+    sqlx::query_scalar::<_, i64>(sql)
+        .fetch_one(pool)
+        .await
+        .expect("count")
+}
+
+async fn create_orders(pool: &PgPool) {
+    sqlx::query("CREATE TABLE orders (id bigint PRIMARY KEY, attempt int NOT NULL)")
+        .execute(pool)
+        .await
+        .expect("orders table");
+}
+
+// ---- once, duplicates acked, outbox in the same transaction ----
+
+#[consumer(
+    queue = "rmq-test-inbox-once",
+    dlx = "rmq-test-inbox-once.dlx",
+    inbox,
+    concurrency = 4
+)]
+async fn inbox_once(id: i64, tx: &mut InboxTx, delivery: &Delivery) -> Result<(), HandlerError> {
+    sqlx::query("INSERT INTO orders (id, attempt) VALUES ($1, $2)")
+        .bind(id)
+        .bind(i32::try_from(delivery.attempt()).unwrap_or(i32::MAX))
+        .execute(&mut **tx)
+        .await?;
+    Outbox::publish(
+        tx,
+        "",
+        "rmq-test-inbox-once.events",
+        &serde_json::json!({ "id": id }),
+    )
+    .await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_message_is_committed_once_and_duplicates_are_acked() {
+    init_tracing();
+    const QUEUE: &str = "rmq-test-inbox-once";
+    let _cleanup = Cleanup::consumer(QUEUE, &["1s", "2s", "4s"], &[]);
+    let db = TestSchema::new("once").await;
+    create_orders(&db.pool).await;
+    let app = App::new(test_config(QUEUE))
+        .consumer(inbox_once::SPEC)
+        .with_postgres(db.pool.clone())
+        .start()
+        .await
+        .expect("starts");
+    let broker = Broker::connect().await;
+    for id in 1..=50i64 {
+        broker
+            .publish_json("", QUEUE, &serde_json::json!(id), &format!("once-{id}"))
+            .await;
+    }
+    // The same ids again: already in the inbox, acked without a call.
+    for id in 1..=10i64 {
+        broker
+            .publish_json("", QUEUE, &serde_json::json!(id), &format!("once-{id}"))
+            .await;
+    }
+    let settled = eventually(Duration::from_secs(20), || {
+        let app = &app;
+        async move {
+            app.stats(QUEUE)
+                .is_some_and(|s| s.handled == 50 && s.duplicates == 10)
+        }
+    })
+    .await;
+    let stats = app.stats(QUEUE);
+    app.shutdown().await.expect("clean shutdown");
+    assert!(settled, "50 handled and 10 duplicates: {stats:?}");
+    assert_eq!(count(&db.pool, "SELECT count(*) FROM orders").await, 50);
+    assert_eq!(
+        count(
+            &db.pool,
+            "SELECT count(*) FROM reliable_mq_inbox WHERE consumer = 'rmq-test-inbox-once'"
+        )
+        .await,
+        50
+    );
+    assert_eq!(
+        count(
+            &db.pool,
+            "SELECT count(*) FROM reliable_mq_outbox WHERE status = 'pending'"
+        )
+        .await,
+        50,
+        "one outbox row per committed message"
+    );
+    assert_eq!(broker.ready_count(QUEUE).await, Some(0), "everything acked");
+    assert_eq!(broker.ready_count(&format!("{QUEUE}.dlq")).await, Some(0));
+}
+
+// ---- a handler error rolls back and takes the ladder ----
+
+#[consumer(
+    queue = "rmq-test-inbox-rollback",
+    dlx = "rmq-test-inbox-rollback.dlx",
+    inbox,
+    retry_delay = "1s"
+)]
+async fn inbox_rollback(
+    id: i64,
+    tx: &mut InboxTx,
+    delivery: &Delivery,
+) -> Result<(), HandlerError> {
+    sqlx::query("INSERT INTO orders (id, attempt) VALUES ($1, $2)")
+        .bind(id)
+        .bind(i32::try_from(delivery.attempt()).unwrap_or(i32::MAX))
+        .execute(&mut **tx)
+        .await?;
+    if delivery.attempt() == 1 {
+        return Err(HandlerError::retry("first attempt fails after its write"));
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_error_rolls_back_its_writes_and_retries() {
+    init_tracing();
+    const QUEUE: &str = "rmq-test-inbox-rollback";
+    let _cleanup = Cleanup::consumer(QUEUE, &["1s", "2s", "4s"], &[]);
+    let db = TestSchema::new("rollback").await;
+    create_orders(&db.pool).await;
+    let app = App::new(test_config(QUEUE))
+        .consumer(inbox_rollback::SPEC)
+        .with_postgres(db.pool.clone())
+        .start()
+        .await
+        .expect("starts");
+    let broker = Broker::connect().await;
+    for id in 1..=5i64 {
+        broker
+            .publish_json("", QUEUE, &serde_json::json!(id), &format!("rb-{id}"))
+            .await;
+    }
+    let settled = eventually(Duration::from_secs(20), || {
+        let app = &app;
+        async move { app.stats(QUEUE).is_some_and(|s| s.handled == 5) }
+    })
+    .await;
+    let stats = app.stats(QUEUE);
+    app.shutdown().await.expect("clean shutdown");
+    assert!(settled, "5 handled on their second attempt: {stats:?}");
+    assert_eq!(stats.map(|s| s.retried), Some(5));
+    // The first attempt's writes (and inbox rows) were rolled back.
+    assert_eq!(
+        count(&db.pool, "SELECT count(*) FROM orders WHERE attempt = 1").await,
+        0
+    );
+    assert_eq!(
+        count(&db.pool, "SELECT count(*) FROM orders WHERE attempt = 2").await,
+        5
+    );
+    assert_eq!(
+        count(&db.pool, "SELECT count(*) FROM reliable_mq_inbox").await,
+        5
+    );
+}
+
+// ---- a serialization failure runs again in place ----
+
+static CONFLICT_CALLS: AtomicU32 = AtomicU32::new(0);
+
+#[consumer(
+    queue = "rmq-test-inbox-conflict",
+    dlx = "rmq-test-inbox-conflict.dlx",
+    inbox
+)]
+async fn inbox_conflict(id: i64, tx: &mut InboxTx) -> Result<(), HandlerError> {
+    let call = CONFLICT_CALLS.fetch_add(1, Ordering::SeqCst);
+    sqlx::query("INSERT INTO orders (id, attempt) VALUES ($1, 1)")
+        .bind(id)
+        .execute(&mut **tx)
+        .await?;
+    if call < 2 {
+        // A real serialization failure from the server (as SERIALIZABLE raises it).
+        sqlx::query(
+            "DO $$ BEGIN RAISE EXCEPTION 'could not serialize' USING ERRCODE = '40001'; END $$",
+        )
+        .execute(&mut **tx)
+        .await?;
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_serialization_failure_is_run_again_in_place() {
+    init_tracing();
+    const QUEUE: &str = "rmq-test-inbox-conflict";
+    let _cleanup = Cleanup::consumer(QUEUE, &["1s", "2s", "4s"], &[]);
+    let db = TestSchema::new("conflict").await;
+    create_orders(&db.pool).await;
+    let app = App::new(test_config(QUEUE))
+        .consumer(inbox_conflict::SPEC)
+        .with_postgres(db.pool.clone())
+        .start()
+        .await
+        .expect("starts");
+    let broker = Broker::connect().await;
+    broker
+        .publish_json("", QUEUE, &serde_json::json!(7), "conflict-7")
+        .await;
+    let settled = eventually(Duration::from_secs(15), || {
+        let app = &app;
+        async move { app.stats(QUEUE).is_some_and(|s| s.handled == 1) }
+    })
+    .await;
+    let stats = app.stats(QUEUE);
+    app.shutdown().await.expect("clean shutdown");
+    assert!(settled, "handled: {stats:?}");
+    assert_eq!(
+        CONFLICT_CALLS.load(Ordering::SeqCst),
+        3,
+        "two conflicts, then success"
+    );
+    assert_eq!(
+        stats.map(|s| s.retried),
+        Some(0),
+        "not through the retry ladder"
+    );
+    assert_eq!(count(&db.pool, "SELECT count(*) FROM orders").await, 1);
+}
+
+// ---- a failed commit is never acked ----
+
+#[consumer(
+    queue = "rmq-test-inbox-commit",
+    dlx = "rmq-test-inbox-commit.dlx",
+    inbox,
+    retry_delay = "1s"
+)]
+async fn inbox_commit(id: i64, tx: &mut InboxTx, delivery: &Delivery) -> Result<(), HandlerError> {
+    sqlx::query("INSERT INTO orders (id, attempt) VALUES ($1, $2)")
+        .bind(id)
+        .bind(i32::try_from(delivery.attempt()).unwrap_or(i32::MAX))
+        .execute(&mut **tx)
+        .await?;
+    if delivery.attempt() == 1 {
+        // Breaks a deferred constraint: only the commit finds out.
+        sqlx::query("INSERT INTO commit_guard (id) VALUES ($1), ($1)")
+            .bind(id)
+            .execute(&mut **tx)
+            .await?;
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_commit_is_not_acked_and_the_message_comes_back() {
+    init_tracing();
+    const QUEUE: &str = "rmq-test-inbox-commit";
+    let _cleanup = Cleanup::consumer(QUEUE, &["1s", "2s", "4s"], &[]);
+    let db = TestSchema::new("commit").await;
+    create_orders(&db.pool).await;
+    sqlx::query(
+        "CREATE TABLE commit_guard (id bigint, \
+         CONSTRAINT commit_guard_once UNIQUE (id) DEFERRABLE INITIALLY DEFERRED)",
+    )
+    .execute(&db.pool)
+    .await
+    .expect("guard table");
+    let app = App::new(test_config(QUEUE))
+        .consumer(inbox_commit::SPEC)
+        .with_postgres(db.pool.clone())
+        .start()
+        .await
+        .expect("starts");
+    let broker = Broker::connect().await;
+    broker
+        .publish_json("", QUEUE, &serde_json::json!(3), "commit-3")
+        .await;
+    let settled = eventually(Duration::from_secs(15), || {
+        let app = &app;
+        async move { app.stats(QUEUE).is_some_and(|s| s.handled == 1) }
+    })
+    .await;
+    let stats = app.stats(QUEUE);
+    app.shutdown().await.expect("clean shutdown");
+    assert!(settled, "handled on the second attempt: {stats:?}");
+    assert_eq!(
+        stats.map(|s| s.retried),
+        Some(1),
+        "the failed commit came back"
+    );
+    assert_eq!(
+        count(&db.pool, "SELECT count(*) FROM orders WHERE attempt = 1").await,
+        0
+    );
+    assert_eq!(
+        count(&db.pool, "SELECT count(*) FROM orders WHERE attempt = 2").await,
+        1
+    );
+}
+
+// ---- database unreachable: paused in place ----
+
+static PAUSE_CALLS: AtomicU32 = AtomicU32::new(0);
+
+#[consumer(
+    queue = "rmq-test-inbox-pause",
+    dlx = "rmq-test-inbox-pause.dlx",
+    inbox,
+    max_retries = 1
+)]
+async fn inbox_pause(id: i64, tx: &mut InboxTx) -> Result<(), HandlerError> {
+    PAUSE_CALLS.fetch_add(1, Ordering::SeqCst);
+    sqlx::query("INSERT INTO orders (id, attempt) VALUES ($1, 1)")
+        .bind(id)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_database_pauses_in_place_and_resumes() {
+    init_tracing();
+    const QUEUE: &str = "rmq-test-inbox-pause";
+    let _cleanup = Cleanup::consumer(QUEUE, &["1s"], &[]);
+    let db = TestSchema::new("pause").await;
+    create_orders(&db.pool).await;
+    // A pool of one connection, which the test holds: no transaction can begin.
+    let pool = db.pool(1).await;
+    let held = pool.acquire().await.expect("the only connection");
+    let app = App::new(test_config(QUEUE))
+        .consumer(inbox_pause::SPEC)
+        .with_postgres(pool.clone())
+        .start()
+        .await
+        .expect("starts");
+    let broker = Broker::connect().await;
+    for id in 1..=3i64 {
+        broker
+            .publish_json("", QUEUE, &serde_json::json!(id), &format!("pause-{id}"))
+            .await;
+    }
+    let paused = eventually(Duration::from_secs(10), || {
+        let app = &app;
+        async move { app.stats(QUEUE).is_some_and(|s| s.paused >= 1) }
+    })
+    .await;
+    // Long enough for several tries of each (acquire gives up after a second).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let during = app.stats(QUEUE);
+    drop(held);
+    let resumed = eventually(Duration::from_secs(20), || {
+        let app = &app;
+        async move {
+            app.stats(QUEUE)
+                .is_some_and(|s| s.handled == 3 && s.paused == 0)
+        }
+    })
+    .await;
+    let after = app.stats(QUEUE);
+    app.shutdown().await.expect("clean shutdown");
+    assert!(
+        paused,
+        "paused while the database is unreachable: {during:?}"
+    );
+    let during = during.expect("stats");
+    assert_eq!(during.handled, 0);
+    assert_eq!(
+        (during.retried, during.dead_lettered),
+        (0, 0),
+        "nothing retried or dead-lettered"
+    );
+    assert_eq!(
+        PAUSE_CALLS.load(Ordering::SeqCst),
+        3,
+        "no handler call while paused"
+    );
+    assert!(resumed, "resumed unaided: {after:?}");
+    assert_eq!(count(&db.pool, "SELECT count(*) FROM orders").await, 3);
+    assert_eq!(broker.ready_count(&format!("{QUEUE}.dlq")).await, Some(0));
+}
+
+// ---- no message id, no pool, expiry ----
+
+#[consumer(queue = "rmq-test-inbox-noid", dlx = "rmq-test-inbox-noid.dlx", inbox)]
+async fn inbox_noid(_id: i64, _tx: &mut InboxTx) -> Result<(), HandlerError> {
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_without_id_is_dead_lettered_and_a_missing_pool_stops_start_up() {
+    init_tracing();
+    const QUEUE: &str = "rmq-test-inbox-noid";
+    let _cleanup = Cleanup::consumer(QUEUE, &["1s", "2s", "4s"], &[]);
+    let err = App::new(test_config(QUEUE))
+        .consumer(inbox_noid::SPEC)
+        .start()
+        .await
+        .expect_err("an inbox consumer without a pool cannot start");
+    assert!(
+        matches!(&err, Error::Config(m) if m.contains("App::with_postgres")),
+        "{err}"
+    );
+    let db = TestSchema::new("noid").await;
+    let app = App::new(test_config(QUEUE))
+        .consumer(inbox_noid::SPEC)
+        .with_postgres(db.pool.clone())
+        .start()
+        .await
+        .expect("starts");
+    let broker = Broker::connect().await;
+    broker
+        .publish_raw(
+            "",
+            QUEUE,
+            b"1",
+            lapin::BasicProperties::default().with_content_type("application/json".into()),
+        )
+        .await;
+    let dead = broker
+        .get_within(&format!("{QUEUE}.dlq"), Duration::from_secs(10))
+        .await;
+    app.shutdown().await.expect("clean shutdown");
+    let dead = dead.expect("dead-lettered");
+    assert_eq!(
+        dead.header("x-error-kind").as_deref(),
+        Some("missing-message-id")
+    );
+}
+
+#[tokio::test]
+async fn expired_inbox_rows_are_removed_in_bounded_batches() {
+    let db = TestSchema::new("expiry").await;
+    sqlx::query(
+        "INSERT INTO reliable_mq_inbox (consumer, message_id, expires_at) \
+         SELECT 'q', 'old-' || n, now() - interval '1 minute' FROM generate_series(1, 25) n \
+         UNION ALL SELECT 'q', 'new-' || n, now() + interval '1 hour' FROM generate_series(1, 5) n",
+    )
+    .execute(&db.pool)
+    .await
+    .expect("rows");
+    let first = reliable_mq::postgres::remove_expired_inbox_rows(&db.pool, 10)
+        .await
+        .expect("clean-up");
+    assert_eq!(first, 10, "one bounded batch");
+    while reliable_mq::postgres::remove_expired_inbox_rows(&db.pool, 10)
+        .await
+        .expect("clean-up")
+        > 0
+    {}
+    assert_eq!(
+        count(&db.pool, "SELECT count(*) FROM reliable_mq_inbox").await,
+        5
+    );
+    assert_eq!(
+        count(
+            &db.pool,
+            "SELECT count(*) FROM reliable_mq_inbox WHERE message_id LIKE 'new-%'"
+        )
+        .await,
+        5
+    );
+}
