@@ -143,17 +143,22 @@ async fn priority_prefers_the_higher_priority_instance() {
     let low = start(&queue, consumer(&queue)).await;
     let high = start(&queue, consumer(&queue).with_priority(10)).await;
 
-    let subscribed = eventually(Duration::from_secs(10), || async {
-        rabbitmqctl_lines(&["list_consumers", "queue_name", "arguments"], &queue).len() == 2
+    // One look that sees both subscriptions and the argument (a rabbitmqctl call on a
+    // busy machine can come back empty, so never assert on a second, separate look).
+    let mut seen = Vec::new();
+    let subscribed = eventually(Duration::from_secs(20), || {
+        let lines = rabbitmqctl_lines(&["list_consumers", "queue_name", "arguments"], &queue);
+        let ok = lines.len() == 2
+            && lines
+                .iter()
+                .any(|l| l.contains("x-priority") && l.contains("10"));
+        seen = lines;
+        async move { ok }
     })
     .await;
-    assert!(subscribed, "both instances subscribed");
-    let consumers = rabbitmqctl_lines(&["list_consumers", "queue_name", "arguments"], &queue);
     assert!(
-        consumers
-            .iter()
-            .any(|l| l.contains("x-priority") && l.contains("10")),
-        "one subscription carries x-priority 10: {consumers:?}"
+        subscribed,
+        "both instances subscribed, one with x-priority 10: {seen:?}"
     );
 
     let broker = Broker::connect().await;

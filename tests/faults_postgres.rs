@@ -113,6 +113,9 @@ impl Table {
 /// until every message is applied (the last run is never killed), then check the table.
 async fn consumer_killed(scenario: &'static str, kill: &str) -> Table {
     init_tracing();
+    // The scenarios share one queue and restart PostgreSQL: one at a time, whatever
+    // the test harness's thread count.
+    let _serial = reliable_mq_tests::fault::SCENARIO_LOCK.lock().await;
     let _cleanup = Cleanup::consumer(QUEUE, &["1s", "2s", "4s"], &[]);
     let db = TestSchema::new("fault").await;
     sqlx::query("CREATE TABLE orders (n bigint NOT NULL, message_id text NOT NULL)")
@@ -207,6 +210,9 @@ async fn outbox_relay_killed_mid_batch() {
         return;
     }
     init_tracing();
+    // The scenarios share one queue and restart PostgreSQL: one at a time, whatever
+    // the test harness's thread count.
+    let _serial = reliable_mq_tests::fault::SCENARIO_LOCK.lock().await;
     let _cleanup = Cleanup::consumer(QUEUE, &["1s", "2s", "4s"], &[]);
     let db = TestSchema::new("fault_relay").await;
     sqlx::query("CREATE TABLE orders (n bigint NOT NULL, message_id text NOT NULL)")
@@ -294,6 +300,9 @@ async fn postgres_restarted_mid_stream() {
         return;
     }
     init_tracing();
+    // The scenarios share one queue and restart PostgreSQL: one at a time, whatever
+    // the test harness's thread count.
+    let _serial = reliable_mq_tests::fault::SCENARIO_LOCK.lock().await;
     let _cleanup = Cleanup::consumer(QUEUE, &["1s", "2s", "4s"], &[]);
     let db = TestSchema::new("fault_pg").await;
     sqlx::query("CREATE TABLE orders (n bigint NOT NULL, message_id text NOT NULL)")
