@@ -46,7 +46,10 @@ fn exchange_name(exchange: &str) -> &str {
 /// The span of one publish (a producer span).
 pub(crate) fn publish_span(exchange: &str, routing_key: &str, message_id: &str) -> tracing::Span {
     let destination = exchange_name(exchange);
+    // The publisher's target, so that filters on `reliable_mq::publisher` keep the span
+    // (and its message_id) around the publisher's own log lines, as without `otel`.
     tracing::info_span!(
+        target: "reliable_mq::publisher",
         "publish",
         otel.name = %format_args!("publish {destination}"),
         otel.kind = "producer",
