@@ -7,6 +7,9 @@
 //!
 //! Run alone: `cargo test -p reliable-mq-tests --test faults_broker -- --nocapture`; each
 //! scenario prints its row of the summary table (also appended to target/fault-report.md).
+//!
+//! Each scenario runs only with `RELIABLE_MQ_FAULTS=1` (`faults_enabled`): it stops and
+//! restarts this machine's services, so the plain test command only prints a skip line.
 
 use std::future::Future;
 use std::sync::{Arc, Mutex};

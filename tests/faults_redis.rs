@@ -5,6 +5,9 @@
 //!
 //! These tests stop the machine's shared Redis: they are serialized by a lock, keep the
 //! outage to a few seconds, and a guard restarts Redis even when an assertion fails.
+//!
+//! Each scenario runs only with `RELIABLE_MQ_FAULTS=1` (`faults_enabled`): it stops and
+//! restarts this machine's services, so the plain test command only prints a skip line.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
