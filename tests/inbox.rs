@@ -30,6 +30,28 @@ async fn create_orders(pool: &PgPool) {
         .expect("orders table");
 }
 
+/// An app running `spec` with `pool` as its PostgreSQL (the queue is the spec's own).
+async fn start_inbox(
+    queue: &str,
+    spec: reliable_mq::ConsumerSpec,
+    pool: &PgPool,
+) -> reliable_mq::RunningApp {
+    App::new(test_config(queue))
+        .consumer(spec)
+        .with_postgres(pool.clone())
+        .start()
+        .await
+        .expect("starts")
+}
+
+/// Whether `queue`'s consumer has handled `n` messages within `within`.
+async fn handled(app: &reliable_mq::RunningApp, queue: &str, n: u64, within: Duration) -> bool {
+    eventually(within, || async move {
+        app.stats(queue).is_some_and(|s| s.handled == n)
+    })
+    .await
+}
+
 // ---- once, duplicates acked, outbox in the same transaction ----
 
 #[consumer(
@@ -61,12 +83,7 @@ async fn each_message_is_committed_once_and_duplicates_are_acked() {
     let _cleanup = Cleanup::consumer(QUEUE, &["1s", "2s", "4s"], &[]);
     let db = TestSchema::new("once").await;
     create_orders(&db.pool).await;
-    let app = App::new(test_config(QUEUE))
-        .consumer(inbox_once::SPEC)
-        .with_postgres(db.pool.clone())
-        .start()
-        .await
-        .expect("starts");
+    let app = start_inbox(QUEUE, inbox_once::SPEC, &db.pool).await;
     let broker = Broker::connect().await;
     for id in 1..=50i64 {
         broker
@@ -143,23 +160,14 @@ async fn a_handler_error_rolls_back_its_writes_and_retries() {
     let _cleanup = Cleanup::consumer(QUEUE, &["1s", "2s", "4s"], &[]);
     let db = TestSchema::new("rollback").await;
     create_orders(&db.pool).await;
-    let app = App::new(test_config(QUEUE))
-        .consumer(inbox_rollback::SPEC)
-        .with_postgres(db.pool.clone())
-        .start()
-        .await
-        .expect("starts");
+    let app = start_inbox(QUEUE, inbox_rollback::SPEC, &db.pool).await;
     let broker = Broker::connect().await;
     for id in 1..=5i64 {
         broker
             .publish_json("", QUEUE, &serde_json::json!(id), &format!("rb-{id}"))
             .await;
     }
-    let settled = eventually(Duration::from_secs(20), || {
-        let app = &app;
-        async move { app.stats(QUEUE).is_some_and(|s| s.handled == 5) }
-    })
-    .await;
+    let settled = handled(&app, QUEUE, 5, Duration::from_secs(20)).await;
     let stats = app.stats(QUEUE);
     app.shutdown().await.expect("clean shutdown");
     assert!(settled, "5 handled on their second attempt: {stats:?}");
@@ -212,21 +220,12 @@ async fn a_serialization_failure_is_run_again_in_place() {
     let _cleanup = Cleanup::consumer(QUEUE, &["1s", "2s", "4s"], &[]);
     let db = TestSchema::new("conflict").await;
     create_orders(&db.pool).await;
-    let app = App::new(test_config(QUEUE))
-        .consumer(inbox_conflict::SPEC)
-        .with_postgres(db.pool.clone())
-        .start()
-        .await
-        .expect("starts");
+    let app = start_inbox(QUEUE, inbox_conflict::SPEC, &db.pool).await;
     let broker = Broker::connect().await;
     broker
         .publish_json("", QUEUE, &serde_json::json!(7), "conflict-7")
         .await;
-    let settled = eventually(Duration::from_secs(15), || {
-        let app = &app;
-        async move { app.stats(QUEUE).is_some_and(|s| s.handled == 1) }
-    })
-    .await;
+    let settled = handled(&app, QUEUE, 1, Duration::from_secs(15)).await;
     let stats = app.stats(QUEUE);
     app.shutdown().await.expect("clean shutdown");
     assert!(settled, "handled: {stats:?}");
@@ -281,21 +280,12 @@ async fn a_failed_commit_is_not_acked_and_the_message_comes_back() {
     .execute(&db.pool)
     .await
     .expect("guard table");
-    let app = App::new(test_config(QUEUE))
-        .consumer(inbox_commit::SPEC)
-        .with_postgres(db.pool.clone())
-        .start()
-        .await
-        .expect("starts");
+    let app = start_inbox(QUEUE, inbox_commit::SPEC, &db.pool).await;
     let broker = Broker::connect().await;
     broker
         .publish_json("", QUEUE, &serde_json::json!(3), "commit-3")
         .await;
-    let settled = eventually(Duration::from_secs(15), || {
-        let app = &app;
-        async move { app.stats(QUEUE).is_some_and(|s| s.handled == 1) }
-    })
-    .await;
+    let settled = handled(&app, QUEUE, 1, Duration::from_secs(15)).await;
     let stats = app.stats(QUEUE);
     app.shutdown().await.expect("clean shutdown");
     assert!(settled, "handled on the second attempt: {stats:?}");
@@ -417,12 +407,7 @@ async fn a_message_without_id_is_dead_lettered_and_a_missing_pool_stops_start_up
         "{err}"
     );
     let db = TestSchema::new("noid").await;
-    let app = App::new(test_config(QUEUE))
-        .consumer(inbox_noid::SPEC)
-        .with_postgres(db.pool.clone())
-        .start()
-        .await
-        .expect("starts");
+    let app = start_inbox(QUEUE, inbox_noid::SPEC, &db.pool).await;
     let broker = Broker::connect().await;
     broker
         .publish_raw(
