@@ -13,6 +13,37 @@ use reliable_mq_tests::{Cleanup, eventually, init_tracing, message_total, test_c
 
 const WAIT: Duration = Duration::from_secs(15);
 
+/// An idempotent consumer of `q` with `timeout` (one retry after 200 ms), started, and one
+/// message published to it with `message_id`.
+async fn start_with_one_message(
+    config: reliable_mq::Config,
+    q: &str,
+    dlx: &str,
+    handler: impl reliable_mq::Handler,
+    timeout: Duration,
+    message_id: &str,
+) -> reliable_mq::RunningApp {
+    let consumer = ConsumerConfig::new(q, dlx, handler)
+        .with_retries(1, Duration::from_millis(200), RetryBackoff::Fixed)
+        .with_timeout(timeout)
+        .idempotent(Duration::from_secs(600));
+    let app = App::new(config)
+        .consumer(consumer)
+        .start()
+        .await
+        .expect("start");
+    app.publisher()
+        .publish_with(
+            "",
+            q,
+            &1u64,
+            reliable_mq::PublishOptions::with_message_id(message_id),
+        )
+        .await
+        .expect("published");
+    app
+}
+
 /// Handler ticks, 100 ms apart: the handler runs 12 s.
 const TICKS: usize = 120;
 
@@ -110,24 +141,15 @@ async fn a_stopped_redis_stalls_neither_the_handler_nor_its_claim() {
             Ok::<_, HandlerError>(())
         }
     });
-    let consumer = ConsumerConfig::new(&q, &dlx, handler)
-        .with_retries(1, Duration::from_millis(200), RetryBackoff::Fixed)
-        .with_timeout(Duration::from_secs(15))
-        .idempotent(Duration::from_secs(600));
-    let app = App::new(config)
-        .consumer(consumer)
-        .start()
-        .await
-        .expect("start");
-    app.publisher()
-        .publish_with(
-            "",
-            &q,
-            &1u64,
-            reliable_mq::PublishOptions::with_message_id("lease-1"),
-        )
-        .await
-        .expect("published");
+    let app = start_with_one_message(
+        config,
+        &q,
+        &dlx,
+        handler,
+        Duration::from_secs(15),
+        "lease-1",
+    )
+    .await;
     assert!(
         eventually(WAIT, || async { !ticks.lock().expect("ticks").is_empty() }).await,
         "the handler started"
@@ -212,24 +234,15 @@ async fn a_delivery_paused_on_a_dead_store_is_handed_back_before_the_consumer_ti
             Ok::<_, HandlerError>(())
         }
     });
-    let consumer = ConsumerConfig::new(&q, &dlx, handler)
-        .with_retries(1, Duration::from_millis(200), RetryBackoff::Fixed)
-        .with_timeout(Duration::from_secs(1))
-        .idempotent(Duration::from_secs(600));
-    let app = App::new(config)
-        .consumer(consumer)
-        .start()
-        .await
-        .expect("start");
-    app.publisher()
-        .publish_with(
-            "",
-            &q,
-            &1u64,
-            reliable_mq::PublishOptions::with_message_id("paused-1"),
-        )
-        .await
-        .expect("published");
+    let app = start_with_one_message(
+        config,
+        &q,
+        &dlx,
+        handler,
+        Duration::from_secs(1),
+        "paused-1",
+    )
+    .await;
 
     // Held in place while the store is down, then handed back (3 s into a 4 s
     // consumer_timeout) and received again, twice over: the channel never closed.
@@ -290,24 +303,15 @@ async fn a_long_handler_timeout_does_not_make_a_long_lease() {
             Ok::<_, HandlerError>(())
         }
     });
-    let consumer = ConsumerConfig::new(&q, &dlx, handler)
-        .with_retries(1, Duration::from_millis(200), RetryBackoff::Fixed)
-        .with_timeout(Duration::from_secs(2 * 3600))
-        .idempotent(Duration::from_secs(600));
-    let app = App::new(config)
-        .consumer(consumer)
-        .start()
-        .await
-        .expect("start");
-    app.publisher()
-        .publish_with(
-            "",
-            &q,
-            &1u64,
-            reliable_mq::PublishOptions::with_message_id("long-1"),
-        )
-        .await
-        .expect("published");
+    let app = start_with_one_message(
+        config,
+        &q,
+        &dlx,
+        handler,
+        Duration::from_secs(2 * 3600),
+        "long-1",
+    )
+    .await;
     let mut pttl = -2;
     assert!(
         eventually(WAIT, || {
