@@ -34,6 +34,7 @@ use crate::connection::{self, Backoff};
 use crate::consumer::claim::{ClaimDecision, claim};
 use crate::consumer::inspect;
 use crate::consumer::invoke::invoke;
+use crate::consumer::renew::Renewals;
 use crate::consumer::settle::{SettleOutcome, Settler};
 use crate::consumer::{ConsumerStats, InFlight, hand_back_deadline};
 use crate::dedup::{DedupStore, KeyScope};
@@ -175,6 +176,8 @@ pub(crate) struct ConsumerRuntime {
     pub(crate) key_scope: KeyScope,
     /// Paces the held settle copies of this consumer (see `Settler::retry_gate`).
     pub(crate) retry_gate: tokio::sync::Mutex<Backoff>,
+    /// Renews the leases of this consumer's claims, one sweep for all of them.
+    pub(crate) renewals: Renewals,
     /// RabbitMQ, or the in-memory broker of feature `testing` (only read with it).
     #[cfg_attr(not(feature = "testing"), allow(dead_code))]
     pub(crate) transport: Transport,
@@ -533,6 +536,7 @@ impl ConsumerRuntime {
         loop {
             let decision = claim(
                 self.dedup.as_ref(),
+                &self.renewals,
                 &self.key_scope,
                 self.consumer.timeout(),
                 delivery,
@@ -758,7 +762,7 @@ impl ConsumerRuntime {
             }
             ClaimDecision::Run(guard) => {
                 let handler = self.consumer.handler.as_ref();
-                // The claim's lease is renewed by a task of its own, beside the call.
+                // The claim's lease is renewed by the consumer's sweep, beside the call.
                 let timer = self.stats.metrics.timer();
                 let result = invoke(handler, Arc::clone(&delivery), self.consumer.timeout()).await;
                 self.stats.metrics.handler_took(timer);

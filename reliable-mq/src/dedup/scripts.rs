@@ -366,7 +366,9 @@ impl Batcher {
                     continue;
                 }
                 let shared = Arc::clone(&shared);
-                tokio::spawn(async move {
+                // Boxed: the task holds a pointer, not the script call's state machine,
+                // which tokio would copy on spawn and on completion.
+                tokio::spawn(Box::pin(async move {
                     let _permit = permit;
                     match shared.run_batch(op, &batch).await {
                         Ok(codes) => {
@@ -380,7 +382,7 @@ impl Batcher {
                             }
                         }
                     }
-                });
+                }));
             }
         });
         Self(tx)
