@@ -529,19 +529,46 @@ impl ConsumerRuntime {
         acker: &Acker,
         hand_back_at: Instant,
     ) -> Option<ClaimDecision> {
+        let decision = self.claim_once(delivery).await;
+        if !matches!(decision, ClaimDecision::StoreDown(_)) {
+            return Some(decision);
+        }
+        // Boxed: the pause's state machine (timers, the hand-back) would otherwise be
+        // part of every claim task's future, copied whole when it is spawned.
+        Box::pin(self.claim_paused(decision, delivery, acker, hand_back_at)).await
+    }
+
+    /// One claim attempt.
+    async fn claim_once(&self, delivery: &Delivery) -> ClaimDecision {
+        claim(
+            self.dedup.as_ref(),
+            &self.renewals,
+            &self.key_scope,
+            self.consumer.timeout(),
+            delivery,
+        )
+        .await
+    }
+
+    /// [`Self::claim`] once the store did not answer (`first` is that answer): paused,
+    /// claiming again with capped backoff.
+    async fn claim_paused(
+        &self,
+        first: ClaimDecision,
+        delivery: &Delivery,
+        acker: &Acker,
+        hand_back_at: Instant,
+    ) -> Option<ClaimDecision> {
         let mut backoff: Option<Backoff> = None;
         // Counts the time paused when dropped, whichever way the pause ends.
         let mut _paused = None;
         let mut signal = self.shutdown.signal();
+        let mut next = Some(first);
         loop {
-            let decision = claim(
-                self.dedup.as_ref(),
-                &self.renewals,
-                &self.key_scope,
-                self.consumer.timeout(),
-                delivery,
-            )
-            .await;
+            let decision = match next.take() {
+                Some(first) => first,
+                None => self.claim_once(delivery).await,
+            };
             let ClaimDecision::StoreDown(e) = &decision else {
                 if backoff.is_some() {
                     self.stats.paused.fetch_sub(1, Ordering::Relaxed);
@@ -731,9 +758,13 @@ impl ConsumerRuntime {
         let mut slot = Some(slot);
         let _in_flight = self.stats.metrics.in_flight();
         let settler = self.settler(&held);
+        // The rarely taken paths (a claim made here, the inbox, a settle copy) are boxed:
+        // inline, their state machines would make this task's future several kB, which
+        // is copied whole when the task is spawned.
         let decision = match claim {
             Some(task) => task.await.ok().flatten(),
-            None => self.claim(&delivery, &acker, held.hand_back_at).await,
+            None if self.dedup.is_none() => Some(ClaimDecision::Run(None)),
+            None => Box::pin(self.claim(&delivery, &acker, held.hand_back_at)).await,
         };
         let Some(decision) = decision else {
             // Shutdown, or the channel died, while paused on the dedup store: leave it
@@ -754,7 +785,7 @@ impl ConsumerRuntime {
                     shutdown: &self.shutdown,
                     hand_back_at: held.hand_back_at,
                 };
-                match call.run().await {
+                match Box::pin(call.run()).await {
                     Some(outcome) => outcome,
                     // Left unacked: the broker redelivers it.
                     None => return,
@@ -811,12 +842,21 @@ impl ConsumerRuntime {
         drop(slot);
         let timer = self.stats.metrics.timer();
         let name = outcome.name();
-        crate::observe::trace::settling(
-            settler.settle(&acker, &delivery, outcome),
-            delivery.queue(),
-            name,
-        )
-        .await;
+        if outcome == SettleOutcome::Ack {
+            crate::observe::trace::settling(
+                crate::consumer::settle::ack(&acker),
+                delivery.queue(),
+                name,
+            )
+            .await;
+        } else {
+            crate::observe::trace::settling(
+                Box::pin(settler.settle(&acker, &delivery, outcome)),
+                delivery.queue(),
+                name,
+            )
+            .await;
+        }
         self.stats.metrics.settled(timer);
     }
 }

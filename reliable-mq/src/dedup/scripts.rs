@@ -416,10 +416,14 @@ impl<S: ConnectionSource> DedupStore for ScriptStore<S> {
         Box::pin(async move {
             let code = match self.batchers() {
                 Some(b) => b.claims.call(key, token, lease).await?,
+                // Boxed, as below: only a cluster takes this path, and inline the script
+                // call would size every claim's future.
                 None => {
-                    self.shared
-                        .run(self.shared.scripts.claim(key, token, lease))
-                        .await?
+                    Box::pin(
+                        self.shared
+                            .run(self.shared.scripts.claim(key, token, lease)),
+                    )
+                    .await?
                 }
             };
             Ok(claim_outcome(code))
@@ -446,9 +450,11 @@ impl<S: ConnectionSource> DedupStore for ScriptStore<S> {
             let code = match self.batchers() {
                 Some(b) => b.completes.call(key, token, ttl).await?,
                 None => {
-                    self.shared
-                        .run(self.shared.scripts.complete(key, token, ttl))
-                        .await?
+                    Box::pin(
+                        self.shared
+                            .run(self.shared.scripts.complete(key, token, ttl)),
+                    )
+                    .await?
                 }
             };
             Ok(code == 1)
