@@ -232,6 +232,20 @@ struct Held<'a> {
     connection: &'a Link,
 }
 
+/// What the task of one delivery with a slot owns (see `ConsumerRuntime::process`).
+struct Task {
+    delivery: Arc<Delivery>,
+    acker: Acker,
+    /// The claim started when the delivery arrived (idempotent consumers).
+    claim: Option<tokio::task::JoinHandle<Option<ClaimDecision>>>,
+    /// Given back as soon as the handler returns.
+    slot: tokio::sync::OwnedSemaphorePermit,
+    hand_back_at: Instant,
+    /// The session's connection (to redeclare the topology on).
+    link: Arc<Link>,
+    busy: InFlight,
+}
+
 /// A delivery received and waiting for a slot, its claim under way.
 struct Waiting {
     delivery: Arc<Delivery>,
@@ -368,19 +382,18 @@ impl ConsumerRuntime {
                             span,
                             busy,
                         } = w;
-                        // Boxed: the task then holds a pointer, not the whole (several kB)
-                        // state machine, which tokio would copy on spawn and on completion.
-                        in_flight.spawn(Box::pin(
-                            async move {
-                                let _busy = busy;
-                                let held = Held {
-                                    hand_back_at,
-                                    connection: &link,
-                                };
-                                this.process(delivery, acker, claim, permit, held).await
-                            }
-                            .instrument(span),
-                        ));
+                        // Boxed: the task then holds a pointer, not the whole state
+                        // machine, which tokio would copy on spawn and on completion.
+                        let task = Task {
+                            delivery,
+                            acker,
+                            claim,
+                            slot: permit,
+                            hand_back_at,
+                            link,
+                            busy,
+                        };
+                        in_flight.spawn(Box::pin(this.process(task).instrument(span)));
                         continue;
                     }
                 }
@@ -747,24 +760,29 @@ impl ConsumerRuntime {
     /// the handler returns: settling (the `done` mark, the ack, a retry or dead-letter
     /// copy) does not hold up the next handler. Unsettled deliveries stay bounded by the
     /// prefetch window.
-    async fn process(
-        &self,
-        delivery: Arc<Delivery>,
-        acker: Acker,
-        claim: Option<tokio::task::JoinHandle<Option<ClaimDecision>>>,
-        slot: tokio::sync::OwnedSemaphorePermit,
-        held: Held<'_>,
-    ) {
+    ///
+    /// It is the delivery's task itself (owning what it needs, not wrapped in another
+    /// future), and keeps what it holds across its awaits small: its future is allocated
+    /// and copied once per delivery.
+    async fn process(self: Arc<Self>, task: Task) {
+        let Task {
+            delivery,
+            acker,
+            claim,
+            slot,
+            hand_back_at,
+            link,
+            busy: _busy,
+        } = task;
         let mut slot = Some(slot);
         let _in_flight = self.stats.metrics.in_flight();
-        let settler = self.settler(&held);
         // The rarely taken paths (a claim made here, the inbox, a settle copy) are boxed:
         // inline, their state machines would make this task's future several kB, which
         // is copied whole when the task is spawned.
         let decision = match claim {
             Some(task) => task.await.ok().flatten(),
             None if self.dedup.is_none() => Some(ClaimDecision::Run(None)),
-            None => Box::pin(self.claim(&delivery, &acker, held.hand_back_at)).await,
+            None => Box::pin(self.claim(&delivery, &acker, hand_back_at)).await,
         };
         let Some(decision) = decision else {
             // Shutdown, or the channel died, while paused on the dedup store: leave it
@@ -783,7 +801,7 @@ impl ConsumerRuntime {
                     dedup_ttl: self.consumer.dedup_ttl(),
                     stats: &self.stats,
                     shutdown: &self.shutdown,
-                    hand_back_at: held.hand_back_at,
+                    hand_back_at,
                 };
                 match Box::pin(call.run()).await {
                     Some(outcome) => outcome,
@@ -850,6 +868,11 @@ impl ConsumerRuntime {
             )
             .await;
         } else {
+            let held = Held {
+                hand_back_at,
+                connection: &link,
+            };
+            let settler = self.settler(&held);
             crate::observe::trace::settling(
                 Box::pin(settler.settle(&acker, &delivery, outcome)),
                 delivery.queue(),
