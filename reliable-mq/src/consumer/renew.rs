@@ -222,3 +222,103 @@ async fn renew(
 fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dedup::{Claim, DedupFuture, MemoryStore};
+
+    const LEASE: Duration = Duration::from_secs(15);
+
+    /// A store whose renewals of `stuck` never answer (a stopped Redis, for one key).
+    struct OneStuck(MemoryStore);
+
+    impl DedupStore for OneStuck {
+        fn claim<'a>(
+            &'a self,
+            key: &'a str,
+            token: &'a str,
+            lease: Duration,
+        ) -> DedupFuture<'a, Claim> {
+            self.0.claim(key, token, lease)
+        }
+        fn renew<'a>(
+            &'a self,
+            key: &'a str,
+            token: &'a str,
+            lease: Duration,
+        ) -> DedupFuture<'a, bool> {
+            if key == "stuck" {
+                return Box::pin(std::future::pending());
+            }
+            self.0.renew(key, token, lease)
+        }
+        fn complete<'a>(
+            &'a self,
+            key: &'a str,
+            token: &'a str,
+            ttl: Duration,
+        ) -> DedupFuture<'a, bool> {
+            self.0.complete(key, token, ttl)
+        }
+        fn release<'a>(&'a self, key: &'a str, token: &'a str) -> DedupFuture<'a, bool> {
+            self.0.release(key, token)
+        }
+        fn ping(&self) -> DedupFuture<'_, ()> {
+            self.0.ping()
+        }
+    }
+
+    async fn claimed(store: &Arc<dyn DedupStore>, key: &str) {
+        assert_eq!(
+            store.claim(key, "t", LEASE).await.ok(),
+            Some(Claim::Acquired)
+        );
+    }
+
+    async fn held(store: &Arc<dyn DedupStore>, key: &str) -> bool {
+        store.claim(key, "other", LEASE).await.ok() == Some(Claim::Held)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_hanging_renewal_holds_up_no_other_claim() {
+        let store: Arc<dyn DedupStore> = Arc::new(OneStuck(MemoryStore::new()));
+        let renewals = Renewals::default();
+        claimed(&store, "stuck").await;
+        claimed(&store, "ok").await;
+        let _stuck = renewals
+            .start(&store, "stuck", "t", LEASE)
+            .expect("in a runtime");
+        let _ok = renewals
+            .start(&store, "ok", "t", LEASE)
+            .expect("in a runtime");
+        tokio::time::sleep(LEASE * 4).await;
+        assert!(held(&store, "ok").await, "renewed all along");
+        assert!(
+            !held(&store, "stuck").await,
+            "never renewed: its lease ran out"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_settled_claim_is_renewed_no_more_and_a_new_one_wakes_the_sweep() {
+        let store: Arc<dyn DedupStore> = Arc::new(MemoryStore::new());
+        let renewals = Renewals::default();
+        claimed(&store, "a").await;
+        let a = renewals
+            .start(&store, "a", "t", LEASE)
+            .expect("in a runtime");
+        tokio::time::sleep(LEASE * 2).await;
+        assert!(held(&store, "a").await);
+        drop(a);
+        tokio::time::sleep(LEASE * 2).await;
+        assert!(!held(&store, "a").await, "expired once out of the sweep");
+        // The sweep had nothing left to renew (idle): a new claim must wake it.
+        claimed(&store, "b").await;
+        let _b = renewals
+            .start(&store, "b", "t", LEASE)
+            .expect("in a runtime");
+        tokio::time::sleep(LEASE * 3).await;
+        assert!(held(&store, "b").await);
+    }
+}
