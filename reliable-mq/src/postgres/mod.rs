@@ -15,8 +15,10 @@ use std::time::Duration;
 pub use inbox::delete_expired as remove_expired_inbox_rows;
 pub use inbox::{InboxFnHandler, InboxTx, inbox_handler_fn};
 pub use outbox::{
-    FailedMessage, Outbox, OutboxError, OutboxMessage, OutboxRelay, OutboxStats, RelayBatch,
+    FailedMessage, Outbox, OutboxBacklog, OutboxError, OutboxHealth, OutboxMessage, OutboxRelay,
+    OutboxStats, RelayBatch,
 };
+pub(crate) use outbox::RelayState;
 pub use sqlx::PgPool;
 
 use crate::Error;
