@@ -133,9 +133,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .with_postgres(pool.clone());
     app.migrate().await?;
     println!("reliable-mq demo: exactly once with PostgreSQL\n");
-    let running = app.start().await?;
-    let relay = OutboxRelay::new(pool.clone(), running.publisher().clone())
-        .spawn(running.shutdown_handle());
+    let mut running = app.start().await?;
+    // The relay runs until shutdown, reported in running.health().outbox.
+    running.spawn_outbox_relay(OutboxRelay::new(pool.clone(), running.publisher().clone()));
 
     let publisher = Publisher::from_config(&config).await?;
     let mut batch: Vec<Order> = (1..=6)
@@ -197,8 +197,17 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("  audit table: {audited} rows (events consumed exactly once)");
     println!("  inbox table: {inbox} rows (orders and events handled)");
 
-    running.shutdown().await?;
-    relay.await?;
+    let health = running.health().await;
+    if let Some(outbox) = &health.outbox {
+        println!(
+            "  health: ready {}, outbox relays running {}/{}",
+            health.is_ready(),
+            outbox.relays_running,
+            outbox.relays
+        );
+    }
+
+    running.shutdown().await?; // waits for the relay's batch in hand
     publisher.close().await;
     cleanup(&config.amqp_url).await?;
     sqlx::query(&format!("DROP SCHEMA IF EXISTS {SCHEMA} CASCADE"))

@@ -449,7 +449,13 @@ impl OutboxRelay {
                         last_count = Some(tokio::time::Instant::now());
                         self.count().await;
                     }
-                    batch.taken as i64 == self.batch_size
+                    // Ordered, a row's successor becomes eligible only once its batch
+                    // committed: any progress may have left more to take at once.
+                    if self.ordered_per_aggregate {
+                        batch.taken > 0
+                    } else {
+                        batch.taken as i64 == self.batch_size
+                    }
                 }
                 Err(e) => {
                     self.state.set_error(Some(format!("cannot relay the outbox: {e}")));
