@@ -17,7 +17,7 @@ use std::time::Duration;
 use reliable_mq::postgres::{InboxTx, Outbox, OutboxRelay};
 use reliable_mq::{App, Delivery, HandlerError, PublishOptions, Publisher, consumer};
 use serde::{Deserialize, Serialize};
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::postgres::PgConnectOptions;
 
 const EXCHANGE: &str = "demo.inbox";
 /// The demo's tables live in a schema of their own, dropped at the end.
@@ -112,9 +112,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .execute(&admin)
         .await?;
     let options: PgConnectOptions = url.parse()?;
-    let pool = PgPoolOptions::new()
+    let pool = reliable_mq::postgres::pool_options()
         .max_connections(8)
-        .acquire_timeout(Duration::from_secs(3))
         .connect_with(options.options([("search_path", SCHEMA)]))
         .await?;
     sqlx::query(

@@ -1,8 +1,9 @@
 //! `inbox` mode (feature `postgres`): drain a pre-filled queue with the transactional
 //! inbox (begin, inbox row, commit per message, PostgreSQL on this machine) against the
 //! Redis-idempotent consumer and raw lapin, all at prefetch 100, ours at concurrency 16.
-//! The inbox runs twice: on a pool with sqlx's defaults, and on one that does not ping a
-//! connection on every acquire (`test_before_acquire(false)`, what the docs recommend).
+//! The inbox runs twice: on a pool with sqlx's defaults, and on one from
+//! `reliable_mq::postgres::pool_options()`, which does not ping a connection on every
+//! acquire.
 //!
 //! `relay` mode: the outbox relay's throughput (rows published with confirms and marked
 //! sent per second, batches of 256) against the same messages published straight with
@@ -41,7 +42,7 @@ impl Variant {
             Self::Raw => "raw lapin (manual ack, sequential)",
             Self::Redis => "reliable_mq idempotent (Redis), conc. 16",
             Self::Inbox => "reliable_mq inbox (PostgreSQL), conc. 16",
-            Self::InboxNoPing => "  same, pool test_before_acquire(false)",
+            Self::InboxNoPing => "  same, postgres::pool_options() (no ping)",
         }
     }
 }
@@ -92,8 +93,8 @@ pub async fn run(args: &Args) -> Result<(), String> {
         .execute(&admin)
         .await
         .map_err(|e| e.to_string())?;
-    let pool = pool(&url, &schema, true).await?;
-    let pool_no_ping = pool(&url, &schema, false).await?;
+    let pool = open_pool(&url, &schema, true).await?;
+    let pool_no_ping = open_pool(&url, &schema, false).await?;
     reliable_mq::postgres::migrate(&pool)
         .await
         .map_err(|e| e.to_string())?;
@@ -190,14 +191,17 @@ fn database_url() -> String {
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned())
 }
 
-/// A pool on `schema` with a connection per handler and two spare; `ping`: sqlx's default
-/// check of each connection on acquire (one round trip).
-async fn pool(url: &str, schema: &str, ping: bool) -> Result<PgPool, String> {
+/// A pool on `schema` with a connection per handler and two spare; `ping`: sqlx's
+/// defaults (a check of each connection on acquire, one round trip), else
+/// `postgres::pool_options()`.
+async fn open_pool(url: &str, schema: &str, ping: bool) -> Result<PgPool, String> {
     let options: PgConnectOptions = url.parse().map_err(|e: sqlx::Error| e.to_string())?;
-    PgPoolOptions::new()
-        .max_connections(u32::from(CONCURRENCY) + 2)
-        .acquire_timeout(Duration::from_secs(5))
-        .test_before_acquire(ping)
+    let pool = if ping {
+        PgPoolOptions::new().acquire_timeout(Duration::from_secs(5))
+    } else {
+        reliable_mq::postgres::pool_options()
+    };
+    pool.max_connections(u32::from(CONCURRENCY) + 2)
         .connect_with(options.options([("search_path", schema)]))
         .await
         .map_err(|e| e.to_string())
@@ -236,7 +240,7 @@ pub async fn run_relay(args: &Args) -> Result<(), String> {
         .execute(&admin)
         .await
         .map_err(|e| e.to_string())?;
-    let pool = pool(&url, &schema, true).await?;
+    let pool = open_pool(&url, &schema, true).await?;
     reliable_mq::postgres::migrate(&pool)
         .await
         .map_err(|e| e.to_string())?;

@@ -141,8 +141,9 @@ impl App {
     }
 
     /// Use `pool` for `inbox` consumers and the handlers' `State<PgPool>` (feature
-    /// `postgres`). Give it an `acquire_timeout` of a few seconds: while PostgreSQL is
-    /// down, inbox deliveries pause in place and try again at that pace.
+    /// `postgres`). Build it from [`postgres::pool_options`](crate::postgres::pool_options):
+    /// an `acquire_timeout` of a few seconds (while PostgreSQL is down, inbox deliveries
+    /// pause in place and try again at that pace) and no ping per acquire.
     #[cfg(feature = "postgres")]
     pub fn with_postgres(mut self, pool: sqlx::PgPool) -> Self {
         self.states.insert(pool);
