@@ -20,9 +20,7 @@ use lapin::types::FieldTable;
 use pg_support::TestSchema;
 use reliable_mq::postgres::{Outbox, OutboxMessage, OutboxRelay, OutboxStats};
 use reliable_mq::{App, ConsumerConfig, HandlerError, Publisher, ShutdownHandle, handler_fn};
-use reliable_mq_tests::{
-    Broker, Cleanup, amqp_url, eventually, init_tracing, test_config, unique,
-};
+use reliable_mq_tests::{Broker, Cleanup, amqp_url, eventually, init_tracing, test_config, unique};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{Mutex, MutexGuard};
 
@@ -336,7 +334,10 @@ async fn failed_rows_are_counted_and_reported_by_health_without_making_the_app_u
     let outbox = health.outbox.clone().expect("a relay");
     assert_eq!((outbox.relays, outbox.relays_running), (1, 1), "{outbox:?}");
     assert_eq!(outbox.error, None);
-    assert!(health.is_ready(), "failed rows are reported, not unready: {health:?}");
+    assert!(
+        health.is_ready(),
+        "failed rows are reported, not unready: {health:?}"
+    );
 
     let (status, body) = get(addr, "/health/ready").await;
     assert_eq!(status, 200, "{body}");
@@ -354,18 +355,32 @@ async fn failed_rows_are_counted_and_reported_by_health_without_making_the_app_u
         "{scrape}"
     );
     assert_eq!(delta("reliable_mq_outbox_published_total"), 1.0, "{scrape}");
-    assert_eq!(value(&after, "reliable_mq_outbox_failed_rows"), 2.0, "{scrape}");
+    assert_eq!(
+        value(&after, "reliable_mq_outbox_failed_rows"),
+        2.0,
+        "{scrape}"
+    );
     assert_eq!(value(&after, "reliable_mq_outbox_pending"), 0.0, "{scrape}");
-    assert_eq!(value(&after, "reliable_mq_outbox_relays_running"), 1.0, "{scrape}");
+    assert_eq!(
+        value(&after, "reliable_mq_outbox_relays_running"),
+        1.0,
+        "{scrape}"
+    );
     assert!(
-        after.keys().any(|k| k.starts_with("reliable_mq_outbox_batch_duration_seconds_count")),
+        after
+            .keys()
+            .any(|k| k.starts_with("reliable_mq_outbox_batch_duration_seconds_count")),
         "{scrape}"
     );
 
     // The query helper names them, with the broker's reason.
     let failed = Outbox::failed(&db.pool, 10).await.expect("query");
     assert_eq!(failed.len(), 2);
-    assert!(failed.iter().all(|f| f.routing_key == nowhere && f.reason.contains("unroutable")));
+    assert!(
+        failed
+            .iter()
+            .all(|f| f.routing_key == nowhere && f.reason.contains("unroutable"))
+    );
     let handled = eventually(Duration::from_secs(10), || {
         let app = &app;
         let queue = &queue;
@@ -390,7 +405,13 @@ async fn failed_rows_are_counted_and_reported_by_health_without_making_the_app_u
 /// Rows of aggregates `a` and `b`, in order, and one without a key.
 async fn write_aggregates(pool: &sqlx::PgPool, queue: &str) {
     for (n, key) in [(1, "a"), (2, "a"), (3, "a")] {
-        write(pool, queue, serde_json::json!(format!("{key}{n}")), Some(key)).await;
+        write(
+            pool,
+            queue,
+            serde_json::json!(format!("{key}{n}")),
+            Some(key),
+        )
+        .await;
     }
     write(pool, queue, serde_json::json!("b1"), Some("b")).await;
     write(pool, queue, serde_json::json!("none"), None).await;
@@ -448,14 +469,29 @@ async fn an_ordered_relay_publishes_one_aggregate_in_order_and_waits_for_a_row_i
     let relay = OutboxRelay::new(db.pool.clone(), publisher.clone()).ordered_per_aggregate(true);
     let holder = hold_first_of_a(&db.pool).await;
     let batch = relay.relay_batch().await.expect("batch");
-    assert_eq!((batch.taken, batch.sent), (2, 2), "b1 and the keyless row: {batch:?}");
-    assert_eq!(relay.relay_batch().await.expect("batch").taken, 0, "a2, a3 wait for a1");
+    assert_eq!(
+        (batch.taken, batch.sent),
+        (2, 2),
+        "b1 and the keyless row: {batch:?}"
+    );
+    assert_eq!(
+        relay.relay_batch().await.expect("batch").taken,
+        0,
+        "a2, a3 wait for a1"
+    );
     holder.rollback().await.expect("release");
     for _ in 0..3 {
-        assert_eq!(relay.relay_batch().await.expect("batch").sent, 1, "one of `a` at a time");
+        assert_eq!(
+            relay.relay_batch().await.expect("batch").sent,
+            1,
+            "one of `a` at a time"
+        );
     }
     assert_eq!(relay.relay_batch().await.expect("batch").taken, 0);
-    assert_eq!(drain_bodies(&broker, &queue).await, ["b1", "none", "a1", "a2", "a3"]);
+    assert_eq!(
+        drain_bodies(&broker, &queue).await,
+        ["b1", "none", "a1", "a2", "a3"]
+    );
 
     // A failed row does not hold its aggregate back.
     let db = TestSchema::new("outbox_ordered_failed").await;

@@ -12,18 +12,18 @@ pub mod metrics;
 #[cfg(feature = "otel")]
 pub(crate) mod trace;
 
-#[cfg(feature = "metrics")]
-pub(crate) use metrics::{ConsumerMetrics, publisher as publish_metrics};
 #[cfg(all(feature = "metrics", feature = "postgres"))]
 pub(crate) use metrics::outbox as outbox_metrics;
+#[cfg(feature = "metrics")]
+pub(crate) use metrics::{ConsumerMetrics, publisher as publish_metrics};
 
 #[cfg(not(feature = "metrics"))]
 pub(crate) use off::{ConsumerMetrics, publish_metrics};
 
-#[cfg(not(feature = "otel"))]
-pub(crate) use off::trace;
 #[cfg(all(not(feature = "metrics"), feature = "postgres"))]
 pub(crate) use off::outbox_metrics;
+#[cfg(not(feature = "otel"))]
+pub(crate) use off::trace;
 
 /// The hooks with their features off: nothing recorded, nothing compiled in.
 #[cfg(not(all(feature = "metrics", feature = "otel")))]

@@ -14,11 +14,11 @@ use std::time::Duration;
 /// for its inbox consumers); how many went.
 pub use inbox::delete_expired as remove_expired_inbox_rows;
 pub use inbox::{InboxFnHandler, InboxTx, inbox_handler_fn};
+pub(crate) use outbox::RelayState;
 pub use outbox::{
     FailedMessage, Outbox, OutboxBacklog, OutboxError, OutboxHealth, OutboxMessage, OutboxRelay,
     OutboxStats, RelayBatch,
 };
-pub(crate) use outbox::RelayState;
 pub use sqlx::PgPool;
 
 use crate::Error;

@@ -458,7 +458,8 @@ impl OutboxRelay {
                     }
                 }
                 Err(e) => {
-                    self.state.set_error(Some(format!("cannot relay the outbox: {e}")));
+                    self.state
+                        .set_error(Some(format!("cannot relay the outbox: {e}")));
                     let delay = trouble.next_delay();
                     warn!(error = %e, ?delay, "outbox relay cannot read the outbox; trying again");
                     tokio::select! {
