@@ -704,7 +704,10 @@ fn check(name: &str, o: &Observed, timing: &Timing, memory: bool) {
             expired_together(timing, Duration::from_millis(600), memory);
             // Long before the head's own 5 s: the queue's TTL was the lower.
             assert!(
-                timing.since_publish.iter().all(|t| *t < Duration::from_secs(4)),
+                timing
+                    .since_publish
+                    .iter()
+                    .all(|t| *t < Duration::from_secs(4)),
                 "{:?}",
                 timing.since_publish
             );

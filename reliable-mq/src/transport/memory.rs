@@ -866,6 +866,88 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 mod tests {
     use super::*;
 
+    fn holding(broker: &MemoryBroker, ttl_ms: Option<i64>) {
+        let mut args = FieldTable::default();
+        put(&mut args, "x-dead-letter-exchange", "");
+        put(&mut args, "x-dead-letter-routing-key", "expired");
+        if let Some(ms) = ttl_ms {
+            args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(ms));
+        }
+        broker.declare_queue_with_args("hold", &args);
+        broker.declare_queue("expired", "", "");
+    }
+
+    fn publish(broker: &Arc<MemoryBroker>, body: &str, expiration: Option<&str>) -> Outcome {
+        let mut p = BasicProperties::default();
+        if let Some(e) = expiration {
+            p = p.with_expiration(e.into());
+        }
+        broker.publish(Origin::Test, "", "hold", p, body.as_bytes().to_vec())
+    }
+
+    fn bodies(broker: &MemoryBroker, queue: &str) -> Vec<String> {
+        broker
+            .messages(queue)
+            .iter()
+            .map(|m| String::from_utf8_lossy(&m.body).into_owned())
+            .collect()
+    }
+
+    /// A message requeued after its deadline keeps that deadline: it expires at once,
+    /// it is not delivered again.
+    #[tokio::test(start_paused = true)]
+    async fn a_requeued_message_keeps_its_deadline() {
+        let broker = MemoryBroker::new();
+        holding(&broker, Some(1000));
+        assert!(matches!(publish(&broker, "a", None), Outcome::Confirmed));
+        let sub = broker.subscribe("hold", 1);
+        let d = sub.next().await.expect("delivered before its TTL");
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let Acker::Memory(acker) = d.acker else {
+            panic!("a memory delivery");
+        };
+        assert!(acker.nack(true));
+        assert!(broker.messages("hold").is_empty());
+        assert_eq!(bodies(&broker, "expired"), ["a"]);
+    }
+
+    /// Per-message TTLs expire at the head only; the lower of the queue's and the
+    /// message's own wins.
+    #[tokio::test(start_paused = true)]
+    async fn per_message_ttl_waits_for_the_head() {
+        let broker = MemoryBroker::new();
+        holding(&broker, Some(600));
+        publish(&broker, "long", Some("5000"));
+        publish(&broker, "short", Some("100"));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(bodies(&broker, "hold"), ["long", "short"], "short waits");
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert_eq!(
+            bodies(&broker, "expired"),
+            ["long", "short"],
+            "both at 600 ms"
+        );
+        let death = broker.messages("expired")[0].properties.headers().clone();
+        let death = format!("{death:?}");
+        assert!(death.contains("original-expiration"), "{death}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_invalid_expiration_is_refused_as_rabbitmq_does() {
+        let broker = MemoryBroker::new();
+        holding(&broker, None);
+        for bad in ["", "-1", "1.5", "soon"] {
+            assert!(
+                matches!(
+                    publish(&broker, "x", Some(bad)),
+                    Outcome::Failed(Some(406), _)
+                ),
+                "{bad:?}"
+            );
+        }
+        assert!(broker.messages("hold").is_empty());
+    }
+
     #[test]
     fn topic_wildcards() {
         assert!(topic_matches("order.*", "order.created"));
