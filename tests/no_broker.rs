@@ -207,32 +207,6 @@ async fn a_message_delivered_twice_runs_twice_without_dedup() {
     assert_eq!(inventory.left("apple"), Some(8));
 }
 
-/// The README's example, as written there (with `TestApp::new()` defaults).
-#[tokio::test]
-async fn the_readme_example() {
-    let inventory = Inventory::with("apple", 5);
-    let mut app = TestApp::new()
-        .consumer(reserve_stock::SPEC)
-        .with_state(inventory.clone());
-    for o in [order("apple", 2), order("apple", 10), order("pear", 1)] {
-        app.publish("shop", "order.created", &o)
-            .await
-            .expect("published");
-    }
-    app.run_until_idle().await;
-
-    assert_eq!(app.handled("orders"), 1);
-    assert_eq!(inventory.left("apple"), Some(3));
-    let delays: Vec<_> = app.retries("orders").iter().map(|r| r.delay).collect();
-    assert_eq!(delays, [1, 2, 4].map(Duration::from_secs));
-    let kinds: Vec<_> = app
-        .dead_letters("orders")
-        .iter()
-        .filter_map(|m| m.header("x-error-kind"))
-        .collect();
-    assert_eq!(kinds, ["rejected", "retries-exhausted"]);
-}
-
 /// A dropped connection mid-handler: the delivery comes back redelivered and is handled
 /// on the new session; nothing is lost.
 #[tokio::test]
