@@ -37,19 +37,7 @@ impl RedisCluster {
             nodes: RedisNodes::new("rmq-redis-cluster", &ports),
             ports,
         };
-        for p in ports {
-            cluster.nodes.start(
-                p,
-                &[
-                    "--cluster-enabled",
-                    "yes",
-                    "--cluster-config-file",
-                    &format!("nodes-{p}.conf"),
-                    "--cluster-node-timeout",
-                    "5000",
-                ],
-            );
-        }
+        cluster.nodes.start_cluster_nodes(None);
         for p in ports {
             cluster.nodes.wait_ours(p);
         }

@@ -84,6 +84,29 @@ impl RedisNodes {
         );
     }
 
+    /// Start every node as a Redis Cluster node, in plain text, or with `tls` (the options
+    /// naming the certificates) listening only with TLS.
+    pub fn start_cluster_nodes(&self, tls: Option<&[&str]>) {
+        for &p in &self.ports {
+            let conf = format!("nodes-{p}.conf");
+            let mut args = vec![
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                &conf,
+                "--cluster-node-timeout",
+                "5000",
+            ];
+            match tls {
+                None => self.start(p, &args),
+                Some(tls) => {
+                    args.extend_from_slice(tls);
+                    self.start_tls(p, &args);
+                }
+            }
+        }
+    }
+
     fn launch(&self, port: u16, listen: &[&str], extra: &[&str]) {
         let started = Command::new("redis-server")
             .args(listen)

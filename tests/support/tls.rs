@@ -234,29 +234,18 @@ impl TlsRedisCluster {
             certs.path("server.key"),
             certs.path("ca.pem"),
         );
-        for p in ports {
-            cluster.nodes.start_tls(
-                p,
-                &[
-                    "--tls-cert-file",
-                    &server,
-                    "--tls-key-file",
-                    &key,
-                    "--tls-ca-cert-file",
-                    &ca,
-                    "--tls-auth-clients",
-                    "yes",
-                    "--tls-cluster",
-                    "yes",
-                    "--cluster-enabled",
-                    "yes",
-                    "--cluster-config-file",
-                    &format!("nodes-{p}.conf"),
-                    "--cluster-node-timeout",
-                    "5000",
-                ],
-            );
-        }
+        cluster.nodes.start_cluster_nodes(Some(&[
+            "--tls-cert-file",
+            &server,
+            "--tls-key-file",
+            &key,
+            "--tls-ca-cert-file",
+            &ca,
+            "--tls-auth-clients",
+            "yes",
+            "--tls-cluster",
+            "yes",
+        ]));
         for p in ports {
             assert!(
                 wait_for(Duration::from_secs(10), || cluster
