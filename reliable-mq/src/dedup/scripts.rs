@@ -395,8 +395,9 @@ impl Batcher {
                         }
                         // Exactly sized: the receive buffer (room for the largest batch)
                         // stays, and is not allocated again per batch.
-                        let batch: Vec<Request> = batch.drain(..).collect();
-                        on_the_wire.push(answer_batch(Arc::clone(&shared), op, batch));
+                        let mut taken = Vec::with_capacity(batch.len());
+                        taken.append(&mut batch);
+                        on_the_wire.push(answer_batch(Arc::clone(&shared), op, taken));
                     }
                 }
             }
