@@ -238,13 +238,12 @@ struct Task {
     acker: Acker,
     /// The claim started when the delivery arrived (idempotent consumers).
     claim: Option<tokio::task::JoinHandle<Option<ClaimDecision>>>,
-    /// Given back (set to `None`) as soon as the handler returns.
-    slot: Option<tokio::sync::OwnedSemaphorePermit>,
+    /// Given back as soon as the handler returns.
+    slot: tokio::sync::OwnedSemaphorePermit,
     hand_back_at: Instant,
     /// The session's connection (to redeclare the topology on).
     link: Arc<Link>,
-    /// Counted in flight until the task ends (dropped with it).
-    _busy: InFlight,
+    busy: InFlight,
 }
 
 /// A delivery received and waiting for a slot, its claim under way.
@@ -389,10 +388,10 @@ impl ConsumerRuntime {
                             delivery,
                             acker,
                             claim,
-                            slot: Some(permit),
+                            slot: permit,
                             hand_back_at,
                             link,
-                            _busy: busy,
+                            busy,
                         };
                         in_flight.spawn(Box::pin(this.process(task).instrument(span)));
                         continue;
@@ -765,17 +764,25 @@ impl ConsumerRuntime {
     /// It is the delivery's task itself (owning what it needs, not wrapped in another
     /// future), and keeps what it holds across its awaits small: its future is allocated
     /// and copied once per delivery.
-    async fn process(self: Arc<Self>, mut task: Task) {
-        // Fields are used in place, not moved out into locals: a local held across an
-        // await would be a second copy in the future beside the argument.
+    async fn process(self: Arc<Self>, task: Task) {
+        let Task {
+            delivery,
+            acker,
+            claim,
+            slot,
+            hand_back_at,
+            link,
+            busy: _busy,
+        } = task;
+        let mut slot = Some(slot);
         let _in_flight = self.stats.metrics.in_flight();
         // The rarely taken paths (a claim made here, the inbox, a settle copy) are boxed:
         // inline, their state machines would make this task's future several kB, which
         // is copied whole when the task is spawned.
-        let decision = match task.claim.take() {
+        let decision = match claim {
             Some(task) => task.await.ok().flatten(),
             None if self.dedup.is_none() => Some(ClaimDecision::Run(None)),
-            None => Box::pin(self.claim(&task.delivery, &task.acker, task.hand_back_at)).await,
+            None => Box::pin(self.claim(&delivery, &acker, hand_back_at)).await,
         };
         let Some(decision) = decision else {
             // Shutdown, or the channel died, while paused on the dedup store: leave it
@@ -787,14 +794,14 @@ impl ConsumerRuntime {
             ClaimDecision::Run(None) if self.consumer.is_inbox() => {
                 let call = crate::postgres::inbox::InboxCall {
                     handler: self.consumer.handler.as_ref(),
-                    delivery: &task.delivery,
-                    acker: &task.acker,
+                    delivery: &delivery,
+                    acker: &acker,
                     consumer: self.consumer.queue(),
                     timeout: self.consumer.timeout(),
                     dedup_ttl: self.consumer.dedup_ttl(),
                     stats: &self.stats,
                     shutdown: &self.shutdown,
-                    hand_back_at: task.hand_back_at,
+                    hand_back_at,
                 };
                 match Box::pin(call.run()).await {
                     Some(outcome) => outcome,
@@ -806,10 +813,10 @@ impl ConsumerRuntime {
                 let handler = self.consumer.handler.as_ref();
                 // The claim's lease is renewed by the consumer's sweep, beside the call.
                 let timer = self.stats.metrics.timer();
-                let result = invoke(handler, Arc::clone(&task.delivery), self.consumer.timeout()).await;
+                let result = invoke(handler, Arc::clone(&delivery), self.consumer.timeout()).await;
                 self.stats.metrics.handler_took(timer);
                 // The handler is done: its slot goes to the next delivery while this settles.
-                task.slot = None;
+                slot = None;
                 match result {
                     Ok(()) => {
                         if let Some(g) = guard {
@@ -850,25 +857,25 @@ impl ConsumerRuntime {
                 SettleOutcome::PutBack
             }
         };
-        task.slot = None;
+        drop(slot);
         let timer = self.stats.metrics.timer();
         let name = outcome.name();
         if outcome == SettleOutcome::Ack {
             crate::observe::trace::settling(
-                crate::consumer::settle::ack(&task.acker),
-                task.delivery.queue(),
+                crate::consumer::settle::ack(&acker),
+                delivery.queue(),
                 name,
             )
             .await;
         } else {
             let held = Held {
-                hand_back_at: task.hand_back_at,
-                connection: &task.link,
+                hand_back_at,
+                connection: &link,
             };
             let settler = self.settler(&held);
             crate::observe::trace::settling(
-                Box::pin(settler.settle(&task.acker, &task.delivery, outcome)),
-                task.delivery.queue(),
+                Box::pin(settler.settle(&acker, &delivery, outcome)),
+                delivery.queue(),
                 name,
             )
             .await;
