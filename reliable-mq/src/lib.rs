@@ -137,6 +137,7 @@ pub mod headers {
 #[doc(hidden)]
 pub mod __private {
     pub use crate::HandlerError;
+    pub use crate::asyncapi::{PayloadSchema, payload_schema};
     pub use crate::delivery::Delivery;
     pub use crate::handler::{
         Handler, HandlerFuture, IntoHandlerError, IntoHandlerResult, Payload, decode,
@@ -146,6 +147,7 @@ pub mod __private {
     pub use crate::spec::{CONSUMERS, ConsumerSpec, Setting, defaults};
     pub use crate::state::{StateType, extract_state};
     pub use linkme;
+    pub use serde_json::Value as JsonValue;
     pub use std::boxed::Box;
     pub use std::sync::Arc;
     pub use std::vec;
