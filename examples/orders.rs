@@ -167,6 +167,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let app = App::new(config.clone())
         .registered()
         .with_state(stock.clone());
+    if std::env::var_os("RELIABLE_MQ_EXPORT").is_some() {
+        // The topology export is `run()`'s: it prints the document and exits, touching
+        // no broker.
+        return Ok(app.run().await?);
+    }
     if serve {
         println!("consuming demo.orders and demo.notifications until Ctrl-C");
         return serve_until_ctrl_c(app).await;
@@ -246,6 +251,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     // the duplicate of order 1 and the dead letters reserve nothing.
     let units = stock.units_reserved();
     println!("  stock repository: {units} units reserved");
+    print_metrics();
 
     running.shutdown().await?;
     let dead = show_dead_letters(&config.amqp_url, "demo.orders.dlq").await?;
@@ -303,6 +309,26 @@ async fn show_dead_letters(url: &str, dlq: &str) -> Result<usize, lapin::Error> 
     let _ = conn.close(200, "demo done".into()).await;
     Ok(count)
 }
+
+/// The counters of the run as `/metrics` serves them (`--serve`), histograms left out.
+#[cfg(feature = "observe")]
+fn print_metrics() {
+    let Some(scrape) = reliable_mq::observe::metrics::render() else {
+        return;
+    };
+    println!("\nmetrics (GET /metrics, counters and gauges):");
+    for line in scrape.lines() {
+        let histogram = ["_bucket{", "_sum", "_count"]
+            .iter()
+            .any(|part| line.contains(part));
+        if line.starts_with("reliable_mq_") && !histogram {
+            println!("  {line}");
+        }
+    }
+}
+
+#[cfg(not(feature = "observe"))]
+fn print_metrics() {}
 
 /// The demo deletes what it declared so it can run again from scratch.
 async fn cleanup(url: &str) -> Result<(), lapin::Error> {

@@ -8,15 +8,21 @@
 //! and send it from the processor's own thread, which is the exporter's cost, not
 //! reliable-mq's.
 
-/// Install the subscriber `tracer` names (`none`: nothing).
+/// Install the subscriber `tracer` names: `none` (nothing), `otel` (every root span
+/// sampled), `otel-1pct` (1% of root spans sampled, parent-based: a common production
+/// set-up).
 pub fn install(tracer: &str) -> Result<(), String> {
     match tracer {
         "none" => Ok(()),
         #[cfg(feature = "observe")]
-        "otel" => otel::install(),
+        "otel" => otel::install(1.0),
+        #[cfg(feature = "observe")]
+        "otel-1pct" => otel::install(0.01),
         #[cfg(not(feature = "observe"))]
-        "otel" => Err("--tracer otel needs the examples' feature `observe`".to_owned()),
-        other => Err(format!("--tracer {other:?}: use none or otel")),
+        "otel" | "otel-1pct" => {
+            Err("--tracer otel needs the examples' feature `observe`".to_owned())
+        }
+        other => Err(format!("--tracer {other:?}: use none, otel or otel-1pct")),
     }
 }
 
@@ -24,7 +30,7 @@ pub fn install(tracer: &str) -> Result<(), String> {
 mod otel {
     use opentelemetry::trace::TracerProvider as _;
     use opentelemetry_sdk::error::OTelSdkResult;
-    use opentelemetry_sdk::trace::{SdkTracerProvider, SpanData, SpanExporter};
+    use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider, SpanData, SpanExporter};
     use tracing_subscriber::layer::SubscriberExt;
 
     /// Drops every batch (see the module's docs).
@@ -38,8 +44,15 @@ mod otel {
         }
     }
 
-    pub fn install() -> Result<(), String> {
+    /// `ratio`: the share of root spans sampled (children follow their parent).
+    pub fn install(ratio: f64) -> Result<(), String> {
+        let sampler = if ratio >= 1.0 {
+            Sampler::ParentBased(Box::new(Sampler::AlwaysOn))
+        } else {
+            Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(ratio)))
+        };
         let provider = SdkTracerProvider::builder()
+            .with_sampler(sampler)
             .with_batch_exporter(Discard)
             .build();
         let layer = tracing_opentelemetry::layer().with_tracer(provider.tracer("bench"));
