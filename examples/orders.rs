@@ -22,10 +22,14 @@ use serde::{Deserialize, Serialize};
 
 const EXCHANGE: &str = "demo.shop";
 
-#[derive(Debug, Serialize, Deserialize)]
+/// An order, as the shop publishes it (its JSON Schema is in the AsyncAPI export).
+#[derive(Debug, Serialize, Deserialize, schemars::JsonSchema)]
 struct Order {
+    /// Order number; also the message id, so a resend is a duplicate.
     id: u64,
+    /// Stock keeping unit.
     sku: String,
+    /// Units ordered; 0 is invalid.
     qty: u32,
 }
 
@@ -88,7 +92,8 @@ impl Stock {
     concurrency = 4,
     max_retries = 2,
     retry_delay = "500ms",
-    timeout = "5s"
+    timeout = "5s",
+    schema
 )]
 async fn reserve_stock(
     order: Order,

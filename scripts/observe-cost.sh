@@ -3,6 +3,7 @@
 #
 #   scripts/observe-cost.sh build          # two release builds of examples/bench
 #   scripts/observe-cost.sh wall [RUNS]    # interleaved wall-clock runs of `bench consume`
+#                                          # (TRACER=none: "on" without a tracer)
 #   scripts/observe-cost.sh instructions ["off on on-recorder-only"]
 #                                          # instructions per message under callgrind
 #
@@ -30,10 +31,10 @@ wall)
     uptime | tee "$OUT/wall-uptime.txt"
     for i in $(seq 1 "$runs"); do
         for side in off on; do
-            if [ "$side" = on ]; then b=$ON; t=otel; else b=$OFF; t=none; fi
-            "$b" consume --n 20000 --reps 1 --tracer "$t" >"$OUT/wall-$side-$i.txt"
-            echo "$side run $i:"
-            grep -A4 '^ratio to raw lapin' "$OUT/wall-$side-$i.txt" | tail -4
+            if [ "$side" = on ]; then b=$ON; t=${TRACER:-otel}; else b=$OFF; t=none; fi
+            "$b" consume --n 20000 --reps 1 --tracer "$t" >"$OUT/wall-$t-$side-$i.txt"
+            echo "$side ($t) run $i:"
+            grep -A4 '^ratio to raw lapin' "$OUT/wall-$t-$side-$i.txt" | tail -4
         done
     done
     uptime | tee -a "$OUT/wall-uptime.txt"
