@@ -276,7 +276,10 @@ impl App {
         let mut tasks = JoinSet::new();
         let mut stats = Vec::new();
         let mut runtimes = Vec::new();
-        let connections = Arc::new(crate::connection::ConnectionSet::new(Arc::clone(&config)));
+        let connections = Arc::new(crate::connection::ConnectionSet::new(
+            Arc::clone(&config),
+            self.consumers.len(),
+        ));
         for (index, consumer) in self.consumers.into_iter().enumerate() {
             let topology = Topology::of(&consumer);
             // One set of counters per consumer, even when two consume one queue: each
@@ -794,7 +797,9 @@ pub(crate) struct HealthProbe {
 
 impl HealthProbe {
     /// See [`RunningApp::health`]. A dedup store that does not answer within
-    /// [`PING_TIMEOUT`] is down: a health check must not hang on it.
+    /// [`PING_TIMEOUT`] is down: a health check must not hang on it. A publisher that has
+    /// lost its connection is asked to reconnect, within the same bound: it otherwise
+    /// reconnects only on its next publish, and would stay unready after the broker is back.
     pub(crate) async fn health(&self) -> Health {
         let dedup_up = match &self.dedup {
             Some(store) => tokio::time::timeout(PING_TIMEOUT, store.ping())
@@ -814,7 +819,12 @@ impl HealthProbe {
             .collect();
         Health {
             consumers_attached: consumers.iter().all(|c| c.attached),
-            publisher_connected: self.publisher.is_connected().await,
+            publisher_connected: tokio::time::timeout(
+                PING_TIMEOUT,
+                self.publisher.connect_if_needed(),
+            )
+            .await
+            .unwrap_or(false),
             dedup_up,
             consumers,
         }

@@ -11,7 +11,7 @@
 //! | `RELIABLE_MQ_DEDUP_PREFIX` | namespace of dedup keys in Redis | `reliable-mq` |
 //! | `RELIABLE_MQ_DEDUP_NAMESPACE` | extra dedup key scope (an environment's name), after the prefix | unset |
 //! | `RELIABLE_MQ_CONSUMER_TIMEOUT` | the broker's `consumer_timeout`: how long it lets a delivery stay unacked | `30m` |
-//! | `RELIABLE_MQ_CONSUMER_CONNECTIONS` | connections the consumers' channels are spread over (publishing has its own) | `1` |
+//! | `RELIABLE_MQ_CONSUMER_CONNECTIONS` | connections the consumers' channels are spread over (publishing has its own); raised at start-up to keep each within 2047 channels | `1` |
 //!
 //! # TLS
 //!
@@ -82,7 +82,10 @@ pub struct Config {
     pub consumer_timeout: Duration,
     /// How many connections the consumers share: each consumer gets a channel of its own
     /// on one of them (consumer `i` on connection `i % n`); publishing has its own
-    /// connection. RabbitMQ allows 2047 channels per connection by default.
+    /// connection. RabbitMQ allows 2047 channels per connection by default and a consumer
+    /// may hold two at once (its own, and one to redeclare its topology on), so start-up
+    /// raises this to fit 1023 consumers a connection at most; a broker negotiating a
+    /// lower `channel_max` makes start-up fail with the number to set.
     pub consumer_connections: usize,
 }
 
