@@ -322,13 +322,18 @@ fn print_metrics() {
         return;
     };
     println!("\nmetrics (GET /metrics, counters and gauges):");
-    for line in scrape.lines() {
-        let histogram = ["_bucket{", "_sum", "_count"]
-            .iter()
-            .any(|part| line.contains(part));
-        if line.starts_with("reliable_mq_") && !histogram {
-            println!("  {line}");
-        }
+    let mut lines: Vec<&str> = scrape
+        .lines()
+        .filter(|line| {
+            let histogram = ["_bucket{", "_sum", "_count"]
+                .iter()
+                .any(|part| line.contains(part));
+            line.starts_with("reliable_mq_") && !histogram
+        })
+        .collect();
+    lines.sort_unstable();
+    for line in lines {
+        println!("  {line}");
     }
 }
 

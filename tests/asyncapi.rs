@@ -234,8 +234,7 @@ fn the_export_shows_every_consumer_option() {
     assert_eq!(audit["brokerConsumerTimeout"], "30m", "{audit}");
     assert_eq!(audit["inbox"], false, "{audit}");
     assert_eq!(
-        doc["channels"]["queue.operate-demo.audit"]["x-reliable-mq"]["arguments"]
-            ["x-single-active-consumer"],
+        doc["channels"]["queue.operate-demo.audit"]["x-reliable-mq"]["arguments"]["x-single-active-consumer"],
         true
     );
     let reports = op("operate-demo.reports");
@@ -250,20 +249,26 @@ fn the_export_shows_every_consumer_option() {
     );
     assert_eq!(reports["consumeArguments"], serde_json::json!({}));
 
-    let inbox = App::new(Config::default().with_consumer_timeout(std::time::Duration::from_secs(600)))
-        .consumer(
-            ConsumerConfig::new(
-                "ledger",
-                "ledger.dlx",
-                handler_fn(|_: u64| async { Ok::<_, HandlerError>(()) }),
-            )
-            .inbox(std::time::Duration::from_secs(7 * 24 * 3600)),
-        );
+    let inbox =
+        App::new(Config::default().with_consumer_timeout(std::time::Duration::from_secs(600)))
+            .consumer(
+                ConsumerConfig::new(
+                    "ledger",
+                    "ledger.dlx",
+                    handler_fn(|_: u64| async { Ok::<_, HandlerError>(()) }),
+                )
+                .inbox(std::time::Duration::from_secs(7 * 24 * 3600)),
+            );
     let doc: Value = serde_json::from_str(&inbox.asyncapi(ExportFormat::Json)).expect("JSON");
     assert_valid(&doc);
     let s = &doc["operations"]["consume.ledger"]["x-reliable-mq"];
     assert_eq!(
-        (&s["inbox"], &s["idempotent"], &s["dedupTtl"], &s["brokerConsumerTimeout"]),
+        (
+            &s["inbox"],
+            &s["idempotent"],
+            &s["dedupTtl"],
+            &s["brokerConsumerTimeout"]
+        ),
         (
             &Value::from(true),
             &Value::from(false),
@@ -301,7 +306,10 @@ fn the_export_carries_the_payload_json_schema() {
         assert_valid(&doc);
         let msg = &doc["components"]["messages"]["AuditEvent.operate-demo.audit"];
         let payload = &msg["payload"];
-        println!("{}", serde_json::to_string_pretty(payload).unwrap_or_default());
+        println!(
+            "{}",
+            serde_json::to_string_pretty(payload).unwrap_or_default()
+        );
         assert_eq!(payload["title"], "AuditEvent", "{payload}");
         assert_eq!(payload["type"], "object", "{payload}");
         assert_eq!(
@@ -367,8 +375,7 @@ fn clashing_schema_names_get_their_own_components() {
     assert_valid(&doc);
     let target = |queue: &str, field: &str| {
         let r = reference(
-            &doc["components"]["messages"][format!("u64.{queue}")]["payload"]["properties"]
-                ["item"],
+            &doc["components"]["messages"][format!("u64.{queue}")]["payload"]["properties"]["item"],
         )
         .unwrap_or_default()
         .trim_start_matches("#/components/schemas/")

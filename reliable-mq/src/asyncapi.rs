@@ -170,7 +170,12 @@ pub(crate) fn document(consumers: &[ConsumerConfig], consumer_timeout: Duration)
 /// `#[consumer(...)]` (the unit test `every_consumer_key_is_exported` holds the export to
 /// the model's key list), plus the broker's `consumer_timeout` the handler timeout is
 /// checked against.
-fn settings(c: &ConsumerConfig, t: &Topology, tiers: Vec<Value>, consumer_timeout: Duration) -> Value {
+fn settings(
+    c: &ConsumerConfig,
+    t: &Topology,
+    tiers: Vec<Value>,
+    consumer_timeout: Duration,
+) -> Value {
     let m = &c.model;
     let fmt = reliable_mq_model::format_duration;
     let (consume_options, consume_arguments) = c.consume_options();
@@ -370,7 +375,10 @@ pub(crate) fn schema_of<T: schemars::JsonSchema>() -> Value {
     let mut settings = schemars::generate::SchemaSettings::draft07();
     settings.definitions_path = SCHEMAS_POINTER.into();
     settings.meta_schema = None;
-    settings.into_generator().into_root_schema_for::<T>().to_value()
+    settings
+        .into_generator()
+        .into_root_schema_for::<T>()
+        .to_value()
 }
 
 /// What `#[consumer(schema)]` asks of the payload type: a JSON Schema, which needs
@@ -635,7 +643,13 @@ mod tests {
     /// differs from the base consumer's, and what that setting needs set first. The match
     /// has no catch-all, so a key added to the model does not compile here until the
     /// export shows it.
-    fn exported_as(key: Key) -> (&'static str, ModelValue<'static>, Option<(Key, ModelValue<'static>)>) {
+    fn exported_as(
+        key: Key,
+    ) -> (
+        &'static str,
+        ModelValue<'static>,
+        Option<(Key, ModelValue<'static>)>,
+    ) {
         use ModelValue::{Flag, Int, Str};
         match key {
             Key::Queue => ("queue", Str("invoices"), None),

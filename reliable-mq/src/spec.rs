@@ -444,7 +444,10 @@ impl ConsumerConfig {
         };
         let mut args = FieldTable::default();
         if let Some(priority) = self.model.priority() {
-            args.insert("x-priority".into(), lapin::types::AMQPValue::LongInt(priority));
+            args.insert(
+                "x-priority".into(),
+                lapin::types::AMQPValue::LongInt(priority),
+            );
         }
         (options, args)
     }
