@@ -1,5 +1,5 @@
 //! `schema`: the payload type's JSON Schema (schemars) goes into the AsyncAPI export.
-use reliable_mq::{Handler as _, HandlerError, consumer};
+use reliable_mq::{HandlerError, consumer};
 
 /// A shipment.
 #[derive(serde::Deserialize, schemars::JsonSchema)]
