@@ -318,7 +318,11 @@ async fn rolling_restart_of_every_node() {
                 assert!(ctx.cluster.stop(node), "stopped node {node}");
                 if mid_stream {
                     let resume = ctx.resume_from_now().await;
-                    assert!(resume.is_some(), "resumed after stopping node {node}");
+                    assert!(
+                        resume.is_some(),
+                        "resumed after stopping node {node}; {}",
+                        ctx.cluster.describe(&ctx.queue)
+                    );
                     worst = worst.max(resume);
                     measured += 1;
                 }
@@ -395,4 +399,90 @@ async fn classic_queue_node_stopped_until_it_returns() {
         },
     )
     .await;
+}
+
+/// A publisher whose channel first publishes to a quorum queue just after the node of the
+/// queue's leader died. RabbitMQ 3.10 sets up the channel's side of the queue on that first
+/// publish, from the queue's record, which still names the dead node as leader until the
+/// new leader has updated it: the check it makes on that node fails, the publish is
+/// nacked, and the channel keeps that state, so every later publish on the same channel
+/// is nacked too, until the dead node comes back. Only a new channel recovers: after a
+/// nack the publisher retries on a fresh channel (same connection). Publishers start one
+/// every 100 ms from the kill, each on its own connection to a node that stays up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_publish_after_the_leaders_node_died_is_confirmed() {
+    if !reliable_mq_tests::cluster_enabled("first_publish_after_the_leaders_node_died_is_confirmed")
+    {
+        return;
+    }
+    init_tracing();
+    let _serial = CLUSTER_LOCK.lock().await;
+    let queue = unique("cluster-first-publish");
+    let cluster = Cluster::start();
+    let broker = cluster.broker().await.expect("a cluster node accepts");
+    let mut args = lapin::types::FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        lapin::types::AMQPValue::LongString("quorum".into()),
+    );
+    broker
+        .channel
+        .queue_declare(
+            queue.as_str().into(),
+            lapin::options::QueueDeclareOptions::durable(),
+            args,
+        )
+        .await
+        .expect("quorum queue declared");
+    assert!(cluster.await_members(&queue, Duration::from_secs(60)).await);
+    let leader = cluster.leader(&queue).expect("leader");
+    let other = if leader == 1 { 2 } else { 1 };
+    eprintln!("leader on node {leader}; publishers on node {other}");
+    const PUBLISHERS: usize = 20;
+    let mut publishers = Vec::new();
+    for i in 0..PUBLISHERS {
+        let config = test_config(&queue)
+            .with_amqp_url(Cluster::url_of(other))
+            .with_publish_retries(8)
+            .with_connection_name(format!("first-publish-{i}"));
+        publishers.push(Publisher::from_config(&config).await.expect("publisher"));
+    }
+    assert!(cluster.kill(leader), "killed node {leader}");
+    let t0 = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for (i, publisher) in publishers.iter().enumerate() {
+        let (publisher, queue) = (publisher.clone(), queue.clone());
+        tasks.spawn(async move {
+            tokio::time::sleep(Duration::from_millis(100) * i as u32).await;
+            let sent = t0.elapsed();
+            let outcome = publisher
+                .publish_with(
+                    "",
+                    &queue,
+                    &i,
+                    reliable_mq::PublishOptions::with_message_id(format!("p-{i}")),
+                )
+                .await;
+            (i, sent, t0.elapsed(), outcome)
+        });
+    }
+    let mut failed = Vec::new();
+    while let Some(done) = tasks.join_next().await {
+        let (i, sent, settled, outcome) = done.expect("publish task");
+        eprintln!(
+            "publisher {i}: first publish at {sent:?} after the kill, outcome {:?} at {settled:?}",
+            outcome.as_ref().map(|_| "confirmed")
+        );
+        if let Err(e) = outcome {
+            failed.push((i, e.to_string()));
+        }
+    }
+    for publisher in &publishers {
+        publisher.close().await;
+    }
+    assert!(
+        failed.is_empty(),
+        "publishes not confirmed while node {leader} is down: {failed:?}; {}",
+        cluster.describe(&queue)
+    );
 }

@@ -146,6 +146,44 @@ impl Cluster {
         })
     }
 
+    /// What the cluster says about `queue`, its connections and consumers, for a failure
+    /// message: which nodes run, the queue's leader, members and online members, its
+    /// message counts, and where each connection is.
+    pub fn describe(&self, queue: &str) -> String {
+        let nodes = self.output(&["status"]);
+        let queues = self.ctl(&[
+            "list_queues",
+            "name",
+            "type",
+            "leader",
+            "members",
+            "online",
+            "messages_ready",
+            "messages_unacknowledged",
+            "consumers",
+        ]);
+        let quorum = self
+            .on_some_node("queues", &["quorum_status", queue])
+            .unwrap_or_default();
+        let connections = self.ctl(&[
+            "list_connections",
+            "user_provided_name",
+            "port",
+            "state",
+            "channels",
+        ]);
+        let consumers = self.ctl(&[
+            "list_consumers",
+            "queue_name",
+            "channel_pid",
+            "ack_required",
+        ]);
+        format!(
+            "nodes:\n{nodes}\nqueues:\n{queues}\nquorum_status {queue}:\n{quorum}\n\
+             connections:\n{connections}\nconsumers:\n{consumers}"
+        )
+    }
+
     /// Move `queue`'s leader off node `from` by removing that member (the others elect a
     /// new leader) and adding it back as a follower.
     pub fn move_leader_off(&self, queue: &str, from: usize) -> bool {
