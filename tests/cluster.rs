@@ -279,20 +279,6 @@ async fn rolling_restart_of_every_node() {
     if !reliable_mq_tests::cluster_enabled("rolling_restart_of_every_node") {
         return;
     }
-    // KNOWN FAILURE, open in issue 16: since consumers share one connection (and the
-    // topology is declared on it, so a quorum queue's leader starts on the consumer's
-    // node), this scenario does not resume within 90 s after the consumer's node stops.
-    // It passed before that change (RELIABILITY.md). Until it is fixed it runs only when
-    // asked for, and says so on every run.
-    if std::env::var("RELIABLE_MQ_CLUSTER_ROLLING").as_deref() != Ok("1") {
-        use std::io::Write as _;
-        let _ = writeln!(
-            std::io::stderr(),
-            "skipped rolling_restart_of_every_node: known failure since consumers share a \
-             connection (issue 16); set RELIABLE_MQ_CLUSTER_ROLLING=1 to run it"
-        );
-        return;
-    }
     // A slower stream (50 s), so that it lasts through the three restarts.
     run(
         "rolling",
@@ -323,6 +309,7 @@ async fn rolling_restart_of_every_node() {
                         "resumed after stopping node {node}; {}",
                         ctx.cluster.describe(&ctx.queue)
                     );
+                    eprintln!("rolling restart: node {node} stopped, resumed in {resume:?}");
                     worst = worst.max(resume);
                     measured += 1;
                 }
