@@ -784,7 +784,9 @@ pub(crate) struct HealthProbe {
 
 impl HealthProbe {
     /// See [`RunningApp::health`]. A dedup store that does not answer within
-    /// [`PING_TIMEOUT`] is down: a health check must not hang on it.
+    /// [`PING_TIMEOUT`] is down: a health check must not hang on it. A publisher that has
+    /// lost its connection is asked to reconnect, within the same bound: it otherwise
+    /// reconnects only on its next publish, and would stay unready after the broker is back.
     pub(crate) async fn health(&self) -> Health {
         let dedup_up = match &self.dedup {
             Some(store) => tokio::time::timeout(PING_TIMEOUT, store.ping())
@@ -804,7 +806,12 @@ impl HealthProbe {
             .collect();
         Health {
             consumers_attached: consumers.iter().all(|c| c.attached),
-            publisher_connected: self.publisher.is_connected().await,
+            publisher_connected: tokio::time::timeout(
+                PING_TIMEOUT,
+                self.publisher.connect_if_needed(),
+            )
+            .await
+            .unwrap_or(false),
             dedup_up,
             consumers,
         }

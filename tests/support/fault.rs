@@ -39,12 +39,17 @@ pub fn redis_up() -> bool {
 
 /// Start RabbitMQ if it is not running (app stopped or node down) and wait for it.
 pub fn ensure_rabbit_up() {
+    if rabbit_up() {
+        return;
+    }
+    // After stop_app the node runs but `status` fails: start the app. `await_startup` alone
+    // would wait for an app that nobody starts, until its timeout.
+    sh("timeout 60 rabbitmqctl -q start_app >/dev/null 2>&1");
     if !rabbit_up() {
         sh("rabbitmq-server -detached >/dev/null 2>&1");
+        sh("timeout 120 rabbitmqctl -q await_startup >/dev/null 2>&1");
+        sh("timeout 60 rabbitmqctl -q start_app >/dev/null 2>&1");
     }
-    sh("timeout 120 rabbitmqctl -q await_startup >/dev/null 2>&1");
-    // After stop_app the node answers `status` but the app is down: start it.
-    sh("timeout 60 rabbitmqctl -q start_app >/dev/null 2>&1");
 }
 
 /// Start Redis if it is not running and wait for it.

@@ -912,6 +912,21 @@ impl Publisher {
         self.current().is_some()
     }
 
+    /// Whether the publisher has a live connection, opening one first when it has none.
+    ///
+    /// The publisher reconnects lazily, on the next publish: after the broker comes back, a
+    /// service that publishes nothing would otherwise stay "not connected" for ever, and a
+    /// readiness probe built on [`Publisher::is_connected`] would keep it out of rotation.
+    /// Callers bound this with a timeout: connecting to an unreachable broker can take as
+    /// long as the TCP connect does.
+    pub(crate) async fn connect_if_needed(&self) -> bool {
+        #[cfg(feature = "testing")]
+        if self.inner.memory.is_some() {
+            return true;
+        }
+        self.current().is_some() || self.link().await.is_ok()
+    }
+
     /// Close the connection (pending confirms fail as `ConnectionLost`; later publishes
     /// reconnect).
     pub async fn close(&self) {
