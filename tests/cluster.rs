@@ -92,28 +92,56 @@ impl Ctx {
     }
 }
 
+/// One scenario's stream and set-up.
+struct Scenario<'a> {
+    /// In the queue's name.
+    slug: &'a str,
+    /// In the report.
+    name: &'a str,
+    /// A quorum queue (else classic).
+    quorum: bool,
+    /// Messages per second.
+    rate: u32,
+    /// Work per message in the consumer process.
+    handler_ms: u64,
+    /// Publishes that must be confirmed.
+    min_confirmed: usize,
+    /// Each node in its own network namespace, so that one can be cut off; the consumer
+    /// process and the publisher then use a 5 s heartbeat, so that they notice a silent
+    /// node within seconds rather than the default 20 s heartbeat's 40.
+    partitionable: bool,
+}
+
+/// The AMQP heartbeat of the partition scenario's clients.
+const PARTITION_HEARTBEAT: Duration = Duration::from_secs(5);
+
 /// Run one scenario on a fresh cluster: a consumer process (a quorum or a classic queue,
 /// `handler_ms` of work per message) and `rate` messages per second, `fault` mid-stream
 /// (it returns the time to resume), then settle and check.
-async fn run<F, Fut>(
-    slug: &str,
-    name: &str,
-    quorum: bool,
-    rate: u32,
-    handler_ms: u64,
-    min_confirmed: usize,
-    fault: F,
-) -> Report
+async fn run<F, Fut>(scenario: Scenario<'_>, fault: F) -> Report
 where
     F: FnOnce(Ctx) -> Fut,
     Fut: Future<Output = Option<Duration>>,
 {
+    let Scenario {
+        slug,
+        name,
+        quorum,
+        rate,
+        handler_ms,
+        min_confirmed,
+        partitionable,
+    } = scenario;
     init_tracing();
     let _serial = CLUSTER_LOCK.lock().await;
     let queue = unique(&format!("cluster-{slug}"));
     // The broker objects go with the cluster's data; only the Redis keys need cleaning.
     let _cleanup = Cleanup::default().redis_keys(&format!("reliable-mq:/:{queue}"));
-    let cluster = Arc::new(Cluster::start());
+    let cluster = Arc::new(if partitionable {
+        Cluster::start_partitionable()
+    } else {
+        Cluster::start()
+    });
     let broker = cluster.broker().await.expect("a cluster node accepts");
     let log = log_path(&queue);
     let conn_name = format!("fault-{queue}");
@@ -126,10 +154,16 @@ where
         idempotent: true,
     };
     let queue_type = if quorum { "quorum" } else { "classic" };
-    let env = [
-        ("AMQP_URL", Cluster::url()),
+    let mut env = vec![
+        ("AMQP_URL", cluster.url()),
         ("FAULT_QUEUE_TYPE", queue_type.to_owned()),
     ];
+    if partitionable {
+        env.push((
+            "RELIABLE_MQ_HEARTBEAT",
+            format!("{}s", PARTITION_HEARTBEAT.as_secs()),
+        ));
+    }
     let worker = Worker::spawn_with_env(&options, &env);
     assert!(
         eventually(Duration::from_secs(60), || broker.queue_exists(&queue)).await,
@@ -168,10 +202,13 @@ where
         );
     }
 
-    let config = test_config(&queue)
-        .with_amqp_url(Cluster::url())
+    let mut config = test_config(&queue)
+        .with_amqp_url(cluster.url())
         .with_publish_retries(120)
         .with_connection_name(format!("fault-producer-{queue}"));
+    if partitionable {
+        config = config.with_heartbeat(PARTITION_HEARTBEAT);
+    }
     let publisher = Publisher::from_config(&config).await.expect("publisher");
     let producer = {
         let (publisher, queue, ledger) =
@@ -227,12 +264,15 @@ async fn quorum_leader_node_killed_mid_stream() {
         return;
     }
     run(
-        "leader",
-        "quorum leader's node killed",
-        true,
-        300,
-        2,
-        MESSAGES / 2,
+        Scenario {
+            slug: "leader",
+            name: "quorum leader's node killed",
+            quorum: true,
+            rate: 300,
+            handler_ms: 2,
+            min_confirmed: MESSAGES / 2,
+            partitionable: false,
+        },
         |ctx| async move {
             let consumer = ctx.consumer_node().expect("consumer node");
             let leader = ctx.cluster.leader(&ctx.queue).expect("leader");
@@ -252,12 +292,15 @@ async fn consumer_node_killed_mid_stream() {
         return;
     }
     run(
-        "consumer-node",
-        "consumer's node killed",
-        true,
-        300,
-        2,
-        MESSAGES / 2,
+        Scenario {
+            slug: "consumer-node",
+            name: "consumer's node killed",
+            quorum: true,
+            rate: 300,
+            handler_ms: 2,
+            min_confirmed: MESSAGES / 2,
+            partitionable: false,
+        },
         |ctx| async move {
             let consumer = ctx.consumer_node().expect("consumer node");
             assert!(ctx.cluster.kill(consumer), "killed node {consumer}");
@@ -281,12 +324,15 @@ async fn rolling_restart_of_every_node() {
     }
     // A slower stream (50 s), so that it lasts through the three restarts.
     run(
-        "rolling",
-        "rolling restart",
-        true,
-        60,
-        2,
-        MESSAGES / 2,
+        Scenario {
+            slug: "rolling",
+            name: "rolling restart",
+            quorum: true,
+            rate: 60,
+            handler_ms: 2,
+            min_confirmed: MESSAGES / 2,
+            partitionable: false,
+        },
         |ctx| async move {
             // The longest resumption over the restarts that happened mid-stream (at least
             // the first two; the stream is long enough for all three on an idle machine).
@@ -323,6 +369,66 @@ async fn rolling_restart_of_every_node() {
     .await;
 }
 
+/// A network partition: the consumer's node is cut off from its peers and from every
+/// client (the host end of its veth pair goes down: no reset, its packets just stop) for
+/// 20 s, then connected again. Its side is the minority, so it pauses itself
+/// (`pause_minority`, about 10 s after the cut with a 10 s `net_ticktime`); the two
+/// others keep the quorum queue's leader (never on the consumer's node here) and go on.
+/// The consumer notices the silence by its heartbeat and reconnects to a node of the
+/// majority; after the heal the cut node rejoins and its queue member catches up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumer_node_partitioned_then_healed() {
+    if !reliable_mq_tests::cluster_enabled("consumer_node_partitioned_then_healed") {
+        return;
+    }
+    // A 50 s stream, so that it lasts through the 20 s cut and the reconnect.
+    run(
+        Scenario {
+            slug: "partition",
+            name: "consumer's node cut off 20 s (network partition), then healed",
+            quorum: true,
+            rate: 60,
+            handler_ms: 2,
+            min_confirmed: MESSAGES / 2,
+            partitionable: true,
+        },
+        |ctx| async move {
+            const CUT_FOR: Duration = Duration::from_secs(20);
+            let consumer = ctx.consumer_node().expect("consumer node");
+            let leader = ctx.cluster.leader(&ctx.queue).expect("leader");
+            assert_ne!(leader, consumer, "leader and consumer on different nodes");
+            assert!(ctx.cluster.partition(consumer), "cut node {consumer} off");
+            let cut = Instant::now();
+            let resume = ctx.resume_from_now().await;
+            eprintln!("partition: node {consumer} cut off, resumed in {resume:?}");
+            let moved = ctx.consumer_node();
+            assert!(
+                moved.is_some_and(|n| n != consumer),
+                "the consumer reconnected to a node of the majority: {moved:?}"
+            );
+            tokio::time::sleep(CUT_FOR.saturating_sub(cut.elapsed())).await;
+            assert!(
+                ctx.cluster.heal(consumer),
+                "node {consumer} connected again"
+            );
+            let healed = Instant::now();
+            assert!(
+                ctx.cluster
+                    .await_members(&ctx.queue, Duration::from_secs(120))
+                    .await,
+                "node {consumer} rejoined and its queue member is online; {}",
+                ctx.cluster.describe(&ctx.queue)
+            );
+            eprintln!(
+                "partition: node {consumer} rejoined {:?} after the heal",
+                healed.elapsed()
+            );
+            resume
+        },
+    )
+    .await;
+}
+
 /// A classic queue lives on one node. While that node is down the queue is unavailable
 /// from every node: a declare (even passive) is refused with 404 NOT_FOUND "home node ...
 /// is down or inaccessible", publishes to it are not confirmed (the publisher gets an
@@ -336,18 +442,21 @@ async fn classic_queue_node_stopped_until_it_returns() {
         return;
     }
     run(
-        "classic",
-        "classic queue's node down 10 s",
-        false,
-        600,
-        20,
-        MESSAGES / 4,
+        Scenario {
+            slug: "classic",
+            name: "classic queue's node down 10 s",
+            quorum: false,
+            rate: 600,
+            handler_ms: 20,
+            min_confirmed: MESSAGES / 4,
+            partitionable: false,
+        },
         |ctx| async move {
             let home = ctx.cluster.leader(&ctx.queue).expect("the queue's node");
             assert!(ctx.cluster.kill(home), "killed node {home}");
             let other = if home == 1 { 2 } else { 1 };
             let conn = lapin::Connection::connect(
-                &Cluster::url_of(other),
+                &ctx.cluster.url_of(other),
                 lapin::ConnectionProperties::default(),
             )
             .await
@@ -429,7 +538,7 @@ async fn first_publish_after_the_leaders_node_died_is_confirmed() {
     let mut publishers = Vec::new();
     for i in 0..PUBLISHERS {
         let config = test_config(&queue)
-            .with_amqp_url(Cluster::url_of(other))
+            .with_amqp_url(cluster.url_of(other))
             .with_publish_retries(8)
             .with_connection_name(format!("first-publish-{i}"));
         publishers.push(Publisher::from_config(&config).await.expect("publisher"));
