@@ -381,6 +381,14 @@ async fn consumer_node_partitioned_then_healed() {
     if !reliable_mq_tests::cluster_enabled("consumer_node_partitioned_then_healed") {
         return;
     }
+    if let Some(why) = reliable_mq_tests::cluster::netns_unavailable() {
+        use std::io::Write as _;
+        let _ = writeln!(
+            std::io::stderr(),
+            "skipped consumer_node_partitioned_then_healed: {why}"
+        );
+        return;
+    }
     // A 50 s stream, so that it lasts through the 20 s cut and the reconnect.
     run(
         Scenario {

@@ -18,6 +18,25 @@ pub const BASE_PORT: u16 = 5780;
 /// Serializes the tests of the cluster binary: they share the node names and ports.
 pub static CLUSTER_LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
+/// Why a partitionable cluster cannot run here (`None`: it can): it needs root and
+/// iproute2's `ip netns`.
+pub fn netns_unavailable() -> Option<String> {
+    let root = Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
+    if !root {
+        return Some("network namespaces need root".into());
+    }
+    let ip = Command::new("ip")
+        .args(["netns", "list"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    (!ip).then(|| "`ip netns` (iproute2) is not available".into())
+}
+
 /// A running private cluster; stopped and removed on drop.
 pub struct Cluster {
     root: PathBuf,
