@@ -2,7 +2,8 @@
 //! and the in-memory harness (`reliable_mq::testing::TestApp`). Each scenario checks its
 //! expected outcome on both, and the two observed outcomes must be identical: handled and
 //! duplicate counts, dead letters with their failure headers, the attempts and the delays
-//! between them, what handlers published, which publishes were unroutable.
+//! between them, what handlers published, which publishes were unroutable, and the order
+//! in which messages come out of a queue that expires them (per-queue and per-message TTL).
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -15,7 +16,7 @@ use reliable_mq::{
     App, ConsumerConfig, Delivery, Error, ExchangeKind, HandlerError, PublishError, RetryBackoff,
     delivery_handler_fn,
 };
-use reliable_mq_tests::{Broker, Cleanup, init_tracing, test_config, unique};
+use reliable_mq_tests::{Broker, Cleanup, eventually, init_tracing, test_config, unique};
 use tokio::time::Instant;
 
 /// One handler call: (queue, attempt, body, when).
@@ -51,6 +52,8 @@ struct Publish {
     routing_key: String,
     body: Vec<u8>,
     message_id: Option<String>,
+    /// The per-message TTL (`expiration`), in milliseconds.
+    expiration: Option<u32>,
 }
 
 impl Publish {
@@ -60,6 +63,7 @@ impl Publish {
             routing_key: routing_key.into(),
             body: value.to_string().into_bytes(),
             message_id: None,
+            expiration: None,
         }
     }
 
@@ -68,12 +72,47 @@ impl Publish {
         self
     }
 
+    fn expiring_after(mut self, ms: u32) -> Self {
+        self.expiration = Some(ms);
+        self
+    }
+
     fn properties(&self) -> BasicProperties {
-        let p = BasicProperties::default().with_content_type("application/json".into());
-        match &self.message_id {
-            Some(id) => p.with_message_id(id.as_str().into()),
-            None => p,
+        let mut p = BasicProperties::default().with_content_type("application/json".into());
+        if let Some(id) = &self.message_id {
+            p = p.with_message_id(id.as_str().into());
         }
+        if let Some(ms) = self.expiration {
+            p = p.with_expiration(ms.to_string().into());
+        }
+        p
+    }
+}
+
+/// A queue no consumer reads, declared by the test: what expires there is dead-lettered
+/// through the default exchange to the consumer's queue `to`.
+struct Holding {
+    queue: String,
+    /// `x-message-ttl`, in milliseconds.
+    ttl: Option<u32>,
+    to: String,
+}
+
+impl Holding {
+    fn args(&self) -> FieldTable {
+        let mut args = FieldTable::default();
+        args.insert(
+            "x-dead-letter-exchange".into(),
+            AMQPValue::LongString("".into()),
+        );
+        args.insert(
+            "x-dead-letter-routing-key".into(),
+            AMQPValue::LongString(self.to.as_str().into()),
+        );
+        if let Some(ttl) = self.ttl {
+            args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(ttl.into()));
+        }
+        args
     }
 }
 
@@ -88,6 +127,10 @@ struct Scenario {
     queues: Vec<String>,
     /// Published one after the other, waiting for quiet in between (order matters).
     sequential: bool,
+    /// Queues without a consumer that the publishes go to and expire from.
+    holding: Vec<Holding>,
+    /// Compare the calls in the order they happened (else sorted).
+    ordered: bool,
 }
 
 /// What a run shows, with the scenario's prefix replaced by `P`.
@@ -100,6 +143,23 @@ struct Observed {
     calls: BTreeMap<String, Vec<(u32, String)>>,
     /// Per queue: (x-error-kind, x-attempts, x-last-error-kind, message, body), sorted.
     dead_letters: BTreeMap<String, Vec<DeadLetter>>,
+}
+
+/// When things happened, beyond what must be identical.
+struct Timing {
+    /// The delays between consecutive attempts of one message.
+    gaps: Vec<Duration>,
+    /// Each call's time since the first publish, in call order.
+    since_publish: Vec<Duration>,
+}
+
+impl Timing {
+    fn of(calls: &[Call], published: Instant) -> Self {
+        Self {
+            gaps: gaps(calls).into_values().flatten().collect(),
+            since_publish: calls.iter().map(|c| c.3 - published).collect(),
+        }
+    }
 }
 
 /// The delays between consecutive attempts of one message, per queue.
@@ -168,8 +228,10 @@ fn normalise(mut observed: Observed, prefix: &str) -> Observed {
     observed
 }
 
+/// Each queue's calls: in the order they happened if `ordered`, else sorted.
 fn calls_by_queue(
     calls: &[(String, u32, String, Instant)],
+    ordered: bool,
 ) -> BTreeMap<String, Vec<(u32, String)>> {
     let mut out: BTreeMap<String, Vec<(u32, String)>> = BTreeMap::new();
     for (queue, attempt, body, _) in calls {
@@ -177,14 +239,16 @@ fn calls_by_queue(
             .or_default()
             .push((*attempt, body.clone()));
     }
-    for v in out.values_mut() {
-        v.sort();
+    if !ordered {
+        for v in out.values_mut() {
+            v.sort();
+        }
     }
     out
 }
 
 /// Run on the in-memory transport.
-async fn on_memory(s: &Scenario, calls: &Calls, prefix: &str) -> (Observed, Vec<Duration>) {
+async fn on_memory(s: &Scenario, calls: &Calls, prefix: &str) -> (Observed, Timing) {
     let mut app = TestApp::new().with_config(test_config(prefix));
     for c in &s.consumers {
         app = app.consumer(c.clone());
@@ -194,6 +258,10 @@ async fn on_memory(s: &Scenario, calls: &Calls, prefix: &str) -> (Observed, Vec<
     for (name, kind) in &s.exchanges {
         app.broker().declare_exchange(name, *kind);
     }
+    for h in &s.holding {
+        app.broker().declare_queue_with_args(&h.queue, &h.args());
+    }
+    let published = Instant::now();
     let mut outcomes = Vec::new();
     for p in &s.publishes {
         let r = app
@@ -219,19 +287,18 @@ async fn on_memory(s: &Scenario, calls: &Calls, prefix: &str) -> (Observed, Vec<
         dead_letters.insert(q.clone(), dead);
     }
     let all = calls.all();
-    let delays = gaps(&all).into_values().flatten().collect();
     app.shutdown().await.expect("stops");
     let observed = Observed {
         publish_outcomes: outcomes,
         counts,
-        calls: calls_by_queue(&all),
+        calls: calls_by_queue(&all, s.ordered),
         dead_letters,
     };
-    (normalise(observed, prefix), delays)
+    (normalise(observed, prefix), Timing::of(&all, published))
 }
 
 /// Run on RabbitMQ.
-async fn on_rabbitmq(s: &Scenario, calls: &Calls, prefix: &str) -> (Observed, Vec<Duration>) {
+async fn on_rabbitmq(s: &Scenario, calls: &Calls, prefix: &str) -> (Observed, Timing) {
     let broker = Broker::connect().await;
     for (name, kind) in &s.exchanges {
         let kind = match kind {
@@ -259,6 +326,18 @@ async fn on_rabbitmq(s: &Scenario, calls: &Calls, prefix: &str) -> (Observed, Ve
         app = app.consumer(c.clone());
     }
     let running = app.start().await.expect("the app starts on RabbitMQ");
+    for h in &s.holding {
+        broker
+            .channel
+            .queue_declare(
+                h.queue.as_str().into(),
+                reliable_mq::lapin::options::QueueDeclareOptions::default(),
+                h.args(),
+            )
+            .await
+            .expect("holding queue declared");
+    }
+    let published = Instant::now();
     let mut outcomes = Vec::new();
     for p in &s.publishes {
         let r = running
@@ -270,6 +349,18 @@ async fn on_rabbitmq(s: &Scenario, calls: &Calls, prefix: &str) -> (Observed, Ve
         if s.sequential {
             running.wait_idle(Duration::from_secs(30)).await;
         }
+    }
+    // `wait_idle` watches the consumers' queues only: first let the holding ones drain.
+    for h in &s.holding {
+        assert!(
+            eventually(Duration::from_secs(30), || async {
+                broker.ready_count(&h.queue).await == Some(0)
+            })
+            .await,
+            "{}: {} drained",
+            s.name,
+            h.queue
+        );
     }
     assert!(
         running.wait_idle(Duration::from_secs(30)).await,
@@ -293,15 +384,14 @@ async fn on_rabbitmq(s: &Scenario, calls: &Calls, prefix: &str) -> (Observed, Ve
         dead_letters.insert(q.clone(), dead);
     }
     let all = calls.all();
-    let delays = gaps(&all).into_values().flatten().collect();
     running.shutdown().await.expect("stops");
     let observed = Observed {
         publish_outcomes: outcomes,
         counts,
-        calls: calls_by_queue(&all),
+        calls: calls_by_queue(&all, s.ordered),
         dead_letters,
     };
-    (normalise(observed, prefix), delays)
+    (normalise(observed, prefix), Timing::of(&all, published))
 }
 
 /// Every handler records its call; the body decides what it does: `{"do": "ok"}`,
@@ -375,13 +465,23 @@ fn scenarios(p: &str) -> Vec<Scenario> {
         publishes,
         queues: vec![q.clone()],
         sequential: false,
+        holding: Vec::new(),
+        ordered: false,
     };
     let bad_json = Publish {
         exchange: String::new(),
         routing_key: q.clone(),
         body: b"{not json".to_vec(),
         message_id: None,
+        expiration: None,
     };
+    let hold = format!("{p}-hold");
+    let holding = |ttl| Holding {
+        queue: hold.clone(),
+        ttl,
+        to: q.clone(),
+    };
+    let numbered = |n: u32| serde_json::json!({ "n": n });
     let retrying = consumer(&q).with_retries(
         2,
         Duration::from_millis(200),
@@ -490,11 +590,40 @@ fn scenarios(p: &str) -> Vec<Scenario> {
                 vec![Publish::json(&fan, "any", serde_json::json!({"n": 1}))],
             )
         },
+        // Per-message TTLs expire at the head only: the 100 ms message waits behind the
+        // 1 s one and both come out then, in order.
+        Scenario {
+            holding: vec![holding(None)],
+            ordered: true,
+            ..one(
+                "per-message expiration waits for the head",
+                vec![consumer(&q)],
+                vec![
+                    Publish::json("", &hold, numbered(1)).expiring_after(1000),
+                    Publish::json("", &hold, numbered(2)).expiring_after(100),
+                ],
+            )
+        },
+        // The lower of the queue's TTL and the message's own wins: the head goes after
+        // 600 ms, not 5 s, and the message behind it (the queue's 600 ms) with it.
+        Scenario {
+            holding: vec![holding(Some(600))],
+            ordered: true,
+            ..one(
+                "queue TTL caps a longer expiration",
+                vec![consumer(&q)],
+                vec![
+                    Publish::json("", &hold, numbered(1)).expiring_after(5000),
+                    Publish::json("", &hold, numbered(2)),
+                ],
+            )
+        },
     ]
 }
 
 /// What each scenario must show (on either transport), beyond the two agreeing.
-fn check(name: &str, o: &Observed, delays: &[Duration], memory: bool) {
+fn check(name: &str, o: &Observed, timing: &Timing, memory: bool) {
+    let delays = &timing.gaps;
     let q = "P-q";
     let counts = |queue: &str| o.counts.get(queue).copied().unwrap_or_default();
     let dead = |queue: &str| o.dead_letters.get(queue).cloned().unwrap_or_default();
@@ -529,7 +658,7 @@ fn check(name: &str, o: &Observed, delays: &[Duration], memory: bool) {
             );
             if memory {
                 assert_eq!(
-                    delays,
+                    delays[..],
                     [Duration::from_millis(200), Duration::from_millis(400)]
                 );
             }
@@ -566,13 +695,46 @@ fn check(name: &str, o: &Observed, delays: &[Duration], memory: bool) {
             assert_eq!(counts("P-fa"), (1, 0));
             assert_eq!(counts("P-fb"), (1, 0));
         }
+        "per-message expiration waits for the head" => {
+            assert_eq!(o.calls[q], [(1, n(1)), (1, n(2))], "in publish order");
+            expired_together(timing, Duration::from_millis(1000), memory);
+        }
+        "queue TTL caps a longer expiration" => {
+            assert_eq!(o.calls[q], [(1, n(1)), (1, n(2))], "in publish order");
+            expired_together(timing, Duration::from_millis(600), memory);
+            // Long before the head's own 5 s: the queue's TTL was the lower.
+            assert!(
+                timing
+                    .since_publish
+                    .iter()
+                    .all(|t| *t < Duration::from_secs(4)),
+                "{:?}",
+                timing.since_publish
+            );
+        }
         other => panic!("no check for scenario {other}"),
+    }
+}
+
+fn n(n: u32) -> String {
+    format!(r#"{{"n":{n}}}"#)
+}
+
+/// Both messages reached the handler only once the head's TTL `at` had run out (the
+/// second one's own shorter TTL did not let it out earlier); on the paused clock, exactly
+/// then.
+fn expired_together(timing: &Timing, at: Duration, memory: bool) {
+    let t = &timing.since_publish;
+    assert_eq!(t.len(), 2, "{t:?}");
+    assert!(t.iter().all(|t| *t >= at), "{t:?}");
+    if memory {
+        assert_eq!(t[..], [at, at]);
     }
 }
 
 fn cleanup(p: &str) -> Vec<Cleanup> {
     let tiers = ["200ms", "400ms", "100ms", "1s"];
-    ["q", "out", "fa", "fb"]
+    ["q", "out", "fa", "fb", "hold"]
         .iter()
         .map(|s| {
             Cleanup::consumer(
@@ -595,13 +757,13 @@ async fn the_same_scenarios_give_the_same_outcomes_on_rabbitmq_and_in_memory() {
         let rabbit_scenario = scenarios(&prefix).remove(i);
         let name = rabbit_scenario.name;
         let rabbit_calls = Calls::default();
-        let (rabbit, rabbit_delays) = on_rabbitmq(&rabbit_scenario, &rabbit_calls, &prefix).await;
-        check(name, &rabbit, &rabbit_delays, false);
+        let (rabbit, rabbit_timing) = on_rabbitmq(&rabbit_scenario, &rabbit_calls, &prefix).await;
+        check(name, &rabbit, &rabbit_timing, false);
 
         // The memory run on its own current-thread runtime, with the clock paused.
         let memory_prefix = prefix.clone();
         let started = std::time::Instant::now();
-        let (memory, memory_delays) = std::thread::spawn(move || {
+        let (memory, memory_timing) = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .start_paused(true)
@@ -615,7 +777,7 @@ async fn the_same_scenarios_give_the_same_outcomes_on_rabbitmq_and_in_memory() {
         .join()
         .expect("the memory run does not panic");
         wall += started.elapsed();
-        check(name, &memory, &memory_delays, true);
+        check(name, &memory, &memory_timing, true);
         assert_eq!(memory, rabbit, "{name}: in-memory and RabbitMQ agree");
         eprintln!("conformance: {name}: identical on both transports");
     }

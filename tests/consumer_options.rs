@@ -223,3 +223,52 @@ async fn exclusive_keeps_other_instances_out() {
         "the other instance took over once the owner left"
     );
 }
+
+/// Order holds only until a message fails: its retry goes through the wait tier and comes
+/// back behind the messages published meanwhile (the in-memory twin of this test is in
+/// `tests/no_broker.rs`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn single_active_consumer_keeps_order_until_a_message_fails() {
+    use std::sync::{Arc, Mutex};
+
+    use reliable_mq::{Delivery, RetryBackoff, delivery_handler_fn};
+
+    init_tracing();
+    let queue = unique("rmq-test-sac-order");
+    let _cleanup = Cleanup::consumer(&queue, &["200ms"], &[]);
+    let seen: Arc<Mutex<Vec<(u64, u32)>>> = Arc::default();
+    let s = Arc::clone(&seen);
+    let handler = delivery_handler_fn(move |n: u64, d: Arc<Delivery>| {
+        let s = Arc::clone(&s);
+        async move {
+            s.lock()
+                .map_err(|_| HandlerError::retry("poisoned"))?
+                .push((n, d.attempt()));
+            if n == 1 && d.attempt() == 1 {
+                return Err(HandlerError::retry("the first attempt fails"));
+            }
+            Ok(())
+        }
+    });
+    let app = start(
+        &queue,
+        ConsumerConfig::new(&queue, format!("{queue}.dlx"), handler)
+            .with_retries(1, Duration::from_millis(200), RetryBackoff::Fixed)
+            .with_single_active_consumer(),
+    )
+    .await;
+    let broker = Broker::connect().await;
+    // Four confirmed publishes take a few milliseconds, the retry tier 200 ms.
+    publish(&broker, &queue, 4).await;
+    let all = eventually(Duration::from_secs(10), || async {
+        handled(&app, &queue) == 4
+    })
+    .await;
+    app.shutdown().await.expect("clean shutdown");
+    assert!(all, "4 handled");
+    assert_eq!(
+        seen.lock().map(|v| v.clone()).unwrap_or_default(),
+        [(0, 1), (1, 1), (2, 1), (3, 1), (1, 2)],
+        "in order until 1 failed; its retry came back after 2 and 3"
+    );
+}

@@ -1,22 +1,21 @@
 //! `RedisClusterStore` on a real Redis Cluster: each test starts its own 3-primary cluster
-//! on loopback (random ports in 21000..21900, bus ports +10000, a temp dir for the node
-//! files) with the machine's `redis-server` and `redis-cli`, and shuts it down in a drop
-//! guard, even when the test fails. The Redis on 6379 is never touched.
+//! on loopback (`reliable_mq_tests::redis`: free ports and bus ports, a temp dir for the
+//! node files) with the machine's `redis-server` and `redis-cli`, and shuts it down in a
+//! drop guard, even when the test fails. The Redis on 6379 is never touched.
 //!
 //! The claim protocol runs on keys owned by every primary (so the scripts are routed by
 //! slot, and loaded on each node), then one idempotent consumer configured with
 //! `REDIS_URL=redis+cluster://...` through `App` handles a message id once.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
-use std::process::Command;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use deadpool_redis::redis::{self, AsyncCommands};
 use reliable_mq::dedup::{self, Claim, DedupStore, RedisClusterStore};
 use reliable_mq::{App, ConsumerConfig, HandlerError, RetryBackoff, handler_fn};
+use reliable_mq_tests::redis::{RedisNodes, free_ports};
 use reliable_mq_tests::{Broker, Cleanup, eventually, init_tracing, test_config, unique};
 
 const WAIT: Duration = Duration::from_secs(15);
@@ -25,66 +24,24 @@ const TTL: Duration = Duration::from_secs(3600);
 
 /// A private 3-primary Redis Cluster; shut down and its directory removed on drop.
 struct RedisCluster {
-    dir: PathBuf,
+    nodes: RedisNodes,
     ports: [u16; 3],
 }
 
 impl RedisCluster {
     /// Start the nodes, create the cluster and wait until every node says it is ok.
     fn start() -> Self {
-        let ports = free_ports();
-        let dir = std::env::temp_dir().join(unique("rmq-redis-cluster"));
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        // Redis reports its directory resolved: compare like with like.
-        let dir = std::fs::canonicalize(&dir).expect("temp dir path");
+        let ports = free_ports(true);
         // From here on the guard cleans up whatever got started.
-        let cluster = Self { dir, ports };
+        let cluster = Self {
+            nodes: RedisNodes::new("rmq-redis-cluster", &ports),
+            ports,
+        };
+        cluster.nodes.start_cluster_nodes(None);
         for p in ports {
-            let started = Command::new("redis-server")
-                .args(["--port", &p.to_string(), "--bind", "127.0.0.1"])
-                .args(["--cluster-enabled", "yes"])
-                .args(["--cluster-config-file", &format!("nodes-{p}.conf")])
-                .args(["--cluster-node-timeout", "5000"])
-                .arg("--dir")
-                .arg(&cluster.dir)
-                .arg("--pidfile")
-                .arg(cluster.dir.join(format!("{p}.pid")))
-                .arg("--logfile")
-                .arg(cluster.dir.join(format!("{p}.log")))
-                .args(["--save", "", "--appendonly", "no", "--daemonize", "yes"])
-                .status()
-                .expect("redis-server must be installed");
-            assert!(started.success(), "redis-server on port {p} did not start");
+            cluster.nodes.wait_ours(p);
         }
-        for p in ports {
-            assert!(
-                wait_for(Duration::from_secs(10), || cluster.is_ours(p)),
-                "redis node {p} does not answer (or is not ours); log: {}",
-                cluster.log(p)
-            );
-        }
-        let nodes: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
-        let out = Command::new("redis-cli")
-            .args(["--cluster", "create"])
-            .args(&nodes)
-            .args(["--cluster-replicas", "0", "--cluster-yes"])
-            .output()
-            .expect("redis-cli must be installed");
-        assert!(
-            out.status.success(),
-            "redis-cli --cluster create failed: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        for p in ports {
-            assert!(
-                wait_for(Duration::from_secs(30), || {
-                    cli(p, &["cluster", "info"]).contains("cluster_state:ok")
-                }),
-                "cluster not ok on node {p}: {}",
-                cli(p, &["cluster", "info"])
-            );
-        }
+        cluster.nodes.create_cluster(&[]);
         cluster
     }
 
@@ -103,16 +60,6 @@ impl RedisCluster {
             .map(|p| format!("127.0.0.1:{p}"))
             .collect();
         format!("redis+cluster://{}", hosts.join(","))
-    }
-
-    /// Whether the node on `port` answers and runs from our directory.
-    fn is_ours(&self, port: u16) -> bool {
-        let dir = self.dir.to_string_lossy();
-        cli(port, &["config", "get", "dir"]).contains(dir.trim_end_matches('/'))
-    }
-
-    fn log(&self, port: u16) -> String {
-        std::fs::read_to_string(self.dir.join(format!("{port}.log"))).unwrap_or_default()
     }
 
     /// A cluster connection of its own, to inspect what the store wrote.
@@ -142,82 +89,6 @@ impl RedisCluster {
             }
         }
         panic!("no node owns {key}");
-    }
-}
-
-impl Drop for RedisCluster {
-    fn drop(&mut self) {
-        for p in self.ports {
-            // Only a node running from our directory is ours to stop.
-            if self.is_ours(p) {
-                cli_ok(p, &["shutdown", "nosave"]);
-            }
-            // A node that did not stop (or never answered) still has its pid file: stop
-            // the process we started, by its pid.
-            let pidfile = self.dir.join(format!("{p}.pid"));
-            if !wait_for(Duration::from_secs(5), || !pidfile.exists())
-                && let Ok(pid) = std::fs::read_to_string(&pidfile)
-            {
-                let _ = Command::new("kill").arg(pid.trim()).status();
-            }
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-/// Three consecutive ports `base..base+3` (base in 21000..21900) whose ports and cluster
-/// bus ports (+10000) are free, never handed out twice in this process (the tests of this
-/// file run side by side).
-fn free_ports() -> [u16; 3] {
-    static TAKEN: Mutex<Vec<u16>> = Mutex::new(Vec::new());
-    let mut taken = TAKEN
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    for _ in 0..50 {
-        let r = uuid::Uuid::new_v4().as_u128();
-        let base = 21000 + 3 * u16::try_from(r % 300).expect("< 300");
-        let ports = [base, base + 1, base + 2];
-        let free = !taken.contains(&base)
-            && ports.iter().all(|p| {
-                std::net::TcpListener::bind(("127.0.0.1", *p)).is_ok()
-                    && std::net::TcpListener::bind(("127.0.0.1", *p + 10000)).is_ok()
-            });
-        if free {
-            taken.push(base);
-            return ports;
-        }
-    }
-    panic!("no free ports for a Redis Cluster in 21000..21900");
-}
-
-/// `redis-cli -p port args...`'s output ("" if it could not run).
-fn cli(port: u16, args: &[&str]) -> String {
-    Command::new("redis-cli")
-        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
-        .args(args)
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-        .unwrap_or_default()
-}
-
-fn cli_ok(port: u16, args: &[&str]) -> bool {
-    Command::new("redis-cli")
-        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
-        .args(args)
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
-fn wait_for(within: Duration, mut check: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + within;
-    loop {
-        if check() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(100));
     }
 }
 

@@ -1,14 +1,14 @@
 //! Dedup claims against a Redis of the test's own (a private `redis-server` on a free
-//! port, so stopping it disturbs nobody): the lease is renewed beside the handler, so a
+//! port, `reliable_mq_tests::redis`, so stopping it disturbs nobody): the lease is renewed beside the handler, so a
 //! stopped Redis stalls neither the handler nor the claim; a delivery paused because the
 //! store does not answer is handed back before the broker's `consumer_timeout`.
 
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use reliable_mq::dedup::KeyScope;
 use reliable_mq::{App, ConsumerConfig, HandlerError, RetryBackoff, handler_fn};
+use reliable_mq_tests::redis::{RedisNodes, free_ports};
 use reliable_mq_tests::{Cleanup, eventually, init_tracing, message_total, test_config, unique};
 
 const WAIT: Duration = Duration::from_secs(15);
@@ -47,80 +47,10 @@ async fn start_with_one_message(
 /// Handler ticks, 100 ms apart: the handler runs 12 s.
 const TICKS: usize = 120;
 
-/// A free TCP port on loopback (nothing listens on it once this returns).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
-/// A private `redis-server` without persistence, killed when dropped (also when an
-/// assertion fails, and also while stopped).
-struct PrivateRedis {
-    port: u16,
-    child: Child,
-}
-
-impl PrivateRedis {
-    async fn start(port: u16) -> Self {
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server is installed");
-        let redis = Self { port, child };
-        assert!(
-            eventually(WAIT, || async {
-                redis.cli(&["PING"]).as_deref() == Some("PONG")
-            })
-            .await,
-            "private redis-server on port {port} answers"
-        );
-        redis
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    /// Run `redis-cli` against it; its output, trimmed.
-    fn cli(&self, args: &[&str]) -> Option<String> {
-        let out = Command::new("redis-cli")
-            .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
-            .args(args)
-            .output()
-            .ok()?;
-        out.status
-            .success()
-            .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
-    }
-
-    fn signal(&self, signal: &str) {
-        let ok = Command::new("kill")
-            .args([signal, &self.child.id().to_string()])
-            .status()
-            .is_ok_and(|s| s.success());
-        assert!(ok, "kill {signal} the private redis-server");
-    }
-}
-
-impl Drop for PrivateRedis {
-    fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-CONT", &self.child.id().to_string()])
-            .status();
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopped_redis_stalls_neither_the_handler_nor_its_claim() {
     init_tracing();
-    let redis = PrivateRedis::start(free_port()).await;
+    let redis = RedisNodes::one("rmq-lease-redis");
     let q = unique("lease-stop");
     let dlx = format!("{q}.dlx");
     let _cleanup = Cleanup::consumer(&q, &["200ms"], &[]);
@@ -158,9 +88,15 @@ async fn a_stopped_redis_stalls_neither_the_handler_nor_its_claim() {
 
     // Stopped from just before the first renewal (7.5 s after the claim) for 3 s.
     tokio::time::sleep(Duration::from_millis(7000).saturating_sub(started.elapsed())).await;
-    redis.signal("-STOP");
+    assert!(
+        redis.signal(redis.port(), "-STOP"),
+        "stop the private Redis"
+    );
     tokio::time::sleep(Duration::from_secs(3)).await;
-    redis.signal("-CONT");
+    assert!(
+        redis.signal(redis.port(), "-CONT"),
+        "resume the private Redis"
+    );
     let stopped_until = started.elapsed();
 
     // The renewal that failed while Redis was stopped is tried again once it answers,
@@ -218,7 +154,8 @@ async fn a_stopped_redis_stalls_neither_the_handler_nor_its_claim() {
 async fn a_delivery_paused_on_a_dead_store_is_handed_back_before_the_consumer_timeout() {
     init_tracing();
     // Nothing listens on the store's port until the end of the test.
-    let port = free_port();
+    let [port] = free_ports(false);
+    let redis = RedisNodes::new("rmq-lease-redis", &[port]);
     let q = unique("lease-handback");
     let dlx = format!("{q}.dlx");
     let _cleanup = Cleanup::consumer(&q, &["200ms"], &[]);
@@ -261,7 +198,8 @@ async fn a_delivery_paused_on_a_dead_store_is_handed_back_before_the_consumer_ti
     assert_eq!(message_total(&q), Some(1), "still in its queue");
 
     // The store comes up: the message is handled, once.
-    let _redis = PrivateRedis::start(port).await;
+    redis.start(port, &[]);
+    redis.wait_ours(port);
     assert!(
         eventually(WAIT, || async {
             app.stats(&q)
@@ -284,7 +222,7 @@ async fn a_long_handler_timeout_does_not_make_a_long_lease() {
     // A crash under a `timeout = "2h"` handler must not hold the message off for hours:
     // the lease is capped and renewal keeps the long handler's claim alive instead.
     init_tracing();
-    let redis = PrivateRedis::start(free_port()).await;
+    let redis = RedisNodes::one("rmq-lease-redis");
     let q = unique("lease-cap");
     let dlx = format!("{q}.dlx");
     let _cleanup = Cleanup::consumer(&q, &["200ms"], &[]);

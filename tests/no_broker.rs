@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use reliable_mq::testing::TestApp;
 use reliable_mq::{Config, Delivery, HandlerError, Publisher, State, consumer};
+use reliable_mq_tests::recording::{recording_consumer, start_recording};
 use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Default)]
@@ -73,6 +74,20 @@ fn closed_port_url() -> String {
     format!("amqp://guest:guest@127.0.0.1:{port}/%2f")
 }
 
+fn order(sku: &str, qty: u32) -> Order {
+    Order {
+        sku: sku.into(),
+        qty,
+    }
+}
+
+/// Publish an order as the shop does.
+async fn publish_order(app: &mut TestApp, sku: &str, qty: u32) {
+    app.publish("shop", "order.created", &order(sku, qty))
+        .await
+        .expect("published");
+}
+
 fn app(inventory: &Inventory) -> TestApp {
     let config = Config::default().with_amqp_url(closed_port_url());
     TestApp::new()
@@ -96,19 +111,9 @@ async fn success_retry_and_dead_letter_without_a_broker() {
     let inventory = Inventory::with("apple", 5);
     let mut app = app(&inventory);
 
-    let order = |sku: &str, qty| Order {
-        sku: sku.into(),
-        qty,
-    };
-    app.publish("shop", "order.created", &order("apple", 2))
-        .await
-        .expect("published");
-    app.publish("shop", "order.created", &order("apple", 10))
-        .await
-        .expect("published");
-    app.publish("shop", "order.created", &order("pear", 1))
-        .await
-        .expect("published");
+    publish_order(&mut app, "apple", 2).await;
+    publish_order(&mut app, "apple", 10).await;
+    publish_order(&mut app, "pear", 1).await;
     app.publish_raw(
         "shop",
         "order.created",
@@ -174,16 +179,7 @@ async fn success_retry_and_dead_letter_without_a_broker() {
 async fn a_restock_between_retries_lets_the_order_through() {
     let inventory = Inventory::with("apple", 1);
     let mut app = app(&inventory);
-    app.publish(
-        "shop",
-        "order.created",
-        &Order {
-            sku: "apple".into(),
-            qty: 2,
-        },
-    )
-    .await
-    .expect("published");
+    publish_order(&mut app, "apple", 2).await;
     // The first attempt fails; restock while the message waits in the 1 s tier.
     while app.retries("orders").is_empty() {
         tokio::task::yield_now().await;
@@ -204,50 +200,11 @@ async fn a_message_delivered_twice_runs_twice_without_dedup() {
     let inventory = Inventory::with("apple", 10);
     let mut app = app(&inventory);
     app.deliver_next_twice();
-    app.publish(
-        "shop",
-        "order.created",
-        &Order {
-            sku: "apple".into(),
-            qty: 1,
-        },
-    )
-    .await
-    .expect("published");
+    publish_order(&mut app, "apple", 1).await;
     app.run_until_idle().await;
     // Not idempotent: both copies run.
     assert_eq!(app.handled("orders"), 2);
     assert_eq!(inventory.left("apple"), Some(8));
-}
-
-/// The README's example, as written there (with `TestApp::new()` defaults).
-#[tokio::test]
-async fn the_readme_example() {
-    let inventory = Inventory::with("apple", 5);
-    let mut app = TestApp::new()
-        .consumer(reserve_stock::SPEC)
-        .with_state(inventory.clone());
-    let order = |sku: &str, qty| Order {
-        sku: sku.into(),
-        qty,
-    };
-    for o in [order("apple", 2), order("apple", 10), order("pear", 1)] {
-        app.publish("shop", "order.created", &o)
-            .await
-            .expect("published");
-    }
-    app.run_until_idle().await;
-
-    assert_eq!(app.handled("orders"), 1);
-    assert_eq!(inventory.left("apple"), Some(3));
-    let delays: Vec<_> = app.retries("orders").iter().map(|r| r.delay).collect();
-    assert_eq!(delays, [1, 2, 4].map(Duration::from_secs));
-    let kinds: Vec<_> = app
-        .dead_letters("orders")
-        .iter()
-        .filter_map(|m| m.header("x-error-kind"))
-        .collect();
-    assert_eq!(kinds, ["rejected", "retries-exhausted"]);
 }
 
 /// A dropped connection mid-handler: the delivery comes back redelivered and is handled
@@ -257,30 +214,12 @@ async fn a_dropped_connection_redelivers_what_was_unacked() {
     let inventory = Inventory::with("apple", 10);
     let mut app = app(&inventory);
     app.redeliver_next();
-    app.publish(
-        "shop",
-        "order.created",
-        &Order {
-            sku: "apple".into(),
-            qty: 1,
-        },
-    )
-    .await
-    .expect("published");
+    publish_order(&mut app, "apple", 1).await;
     app.run_until_idle().await;
     // The first ack was lost: the message ran again (not idempotent), flagged redelivered.
     assert_eq!(app.handled("orders"), 2);
     app.drop_connection();
-    app.publish(
-        "shop",
-        "order.created",
-        &Order {
-            sku: "apple".into(),
-            qty: 1,
-        },
-    )
-    .await
-    .expect("published");
+    publish_order(&mut app, "apple", 1).await;
     app.run_until_idle().await;
     assert_eq!(app.handled("orders"), 3);
     assert!(
@@ -290,40 +229,21 @@ async fn a_dropped_connection_redelivers_what_was_unacked() {
     assert_eq!(inventory.left("apple"), Some(7));
 }
 
-/// The order in which one consumer (concurrency 1) saw `n` messages on a broker seeded
-/// with `seed`, or in publish order without one.
+/// The order in which one consumer (concurrency 1, prefetch 1) saw `n` messages on a
+/// broker seeded with `seed`, or in publish order without one.
 async fn order_seen(seed: Option<u64>, n: u32) -> Vec<u32> {
-    use reliable_mq::{ConsumerConfig, delivery_handler_fn};
-    #[derive(Clone, Default)]
-    struct Seen(Arc<Mutex<Vec<u32>>>);
-    let seen = Seen::default();
-    let consumer = ConsumerConfig::new(
-        "numbers",
-        "numbers.dlx",
-        delivery_handler_fn(|n: u32, d: Arc<Delivery>| async move {
-            let seen = d
-                .state::<Seen>()
-                .ok_or_else(|| HandlerError::reject("no state"))?;
-            seen.0
-                .lock()
-                .map_err(|_| HandlerError::retry("poisoned"))?
-                .push(n);
-            Ok::<(), HandlerError>(())
-        }),
-    )
-    .with_prefetch(1);
     let app = match seed {
         Some(seed) => TestApp::seeded(seed),
         None => TestApp::new(),
     };
-    let mut app = app.consumer(consumer).with_state(seen.clone());
-    app.start().await.expect("starts");
+    let consumer = recording_consumer("numbers", |_: &u32, _| Ok(()));
+    let (mut app, seen) = start_recording::<u32>(app, consumer).await;
     // Publish all before the consumer takes any: with a prefetch of 1 it holds one.
     for i in 0..n {
         app.publish("", "numbers", &i).await.expect("published");
     }
     app.run_until_idle().await;
-    seen.0.lock().map(|v| v.clone()).unwrap_or_default()
+    seen.payloads()
 }
 
 #[tokio::test]
@@ -403,4 +323,31 @@ async fn failed_publishes_and_nacked_confirms_are_retried() {
         .filter(|p| p.properties.message_id().as_ref().map(|m| m.as_str()) == Some(id.as_str()))
         .count();
     assert_eq!(sent, 2, "the order once, its dead letter once");
+}
+
+/// `single_active_consumer` keeps the queue's order only until a message fails: its retry
+/// waits in a retry tier and comes back behind the messages published after it (see the
+/// README, "Limits you should know"). A handler that needs order must not return a
+/// retryable error for a message it cannot yet handle.
+#[tokio::test]
+async fn a_single_active_consumer_keeps_order_until_a_message_fails() {
+    let consumer = recording_consumer("ledger", |n: &u32, attempt| {
+        if *n == 1 && attempt == 1 {
+            Err(HandlerError::retry("the first attempt fails"))
+        } else {
+            Ok(())
+        }
+    })
+    .with_single_active_consumer();
+    let (mut app, seen) = start_recording::<u32>(TestApp::new(), consumer).await;
+    for n in 0..4u32 {
+        app.publish("", "ledger", &n).await.expect("published");
+    }
+    app.run_until_idle().await;
+    assert_eq!(
+        seen.calls(),
+        [(0, 1), (1, 1), (2, 1), (3, 1), (1, 2)],
+        "in order until 1 failed; its retry came back after 2 and 3"
+    );
+    assert_eq!(app.handled("ledger"), 4);
 }

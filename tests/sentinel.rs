@@ -1,7 +1,7 @@
 //! `RedisSentinelStore` on a real Sentinel setup: each test starts its own primary, one
-//! replica and three sentinels on loopback (free ports in 23000..23900, a temp dir) with
-//! the machine's `redis-server`, and shuts them down in a drop guard, even when the test
-//! fails. The Redis on 6379 is never touched.
+//! replica and three sentinels on loopback (`reliable_mq_tests::redis`: free ports, a temp
+//! dir) with the machine's `redis-server`, and shuts them down in a drop guard, even when
+//! the test fails. The Redis on 6379 is never touched.
 //!
 //! The claim protocol runs through the sentinel-resolved primary; then an idempotent
 //! consumer configured with `REDIS_URL=redis+sentinel://...` consumes a stream while the
@@ -9,13 +9,13 @@
 //! pauses, resumes unaided on the new primary, and no message is handled twice.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use reliable_mq::dedup::{self, Claim, DedupStore, RedisSentinelStore};
 use reliable_mq::{App, ConsumerConfig, HandlerError, delivery_handler_fn};
+use reliable_mq_tests::redis::{RedisNodes, cli, free_ports, wait_for};
 use reliable_mq_tests::{Broker, Cleanup, eventually, init_tracing, test_config, unique};
 
 const MASTER: &str = "rmq-dedup";
@@ -24,33 +24,35 @@ const TTL: Duration = Duration::from_secs(3600);
 
 /// A private primary, replica and three sentinels; stopped and removed on drop.
 struct Sentinels {
-    dir: PathBuf,
+    nodes: RedisNodes,
     /// `[primary, replica, sentinel1, sentinel2, sentinel3]` at start.
     ports: [u16; 5],
 }
 
 impl Sentinels {
     fn start() -> Self {
-        let ports = free_ports();
-        let dir = std::env::temp_dir().join(unique("rmq-redis-sentinel"));
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        let dir = std::fs::canonicalize(&dir).expect("temp dir path");
-        let s = Self { dir, ports };
+        let ports = free_ports(false);
+        let s = Self {
+            nodes: RedisNodes::new("rmq-redis-sentinel", &ports),
+            ports,
+        };
         let [primary, replica, ..] = ports;
-        s.server(primary, &[]);
-        s.server(replica, &["--replicaof", "127.0.0.1", &primary.to_string()]);
+        s.nodes.start(primary, &[]);
+        s.nodes
+            .start(replica, &["--replicaof", "127.0.0.1", &primary.to_string()]);
+        let dir = s.nodes.dir().display().to_string();
         for p in &ports[2..] {
-            let conf = s.dir.join(format!("sentinel-{p}.conf"));
+            let conf = s.nodes.dir().join(format!("sentinel-{p}.conf"));
             std::fs::write(
                 &conf,
                 format!(
                     "port {p}\nbind 127.0.0.1\ndaemonize yes\ndir {dir}\n\
-                     pidfile {dir}/{p}.pid\nlogfile {dir}/{p}.log\n\
+                     pidfile {pidfile}\nlogfile {dir}/{p}.log\n\
                      sentinel monitor {MASTER} 127.0.0.1 {primary} 2\n\
                      sentinel down-after-milliseconds {MASTER} 1000\n\
                      sentinel failover-timeout {MASTER} 10000\n\
                      sentinel parallel-syncs {MASTER} 1\n",
-                    dir = s.dir.display()
+                    pidfile = s.nodes.pidfile(*p).display()
                 ),
             )
             .expect("sentinel config");
@@ -62,10 +64,7 @@ impl Sentinels {
             assert!(started.success(), "sentinel on port {p} did not start");
         }
         for p in ports {
-            assert!(
-                wait_for(Duration::from_secs(10), || s.is_ours(p)),
-                "redis process {p} does not answer (or is not ours)"
-            );
+            s.nodes.wait_ours(p);
         }
         assert!(
             wait_for(Duration::from_secs(20), || {
@@ -86,34 +85,6 @@ impl Sentinels {
             );
         }
         s
-    }
-
-    fn server(&self, port: u16, extra: &[&str]) {
-        let started = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .arg("--dir")
-            .arg(&self.dir)
-            .arg("--pidfile")
-            .arg(self.dir.join(format!("{port}.pid")))
-            .arg("--logfile")
-            .arg(self.dir.join(format!("{port}.log")))
-            .args(["--save", "", "--appendonly", "no", "--daemonize", "yes"])
-            .args(extra)
-            .status()
-            .expect("redis-server must be installed");
-        assert!(
-            started.success(),
-            "redis-server on port {port} did not start"
-        );
-    }
-
-    /// Whether the process on `port` answers and is ours: a server reports our directory;
-    /// a sentinel (which refuses `CONFIG GET`) answers `PING` and wrote our pid file.
-    fn is_ours(&self, port: u16) -> bool {
-        let dir = self.dir.to_string_lossy();
-        cli(port, &["config", "get", "dir"]).contains(dir.trim_end_matches('/'))
-            || (self.dir.join(format!("{port}.pid")).exists()
-                && cli(port, &["ping"]).contains("PONG"))
     }
 
     /// `REDIS_URL` naming the three sentinels.
@@ -141,31 +112,9 @@ impl Sentinels {
         out.lines().nth(1)?.trim().parse().ok()
     }
 
-    /// SIGKILL the process on `port` (by its pid file).
+    /// SIGKILL the process on `port`.
     fn kill(&self, port: u16) {
-        if let Ok(pid) = std::fs::read_to_string(self.dir.join(format!("{port}.pid"))) {
-            let _ = Command::new("kill")
-                .args(["-9", pid.trim()])
-                .stderr(std::process::Stdio::null())
-                .status();
-        }
-    }
-}
-
-impl Drop for Sentinels {
-    fn drop(&mut self) {
-        for p in self.ports {
-            let pidfile = self.dir.join(format!("{p}.pid"));
-            if let Ok(pid) = std::fs::read_to_string(&pidfile) {
-                // Only processes we started have a pid file in our directory; one already
-                // killed by the test is gone, which is fine.
-                let _ = Command::new("kill")
-                    .args(["-9", pid.trim()])
-                    .stderr(std::process::Stdio::null())
-                    .status();
-            }
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
+        self.nodes.signal(port, "-9");
     }
 }
 
@@ -173,50 +122,6 @@ fn field(info: &str, name: &str) -> Option<u64> {
     let lines: Vec<&str> = info.lines().map(str::trim).collect();
     let at = lines.iter().position(|l| *l == name)?;
     lines.get(at + 1)?.parse().ok()
-}
-
-/// Five free ports, never handed out twice in this process.
-fn free_ports() -> [u16; 5] {
-    static TAKEN: Mutex<Vec<u16>> = Mutex::new(Vec::new());
-    let mut taken = TAKEN
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    for _ in 0..50 {
-        let r = uuid::Uuid::new_v4().as_u128();
-        let base = 23000 + 5 * u16::try_from(r % 180).expect("< 180");
-        let ports = [base, base + 1, base + 2, base + 3, base + 4];
-        let free = !taken.contains(&base)
-            && ports
-                .iter()
-                .all(|p| std::net::TcpListener::bind(("127.0.0.1", *p)).is_ok());
-        if free {
-            taken.push(base);
-            return ports;
-        }
-    }
-    panic!("no free ports for Redis Sentinel in 23000..23900");
-}
-
-fn cli(port: u16, args: &[&str]) -> String {
-    Command::new("redis-cli")
-        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
-        .args(args)
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-        .unwrap_or_default()
-}
-
-fn wait_for(within: Duration, mut check: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + within;
-    loop {
-        if check() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 async fn start() -> Sentinels {

@@ -81,7 +81,7 @@ use proc_macro::TokenStream;
 /// | `timeout` | deadline of one handler call; past it the call is cancelled and retried | `"30s"` |
 /// | `idempotent` | flag, no value: skip messages whose `message_id` was handled | off |
 /// | `dedup_ttl` | how long handled ids are remembered (needs `idempotent` or `inbox`) | `"24h"` |
-/// | `single_active_consumer` | flag: declare the queue with `x-single-active-consumer`; one consumer of all instances gets its messages, in order (needs `concurrency` 1) | off |
+/// | `single_active_consumer` | flag: declare the queue with `x-single-active-consumer`; one consumer of all instances gets its messages, in order until one fails: a retry comes back behind later messages (needs `concurrency` 1) | off |
 /// | `priority` | consumer priority, the `x-priority` argument of `basic.consume` (0..=2147483647) | broker default 0 |
 /// | `exclusive` | flag: exclusive subscription; not on quorum queues | off |
 /// | `inbox` | flag: dedup by `message_id` in the handler's PostgreSQL transaction, lent as `tx: &mut InboxTx` (runtime feature `postgres`; not with `idempotent`) | off |

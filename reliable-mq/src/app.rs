@@ -279,7 +279,10 @@ impl App {
         let mut tasks = JoinSet::new();
         let mut stats = Vec::new();
         let mut runtimes = Vec::new();
-        let connections = Arc::new(crate::connection::ConnectionSet::new(Arc::clone(&config)));
+        let connections = Arc::new(crate::connection::ConnectionSet::new(
+            Arc::clone(&config),
+            self.consumers.len(),
+        ));
         for (index, consumer) in self.consumers.into_iter().enumerate() {
             let topology = Topology::of(&consumer);
             // One set of counters per consumer, even when two consume one queue: each

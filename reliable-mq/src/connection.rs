@@ -455,15 +455,69 @@ impl Backoff {
 pub(crate) struct ConnectionSet {
     config: std::sync::Arc<Config>,
     slots: Vec<tokio::sync::Mutex<Option<std::sync::Arc<Connection>>>>,
+    /// How many consumers there are (consumer `i` is on slot `i % slots`).
+    consumers: usize,
+}
+
+/// RabbitMQ's default `channel_max`: the channels one connection may carry.
+pub(crate) const DEFAULT_CHANNEL_MAX: usize = 2047;
+
+/// The channels one consumer may hold open at once on its connection: its session's
+/// channel, and the short-lived one its topology is (re)declared on while that is open (a
+/// held settle copy redeclares before it tries again).
+pub(crate) const CHANNELS_PER_CONSUMER: usize = 2;
+
+/// How many connections `consumers` consumers get: `configured`, or more when that many
+/// would put more than `channel_max` channels on one of them (the broker would refuse the
+/// channels past it, and those consumers would never attach).
+pub(crate) fn consumer_connections(
+    configured: usize,
+    consumers: usize,
+    channel_max: usize,
+) -> usize {
+    let per_connection = (channel_max / CHANNELS_PER_CONSUMER).max(1);
+    configured.max(1).max(consumers.div_ceil(per_connection))
+}
+
+/// How many of `consumers` consumers sit on slot `slot` of `slots` (consumer `i` on
+/// `i % slots`).
+fn consumers_on(slot: usize, slots: usize, consumers: usize) -> usize {
+    (0..consumers).filter(|i| i % slots == slot).count()
+}
+
+/// The error when the broker allows fewer channels per connection (its negotiated
+/// `channel_max`) than the consumers on one connection may need.
+fn too_few_channels(channel_max: usize, on_connection: usize, consumers: usize) -> Option<Error> {
+    let needed = on_connection * CHANNELS_PER_CONSUMER;
+    if needed <= channel_max {
+        return None;
+    }
+    let enough = consumer_connections(1, consumers, channel_max);
+    Some(Error::Config(format!(
+        "the broker allows {channel_max} channels per connection (channel_max), but          {on_connection} consumers share one and may need {needed} (up to          {CHANNELS_PER_CONSUMER} each): set RELIABLE_MQ_CONSUMER_CONNECTIONS          (Config::with_consumer_connections) to at least {enough}"
+    )))
 }
 
 impl ConnectionSet {
-    /// `config.consumer_connections` slots, none open yet.
-    pub(crate) fn new(config: std::sync::Arc<Config>) -> Self {
-        let slots = (0..config.consumer_connections.max(1))
-            .map(|_| tokio::sync::Mutex::new(None))
-            .collect();
-        Self { config, slots }
+    /// Slots for `consumers` consumers, none open yet: `config.consumer_connections`, or
+    /// more so that no connection carries more channels than RabbitMQ allows by default.
+    pub(crate) fn new(config: std::sync::Arc<Config>, consumers: usize) -> Self {
+        let n = consumer_connections(config.consumer_connections, consumers, DEFAULT_CHANNEL_MAX);
+        if n > config.consumer_connections.max(1) {
+            tracing::info!(
+                consumers,
+                configured = config.consumer_connections,
+                connections = n,
+                "spreading the consumers over more connections than configured: a connection \
+                 carries at most {DEFAULT_CHANNEL_MAX} channels, {CHANNELS_PER_CONSUMER} a consumer"
+            );
+        }
+        let slots = (0..n).map(|_| tokio::sync::Mutex::new(None)).collect();
+        Self {
+            config,
+            slots,
+            consumers,
+        }
     }
 
     /// The open connection of the slot for consumer `index`, opening it if it is not.
@@ -483,7 +537,22 @@ impl ConnectionSet {
         } else {
             format!("consumers {}/{n}", slot + 1)
         };
-        let conn = std::sync::Arc::new(open(&self.config, &role).await?);
+        let conn = open(&self.config, &role).await?;
+        // A broker configured below the default `channel_max` would refuse the channels
+        // past it: say so at once rather than leave those consumers retrying forever.
+        let channel_max = match conn.configuration().channel_max() {
+            0 => usize::from(u16::MAX),
+            max => usize::from(max),
+        };
+        if let Some(e) = too_few_channels(
+            channel_max,
+            consumers_on(slot, n, self.consumers),
+            self.consumers,
+        ) {
+            let _ = conn.close(200, "too few channels allowed".into()).await;
+            return Err(e);
+        }
+        let conn = std::sync::Arc::new(conn);
         *guard = Some(std::sync::Arc::clone(&conn));
         Ok(conn)
     }
@@ -519,6 +588,37 @@ mod tests {
         }
         b.reset();
         assert!((100..200).contains(&b.next_delay().as_millis()));
+    }
+
+    #[test]
+    fn consumers_are_spread_so_no_connection_exceeds_its_channels() {
+        // 1023 consumers (2046 channels) fit on one connection; the next needs a second.
+        assert_eq!(consumer_connections(1, 1023, DEFAULT_CHANNEL_MAX), 1);
+        assert_eq!(consumer_connections(1, 1024, DEFAULT_CHANNEL_MAX), 2);
+        assert_eq!(consumer_connections(1, 5000, DEFAULT_CHANNEL_MAX), 5);
+        // More configured than needed: kept; zero means one.
+        assert_eq!(consumer_connections(8, 10, DEFAULT_CHANNEL_MAX), 8);
+        assert_eq!(consumer_connections(0, 10, DEFAULT_CHANNEL_MAX), 1);
+        // Whatever the count, each connection's share stays within channel_max.
+        for consumers in [1, 1023, 1024, 2047, 2048, 4093, 10_000] {
+            let n = consumer_connections(1, consumers, DEFAULT_CHANNEL_MAX);
+            let busiest = (0..n).map(|slot| consumers_on(slot, n, consumers)).max();
+            assert!(
+                busiest.is_some_and(|c| c * CHANNELS_PER_CONSUMER <= DEFAULT_CHANNEL_MAX),
+                "{consumers} consumers on {n} connections"
+            );
+        }
+    }
+
+    #[test]
+    fn a_broker_allowing_fewer_channels_is_a_clear_start_up_error() {
+        assert!(too_few_channels(2047, 1023, 1023).is_none());
+        let e = too_few_channels(100, 60, 60).map(|e| e.to_string());
+        let e = e.unwrap_or_default();
+        assert!(e.contains("allows 100 channels"), "{e}");
+        assert!(e.contains("60 consumers share one and may need 120"), "{e}");
+        assert!(e.contains("RELIABLE_MQ_CONSUMER_CONNECTIONS"), "{e}");
+        assert!(e.contains("at least 2"), "{e}");
     }
 
     #[test]

@@ -314,6 +314,13 @@ impl ConsumerConfig {
     /// Declare the queue with `x-single-active-consumer`: of all the consumers of the
     /// queue (every instance of the service), one gets its messages, in order, and the
     /// others stand by to take over. Needs `concurrency` 1.
+    ///
+    /// Order holds only until a message fails: a retryable failure (or a held claim) sends
+    /// it through a retry (or requeue) tier, and it comes back behind the messages
+    /// published meanwhile while the consumer goes on with those. The runtime does not
+    /// retry in place, which would stop the queue behind one message for the whole ladder,
+    /// past the broker's `consumer_timeout`. To keep a strict order, retry inside the
+    /// handler (within its `timeout`) and reject when it gives up, or set `max_retries` 0.
     pub fn with_single_active_consumer(mut self) -> Self {
         self.model.single_active_consumer = true;
         self

@@ -38,15 +38,23 @@
 //! | frame and message size limits, the broker's `max_message_size` | a test on RabbitMQ |
 //! | `consumer_timeout`, heartbeats, TLS, credentials, vhosts, permissions | a test on RabbitMQ |
 //! | PRECONDITION_FAILED on a redeclaration with other arguments | a test on RabbitMQ |
-//! | per-message `expiration`, priorities, `x-max-length` and overflow | a test on RabbitMQ |
+//! | priorities, `x-max-length` and overflow | a test on RabbitMQ |
+//! | a TTL of 0 (RabbitMQ hands it to a consumer waiting at that instant or expires it) | a test on RabbitMQ |
 //! | Redis (Cluster, Sentinel) as the dedup store, the store going down | the dedup tests on Redis |
 //!
 //! Modelled: exchanges (direct, topic with `*` and `#`, fanout, headers) and the default
-//! exchange, queues, bindings, dead-letter routing on reject and on `x-message-ttl`
-//! expiry (with `x-death`), `mandatory` returns, publisher confirms and nacks, a missing
-//! exchange (404), prefetch, ack, nack, requeue, the redelivered flag, properties and
-//! headers, a connection loss (unacked deliveries come back redelivered, consumers
-//! reconnect through their usual backoff).
+//! exchange, queues, bindings, dead-letter routing on reject and on expiry (with
+//! `x-death`), `mandatory` returns, publisher confirms and nacks, a missing exchange (404),
+//! an invalid `expiration` (406), prefetch, ack, nack, requeue, the redelivered flag,
+//! properties and headers, a connection loss (unacked deliveries come back redelivered,
+//! consumers reconnect through their usual backoff).
+//!
+//! Expiry is RabbitMQ's: a message lives the lower of its queue's `x-message-ttl` and its
+//! own `expiration`, from when it entered the queue, and keeps that deadline when it is
+//! requeued. It is dropped or dead-lettered only at the head of the queue, so with a queue
+//! TTL alone messages expire in order, each on time, while a short per-message
+//! `expiration` behind a longer one waits for it and leaves with it. An expired message is
+//! never delivered. `tests/conformance.rs` checks both cases against RabbitMQ.
 
 use std::sync::Arc;
 use std::time::Duration;

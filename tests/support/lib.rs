@@ -17,6 +17,8 @@ use reliable_mq::Config;
 pub mod cluster;
 pub mod fault;
 pub mod raw;
+pub mod recording;
+pub mod redis;
 pub mod tls;
 
 /// The broker of this machine (or `AMQP_URL`).

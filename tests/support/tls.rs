@@ -7,6 +7,8 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::redis::{RedisNodes, cli_with, free_ports, wait_for};
+
 /// A directory of PEM files made for one test, removed on drop.
 ///
 /// - `ca.pem`: the test CA; `server.pem`/`server.key`: signed by it for `localhost` and
@@ -204,11 +206,11 @@ fn wait_listening(port: u16) {
 }
 
 /// A private 3-primary Redis Cluster speaking only TLS (clients and cluster bus), with the
-/// server certificate of `certs` and client certificates required. Its nodes are shut
-/// down and its directory removed on drop, even when the test fails.
+/// server certificate of `certs` and client certificates required. Its nodes are killed
+/// and its directory removed on drop, even when the test fails.
 #[derive(Debug)]
 pub struct TlsRedisCluster {
-    dir: PathBuf,
+    nodes: RedisNodes,
     /// The TLS ports of the three primaries.
     pub ports: [u16; 3],
     ca: String,
@@ -219,76 +221,41 @@ pub struct TlsRedisCluster {
 impl TlsRedisCluster {
     /// Start the nodes, create the cluster and wait until every node says it is ok.
     pub fn start(certs: &Certs) -> Self {
-        let ports = cluster_ports();
-        let dir = std::env::temp_dir().join(format!("rmq-tls-cluster-{}", uuid::Uuid::new_v4()));
-        std::fs::create_dir_all(&dir).expect("temp dir");
+        let ports = free_ports(true);
         let cluster = Self {
-            dir,
+            nodes: RedisNodes::new("rmq-tls-cluster", &ports),
             ports,
             ca: certs.path("ca.pem"),
             cert: certs.path("client.pem"),
             key: certs.path("client.key"),
         };
-        for p in ports {
-            let started = Command::new("redis-server")
-                .args([
-                    "--port",
-                    "0",
-                    "--tls-port",
-                    &p.to_string(),
-                    "--bind",
-                    "127.0.0.1",
-                ])
-                .args(["--tls-cert-file", &certs.path("server.pem")])
-                .args(["--tls-key-file", &certs.path("server.key")])
-                .args(["--tls-ca-cert-file", &certs.path("ca.pem")])
-                .args(["--tls-auth-clients", "yes", "--tls-cluster", "yes"])
-                .args(["--cluster-enabled", "yes"])
-                .args(["--cluster-config-file", &format!("nodes-{p}.conf")])
-                .args(["--cluster-node-timeout", "5000"])
-                .arg("--dir")
-                .arg(&cluster.dir)
-                .arg("--pidfile")
-                .arg(cluster.dir.join(format!("{p}.pid")))
-                .arg("--logfile")
-                .arg(cluster.dir.join(format!("{p}.log")))
-                .args(["--save", "", "--appendonly", "no", "--daemonize", "yes"])
-                .status()
-                .expect("redis-server must be installed");
-            assert!(started.success(), "redis-server on port {p} did not start");
-        }
+        let (server, key, ca) = (
+            certs.path("server.pem"),
+            certs.path("server.key"),
+            certs.path("ca.pem"),
+        );
+        cluster.nodes.start_cluster_nodes(Some(&[
+            "--tls-cert-file",
+            &server,
+            "--tls-key-file",
+            &key,
+            "--tls-ca-cert-file",
+            &ca,
+            "--tls-auth-clients",
+            "yes",
+            "--tls-cluster",
+            "yes",
+        ]));
         for p in ports {
             assert!(
-                wait_until(Duration::from_secs(10), || cluster
+                wait_for(Duration::from_secs(10), || cluster
                     .cli(p, &["ping"])
                     .contains("PONG")),
-                "TLS redis node {p} does not answer"
+                "TLS redis node {p} does not answer; log: {}",
+                cluster.nodes.log(p)
             );
         }
-        let nodes: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
-        let out = Command::new("redis-cli")
-            .args(cluster.tls_args())
-            .args(["--cluster", "create"])
-            .args(&nodes)
-            .args(["--cluster-replicas", "0", "--cluster-yes"])
-            .output()
-            .expect("redis-cli must be installed");
-        assert!(
-            out.status.success(),
-            "redis-cli --cluster create failed: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        for p in ports {
-            assert!(
-                wait_until(Duration::from_secs(30), || {
-                    cluster
-                        .cli(p, &["cluster", "info"])
-                        .contains("cluster_state:ok")
-                }),
-                "cluster not ok on node {p}"
-            );
-        }
+        cluster.nodes.create_cluster(&cluster.tls_args());
         cluster
     }
 
@@ -301,62 +268,11 @@ impl TlsRedisCluster {
         .collect()
     }
 
-    /// `redis-cli` over TLS against the node on `port` ("" if it could not run).
+    /// `redis-cli` over TLS, in cluster mode, against the node on `port` ("" if it could
+    /// not run).
     pub fn cli(&self, port: u16, args: &[&str]) -> String {
-        Command::new("redis-cli")
-            .args(self.tls_args())
-            .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-c"])
-            .args(args)
-            .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-            .unwrap_or_default()
-    }
-}
-
-impl Drop for TlsRedisCluster {
-    fn drop(&mut self) {
-        for p in self.ports {
-            let _ = self.cli(p, &["shutdown", "nosave"]);
-            // A node that did not stop still has its pid file: stop the process we
-            // started, by its pid.
-            let pidfile = self.dir.join(format!("{p}.pid"));
-            if !wait_until(Duration::from_secs(5), || !pidfile.exists())
-                && let Ok(pid) = std::fs::read_to_string(&pidfile)
-            {
-                let _ = Command::new("kill").arg(pid.trim()).status();
-            }
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-/// Three consecutive ports `base..base+3` (base in 23000..23900, away from the plain
-/// cluster tests' range) whose ports and cluster bus ports (+10000) are free.
-fn cluster_ports() -> [u16; 3] {
-    for _ in 0..50 {
-        let r = uuid::Uuid::new_v4().as_u128();
-        let base = 23000 + 3 * u16::try_from(r % 300).expect("< 300");
-        let ports = [base, base + 1, base + 2];
-        let free = ports.iter().all(|p| {
-            TcpListener::bind(("127.0.0.1", *p)).is_ok()
-                && TcpListener::bind(("127.0.0.1", *p + 10000)).is_ok()
-        });
-        if free {
-            return ports;
-        }
-    }
-    panic!("no free ports for a Redis Cluster in 23000..23900");
-}
-
-fn wait_until(within: Duration, mut check: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + within;
-    loop {
-        if check() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(100));
+        let mut options = self.tls_args();
+        options.push("-c".into());
+        cli_with(&options, port, args)
     }
 }

@@ -4,16 +4,24 @@
 //!
 //! Modelled: durable exchanges (direct, topic with `*` and `#`, fanout, headers) and the
 //! default exchange; queues and bindings; dead-letter routing (`x-dead-letter-exchange`,
-//! `x-dead-letter-routing-key`) on reject without requeue and on expiry of `x-message-ttl`,
-//! with an `x-death` record; `mandatory` returns; publisher confirms; prefetch, ack, nack,
-//! requeue and the redelivered flag; a connection loss that requeues what was unacked.
+//! `x-dead-letter-routing-key`) on reject without requeue and on expiry, with an `x-death`
+//! record; `mandatory` returns; publisher confirms; prefetch, ack, nack, requeue and the
+//! redelivered flag; a connection loss that requeues what was unacked.
+//!
+//! Expiry follows RabbitMQ's rules for both TTLs: a message lives the lower of the queue's
+//! `x-message-ttl` and its own `expiration` (counted from when it entered the queue, and
+//! kept when it is requeued), and it is only dropped or dead-lettered once it reaches the
+//! head of the queue. With a queue TTL alone every message lives as long, so they expire
+//! in order, each on time; a per-message `expiration` shorter than the one of a message
+//! ahead of it waits behind it and goes with it. An expired message is never delivered.
 //! Time is tokio's: on a paused clock, a retry tier of an hour expires as soon as nothing
 //! else is runnable.
 //!
 //! Not modelled (a green test here proves nothing about these): clustering and failover,
 //! quorum queues' delivery limit and their at-least-once dead-lettering, memory and disk
-//! alarms (blocked connections), frame and message size limits, per-message `expiration`,
-//! priorities, `x-max-length` and overflow, exclusive and auto-delete queues,
+//! alarms (blocked connections), frame and message size limits, the TTL 0 rule (RabbitMQ
+//! hands such a message to a consumer waiting at that instant, else expires it; here it
+//! races the consumer), priorities, `x-max-length` and overflow, exclusive and auto-delete queues,
 //! `consumer_timeout`, channel-level errors other than a missing exchange, and
 //! PRECONDITION_FAILED on redeclaring with other arguments (the last declaration wins).
 
@@ -77,7 +85,15 @@ pub struct StoredMessage {
     pub body: Vec<u8>,
     /// Whether it was delivered before.
     pub redelivered: bool,
-    id: u64,
+    /// When it expires: the lower of the queue's `x-message-ttl` and its `expiration`,
+    /// from when it entered the queue.
+    expires_at: Option<Instant>,
+}
+
+impl StoredMessage {
+    fn expired(&self, now: Instant) -> bool {
+        self.expires_at.is_some_and(|at| at <= now)
+    }
 }
 
 /// Fault injection, each a count of the next operations it applies to.
@@ -100,6 +116,17 @@ struct QueueState {
     unacked: HashMap<u64, (StoredMessage, u64)>,
 }
 
+impl QueueState {
+    /// Take the arguments this broker models: `x-message-ttl`, `x-dead-letter-exchange`
+    /// and `x-dead-letter-routing-key` (the last declaration wins).
+    fn configure(&mut self, args: &FieldTable) {
+        self.ttl = int_arg(args, "x-message-ttl")
+            .map(|ms| Duration::from_millis(u64::try_from(ms).unwrap_or(0)));
+        self.dlx = str_arg(args, "x-dead-letter-exchange");
+        self.dlrk = str_arg(args, "x-dead-letter-routing-key");
+    }
+}
+
 #[derive(Debug)]
 struct Binding {
     exchange: String,
@@ -114,7 +141,6 @@ struct State {
     queues: HashMap<String, QueueState>,
     bindings: Vec<Binding>,
     next_tag: u64,
-    next_id: u64,
     next_subscription: u64,
     /// Bumped by a connection loss: ackers and subscriptions of an older one are dead.
     generation: u64,
@@ -163,11 +189,7 @@ impl MemoryBroker {
                     s.exchanges.insert(name, kind);
                 }
                 Declaration::Queue { name, args } => {
-                    let q = s.queues.entry(name).or_default();
-                    q.ttl = int_arg(&args, "x-message-ttl")
-                        .map(|ms| Duration::from_millis(u64::try_from(ms).unwrap_or(0)));
-                    q.dlx = str_arg(&args, "x-dead-letter-exchange");
-                    q.dlrk = str_arg(&args, "x-dead-letter-routing-key");
+                    s.queues.entry(name).or_default().configure(&args);
                 }
                 Declaration::Bind {
                     queue,
@@ -212,6 +234,17 @@ impl MemoryBroker {
         }
     }
 
+    /// Declare a queue with arguments, as `queue.declare` would, without a binding: of
+    /// its arguments `x-message-ttl`, `x-dead-letter-exchange` and
+    /// `x-dead-letter-routing-key` are modelled, the others ignored.
+    pub fn declare_queue_with_args(&self, queue: &str, args: &FieldTable) {
+        self.state()
+            .queues
+            .entry(queue.to_owned())
+            .or_default()
+            .configure(args);
+    }
+
     /// Publish with `mandatory`, as a confirm-mode channel would: the outcome the
     /// publisher's ledger would have reported for it.
     pub(crate) fn publish(
@@ -226,6 +259,15 @@ impl MemoryBroker {
         if s.faults.fail_publish > 0 {
             s.faults.fail_publish -= 1;
             return Outcome::Failed(None, "connection lost (injected fault)".into());
+        }
+        if let Some(e) = properties.expiration()
+            && per_message_ttl(e.as_str()).is_none()
+        {
+            // RabbitMQ closes the channel with 406; the publisher reopens one.
+            return Outcome::Failed(
+                Some(406),
+                format!("PRECONDITION_FAILED - invalid expiration '{e}'"),
+            );
         }
         if !exchange.is_empty() && !s.exchanges.contains_key(exchange) {
             // RabbitMQ closes the channel with 404; the publisher reopens one.
@@ -276,46 +318,63 @@ impl MemoryBroker {
         properties: &BasicProperties,
         body: &[u8],
     ) {
-        s.next_id += 1;
-        let id = s.next_id;
         let Some(q) = s.queues.get_mut(queue) else {
             return;
         };
+        // The publish checked that an `expiration` parses; a dead-letter copy has none.
+        let own = properties
+            .expiration()
+            .as_ref()
+            .and_then(|e| per_message_ttl(e.as_str()));
+        let ttl = match (q.ttl, own) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let expires_at = ttl.map(|ttl| Instant::now() + ttl);
         q.ready.push_back(StoredMessage {
             exchange: exchange.to_owned(),
             routing_key: routing_key.to_owned(),
             properties: properties.clone(),
             body: body.to_vec(),
             redelivered: false,
-            id,
+            expires_at,
         });
-        if let Some(ttl) = q.ttl {
+        if let Some(at) = expires_at {
+            // Wakes the queue then; it drops only what has reached the head by that time.
             let (broker, queue) = (Arc::downgrade(self), queue.to_owned());
             tokio::spawn(async move {
-                tokio::time::sleep(ttl).await;
+                tokio::time::sleep_until(at).await;
                 if let Some(broker) = broker.upgrade() {
-                    broker.expire(&queue, id);
+                    let mut s = broker.state();
+                    let expired = broker.expire_head(&mut s, &queue);
+                    drop(s);
+                    if expired {
+                        broker.touch();
+                    }
                 }
             });
         }
     }
 
-    /// `x-message-ttl` ran out for message `id` of `queue`: dead-letter it if it still
-    /// waits there.
-    fn expire(self: &Arc<Self>, queue: &str, id: u64) {
-        let mut s = self.state();
-        let Some(q) = s.queues.get_mut(queue) else {
-            return;
-        };
-        let Some(pos) = q.ready.iter().position(|m| m.id == id) else {
-            return;
-        };
-        let Some(message) = q.ready.remove(pos) else {
-            return;
-        };
-        self.dead_letter(&mut s, queue, message, "expired");
-        drop(s);
-        self.touch();
+    /// Dead-letter (or drop) the expired messages at the head of `queue`, up to the first
+    /// one still alive: RabbitMQ looks at the head only, so an expired message behind a
+    /// live one waits for it. Whether anything expired.
+    fn expire_head(self: &Arc<Self>, s: &mut State, queue: &str) -> bool {
+        let now = Instant::now();
+        let mut any = false;
+        loop {
+            let Some(q) = s.queues.get_mut(queue) else {
+                return any;
+            };
+            if !q.ready.front().is_some_and(|m| m.expired(now)) {
+                return any;
+            }
+            let Some(message) = q.ready.pop_front() else {
+                return any;
+            };
+            any = true;
+            self.dead_letter(s, queue, message, "expired");
+        }
     }
 
     /// Route `message` to `queue`'s dead-letter exchange (dropped if it has none, as
@@ -343,6 +402,9 @@ impl MemoryBroker {
         let mut headers = message.properties.headers().clone().unwrap_or_default();
         let mut death = FieldTable::default();
         put(&mut death, "reason", reason);
+        if let Some(e) = message.properties.expiration() {
+            put(&mut death, "original-expiration", e.as_str());
+        }
         put(&mut death, "queue", queue);
         put(&mut death, "exchange", &message.exchange);
         death.insert("count".into(), AMQPValue::LongLongInt(1));
@@ -397,7 +459,7 @@ impl MemoryBroker {
 
     /// Drop every connection: subscriptions end, ackers stop working and every unacked
     /// delivery goes back to its queue, marked redelivered (the consumers reconnect).
-    pub fn drop_connections(&self) {
+    pub fn drop_connections(self: &Arc<Self>) {
         let mut s = self.state();
         s.generation += 1;
         for q in s.queues.values_mut() {
@@ -408,6 +470,11 @@ impl MemoryBroker {
                 m.redelivered = true;
                 q.ready.push_front(m);
             }
+        }
+        // A requeued message keeps its expiry: one that ran out meanwhile goes now.
+        let names: Vec<String> = s.queues.keys().cloned().collect();
+        for name in names {
+            self.expire_head(&mut s, &name);
         }
         drop(s);
         self.touch();
@@ -448,14 +515,14 @@ impl MemoryBroker {
             .unwrap_or_default()
     }
 
-    /// Whether every queue in `consumed` has nothing ready or unacked, and every queue with
-    /// a TTL (the wait tiers) is empty.
+    /// Whether every queue in `consumed` has nothing ready or unacked, and no queue holds a
+    /// message that will expire (the wait tiers, a per-message `expiration`).
     pub(crate) fn is_idle(&self, consumed: &[String]) -> bool {
         let s = self.state();
         s.queues.iter().all(|(name, q)| {
             let busy_consumed =
                 consumed.contains(name) && (!q.ready.is_empty() || !q.unacked.is_empty());
-            let waiting = q.ttl.is_some() && !q.ready.is_empty();
+            let waiting = q.ready.iter().any(|m| m.expires_at.is_some());
             !busy_consumed && !waiting
         })
     }
@@ -491,6 +558,8 @@ impl MemoryBroker {
             None | Some(true) => {
                 message.redelivered = true;
                 q.ready.push_front(message);
+                // It kept its expiry; one that ran out while unacked goes now.
+                self.expire_head(&mut s, queue);
             }
             Some(false) => self.dead_letter(&mut s, queue, message, "rejected"),
         }
@@ -500,8 +569,15 @@ impl MemoryBroker {
     }
 
     /// The next ready message of `queue` for subscription `id`, if its window has room.
-    fn take(&self, queue: &str, id: u64, prefetch: usize) -> Option<(u64, StoredMessage)> {
+    fn take(
+        self: &Arc<Self>,
+        queue: &str,
+        id: u64,
+        prefetch: usize,
+    ) -> Option<(u64, StoredMessage)> {
         let mut s = self.state();
+        // Never deliver an expired message, even if its timer has not fired yet.
+        self.expire_head(&mut s, queue);
         let pick = s.rng.map(|mut x| {
             // xorshift64: reproducible, good enough to shuffle deliveries.
             x ^= x << 13;
@@ -519,7 +595,17 @@ impl MemoryBroker {
         if mine >= prefetch || q.ready.is_empty() {
             return None;
         }
-        let index = pick.map_or(0, |x| (x % q.ready.len() as u64) as usize);
+        let index = match pick {
+            None => 0,
+            // A seeded pick may reach behind the head: never an expired message.
+            Some(x) => {
+                let now = Instant::now();
+                let alive: Vec<usize> = (0..q.ready.len())
+                    .filter(|&i| !q.ready[i].expired(now))
+                    .collect();
+                *alive.get((x % alive.len().max(1) as u64) as usize)?
+            }
+        };
         let message = q.ready.remove(index)?;
         q.unacked.insert(tag, (message.clone(), id));
         Some((tag, message))
@@ -603,6 +689,7 @@ impl Subscription {
                 }
             }
         }
+        self.broker.expire_head(&mut s, &self.queue);
         drop(s);
         self.broker.touch();
     }
@@ -739,6 +826,14 @@ fn strip_expiration(p: BasicProperties) -> BasicProperties {
     out
 }
 
+/// A per-message `expiration` as RabbitMQ reads it: whole milliseconds, as decimal digits.
+fn per_message_ttl(expiration: &str) -> Option<Duration> {
+    if expiration.is_empty() || !expiration.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    expiration.parse().ok().map(Duration::from_millis)
+}
+
 fn put(t: &mut FieldTable, key: &str, value: &str) {
     t.insert(
         ShortString::from(key),
@@ -770,6 +865,88 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn holding(broker: &MemoryBroker, ttl_ms: Option<i64>) {
+        let mut args = FieldTable::default();
+        put(&mut args, "x-dead-letter-exchange", "");
+        put(&mut args, "x-dead-letter-routing-key", "expired");
+        if let Some(ms) = ttl_ms {
+            args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(ms));
+        }
+        broker.declare_queue_with_args("hold", &args);
+        broker.declare_queue("expired", "", "");
+    }
+
+    fn publish(broker: &Arc<MemoryBroker>, body: &str, expiration: Option<&str>) -> Outcome {
+        let mut p = BasicProperties::default();
+        if let Some(e) = expiration {
+            p = p.with_expiration(e.into());
+        }
+        broker.publish(Origin::Test, "", "hold", p, body.as_bytes().to_vec())
+    }
+
+    fn bodies(broker: &MemoryBroker, queue: &str) -> Vec<String> {
+        broker
+            .messages(queue)
+            .iter()
+            .map(|m| String::from_utf8_lossy(&m.body).into_owned())
+            .collect()
+    }
+
+    /// A message requeued after its deadline keeps that deadline: it expires at once,
+    /// it is not delivered again.
+    #[tokio::test(start_paused = true)]
+    async fn a_requeued_message_keeps_its_deadline() {
+        let broker = MemoryBroker::new();
+        holding(&broker, Some(1000));
+        assert!(matches!(publish(&broker, "a", None), Outcome::Confirmed));
+        let sub = broker.subscribe("hold", 1);
+        let d = sub.next().await.expect("delivered before its TTL");
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let Acker::Memory(acker) = d.acker else {
+            panic!("a memory delivery");
+        };
+        assert!(acker.nack(true));
+        assert!(broker.messages("hold").is_empty());
+        assert_eq!(bodies(&broker, "expired"), ["a"]);
+    }
+
+    /// Per-message TTLs expire at the head only; the lower of the queue's and the
+    /// message's own wins.
+    #[tokio::test(start_paused = true)]
+    async fn per_message_ttl_waits_for_the_head() {
+        let broker = MemoryBroker::new();
+        holding(&broker, Some(600));
+        publish(&broker, "long", Some("5000"));
+        publish(&broker, "short", Some("100"));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(bodies(&broker, "hold"), ["long", "short"], "short waits");
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert_eq!(
+            bodies(&broker, "expired"),
+            ["long", "short"],
+            "both at 600 ms"
+        );
+        let death = broker.messages("expired")[0].properties.headers().clone();
+        let death = format!("{death:?}");
+        assert!(death.contains("original-expiration"), "{death}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_invalid_expiration_is_refused_as_rabbitmq_does() {
+        let broker = MemoryBroker::new();
+        holding(&broker, None);
+        for bad in ["", "-1", "1.5", "soon"] {
+            assert!(
+                matches!(
+                    publish(&broker, "x", Some(bad)),
+                    Outcome::Failed(Some(406), _)
+                ),
+                "{bad:?}"
+            );
+        }
+        assert!(broker.messages("hold").is_empty());
+    }
 
     #[test]
     fn topic_wildcards() {
