@@ -168,7 +168,7 @@ network_up() {
   for i in "${NODES[@]}"; do
     local n
     n="$(ns "$i")"
-    ip netns list | grep -qw "^$n" && continue
+    ip netns list | grep -w "^$n" >/dev/null && continue
     ip netns add "$n"
     ip link add "${NAME}-h$i" type veth peer name "${NAME}-v$i"
     ip link set "${NAME}-v$i" netns "$n"
@@ -185,7 +185,7 @@ network_down() {
   for i in "${NODES[@]}"; do
     local n
     n="$(ns "$i")"
-    ip netns list | grep -qw "^$n" || continue
+    ip netns list | grep -w "^$n" >/dev/null || continue
     for pid in $(ip netns pids "$n"); do kill -9 "$pid" 2>/dev/null || true; done
     ip netns del "$n"
     ip link del "${NAME}-h$i" 2>/dev/null || true

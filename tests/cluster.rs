@@ -1,7 +1,12 @@
 //! The cluster suite: a private 3-node RabbitMQ cluster (`scripts/rabbitmq-cluster.sh`,
 //! beside the machine's default node, which it never touches), a consumer process and a
 //! publisher given all three addresses, 3,000 messages per scenario, and a node failing
-//! mid-stream. The checker of `support/fault.rs` counts every message.
+//! mid-stream (killed, stopped and restarted one by one, or cut off by a network
+//! partition). The checker of `support/fault.rs` counts every message.
+//!
+//! The partition scenario runs each node in its own network namespace (root and iproute2;
+//! skipped with its reason without them). `first_publish_after_the_leaders_node_died_is_confirmed`
+//! is the publisher's side of a node failure, without a stream.
 //!
 //! Opt-in with `RELIABLE_MQ_CLUSTER=1` (`.ci/run` sets it): each test starts its own
 //! cluster (20-40 s) and removes it when it ends, also when it fails. The tests share node
