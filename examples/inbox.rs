@@ -17,7 +17,7 @@ use std::time::Duration;
 use reliable_mq::postgres::{InboxTx, Outbox, OutboxRelay};
 use reliable_mq::{App, Delivery, HandlerError, PublishOptions, Publisher, consumer};
 use serde::{Deserialize, Serialize};
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::postgres::PgConnectOptions;
 
 const EXCHANGE: &str = "demo.inbox";
 /// The demo's tables live in a schema of their own, dropped at the end.
@@ -112,9 +112,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .execute(&admin)
         .await?;
     let options: PgConnectOptions = url.parse()?;
-    let pool = PgPoolOptions::new()
+    let pool = reliable_mq::postgres::pool_options()
         .max_connections(8)
-        .acquire_timeout(Duration::from_secs(3))
         .connect_with(options.options([("search_path", SCHEMA)]))
         .await?;
     sqlx::query(
@@ -133,9 +132,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .with_postgres(pool.clone());
     app.migrate().await?;
     println!("reliable-mq demo: exactly once with PostgreSQL\n");
-    let running = app.start().await?;
-    let relay = OutboxRelay::new(pool.clone(), running.publisher().clone())
-        .spawn(running.shutdown_handle());
+    let mut running = app.start().await?;
+    // The relay runs until shutdown, reported in running.health().outbox.
+    running.spawn_outbox_relay(OutboxRelay::new(pool.clone(), running.publisher().clone()));
 
     let publisher = Publisher::from_config(&config).await?;
     let mut batch: Vec<Order> = (1..=6)
@@ -197,8 +196,17 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("  audit table: {audited} rows (events consumed exactly once)");
     println!("  inbox table: {inbox} rows (orders and events handled)");
 
-    running.shutdown().await?;
-    relay.await?;
+    let health = running.health().await;
+    if let Some(outbox) = &health.outbox {
+        println!(
+            "  health: ready {}, outbox relays running {}/{}",
+            health.is_ready(),
+            outbox.relays_running,
+            outbox.relays
+        );
+    }
+
+    running.shutdown().await?; // waits for the relay's batch in hand
     publisher.close().await;
     cleanup(&config.amqp_url).await?;
     sqlx::query(&format!("DROP SCHEMA IF EXISTS {SCHEMA} CASCADE"))

@@ -23,6 +23,8 @@ modes:
             idempotent with RedisStore at concurrency 1 and 16
   inbox     (feature postgres) drain a pre-filled queue with the transactional inbox
             against Redis-idempotent and raw lapin, concurrency 16
+  relay     (feature postgres) outbox relay throughput (published with confirms, marked
+            sent) against Publisher straight, 256 in flight
   latency   publish at a fixed rate with Publisher, measure publish -> handler
             (p50/p90/p99/max), against raw lapin publish -> raw consumer
   rss       peak RSS of a consumer process (slow handler, prefetch 100) with a shallow

@@ -1,12 +1,20 @@
 //! `inbox` mode (feature `postgres`): drain a pre-filled queue with the transactional
 //! inbox (begin, inbox row, commit per message, PostgreSQL on this machine) against the
 //! Redis-idempotent consumer and raw lapin, all at prefetch 100, ours at concurrency 16.
+//! The inbox runs twice: on a pool with sqlx's defaults, and on one from
+//! `reliable_mq::postgres::pool_options()`, which does not ping a connection on every
+//! acquire.
+//!
+//! `relay` mode: the outbox relay's throughput (rows published with confirms and marked
+//! sent per second, batches of 256) against the same messages published straight with
+//! `Publisher`, 256 in flight.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use reliable_mq::postgres::inbox_handler_fn;
-use reliable_mq::{App, Config, ConsumerConfig, HandlerError, handler_fn};
+use reliable_mq::postgres::{Outbox, OutboxRelay, inbox_handler_fn};
+use reliable_mq::{App, Config, ConsumerConfig, HandlerError, Publisher, handler_fn};
+use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 
 use crate::common::{Args, BenchMessage, Raw, Row, median, print_table, rate, unique};
@@ -17,9 +25,15 @@ enum Variant {
     Raw,
     Redis,
     Inbox,
+    InboxNoPing,
 }
 
-const VARIANTS: [Variant; 3] = [Variant::Raw, Variant::Redis, Variant::Inbox];
+const VARIANTS: [Variant; 4] = [
+    Variant::Raw,
+    Variant::Redis,
+    Variant::Inbox,
+    Variant::InboxNoPing,
+];
 const CONCURRENCY: u16 = 16;
 
 impl Variant {
@@ -28,6 +42,7 @@ impl Variant {
             Self::Raw => "raw lapin (manual ack, sequential)",
             Self::Redis => "reliable_mq idempotent (Redis), conc. 16",
             Self::Inbox => "reliable_mq inbox (PostgreSQL), conc. 16",
+            Self::InboxNoPing => "  same, postgres::pool_options() (no ping)",
         }
     }
 }
@@ -36,7 +51,7 @@ fn consumer(queue: &str, variant: Variant, done: Arc<Done>) -> ConsumerConfig {
     let dlx = format!("{queue}.dlx");
     let ttl = Duration::from_secs(600);
     let config = match variant {
-        Variant::Inbox => ConsumerConfig::new(
+        Variant::Inbox | Variant::InboxNoPing => ConsumerConfig::new(
             queue,
             dlx,
             inbox_handler_fn(move |m: BenchMessage, tx| {
@@ -69,8 +84,7 @@ fn consumer(queue: &str, variant: Variant, done: Arc<Done>) -> ConsumerConfig {
 pub async fn run(args: &Args) -> Result<(), String> {
     let n = args.n_or(20_000);
     let reps = args.reps_or(3);
-    let url = std::env::var("DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
+    let url = database_url();
     let schema = unique("bench_inbox").replace('-', "_");
     let admin = sqlx::PgPool::connect(&url)
         .await
@@ -79,13 +93,8 @@ pub async fn run(args: &Args) -> Result<(), String> {
         .execute(&admin)
         .await
         .map_err(|e| e.to_string())?;
-    let options: PgConnectOptions = url.parse().map_err(|e: sqlx::Error| e.to_string())?;
-    let pool = PgPoolOptions::new()
-        .max_connections(u32::from(CONCURRENCY) + 2)
-        .acquire_timeout(Duration::from_secs(5))
-        .connect_with(options.options([("search_path", schema.as_str())]))
-        .await
-        .map_err(|e| e.to_string())?;
+    let pool = open_pool(&url, &schema, true).await?;
+    let pool_no_ping = open_pool(&url, &schema, false).await?;
     reliable_mq::postgres::migrate(&pool)
         .await
         .map_err(|e| e.to_string())?;
@@ -113,7 +122,14 @@ pub async fn run(args: &Args) -> Result<(), String> {
             let filled = raw.fill(&queue, 0, n, args.size).await;
             let drained = match filled {
                 Err(e) => Err(e),
-                Ok(()) => drain(args, &prefix, &pool, &queue, variant, n).await,
+                Ok(()) => {
+                    let pool = if variant == Variant::InboxNoPing {
+                        &pool_no_ping
+                    } else {
+                        &pool
+                    };
+                    drain(args, &prefix, pool, &queue, variant, n).await
+                }
             };
             raw.delete_consumer_topology(&shape).await;
             match drained {
@@ -132,6 +148,7 @@ pub async fn run(args: &Args) -> Result<(), String> {
     }
     let _ = raw.connection.close(200, "bench done".into()).await;
     pool.close().await;
+    pool_no_ping.close().await;
     let _ = sqlx::query(&format!("DROP SCHEMA {schema} CASCADE"))
         .execute(&admin)
         .await;
@@ -149,15 +166,210 @@ pub async fn run(args: &Args) -> Result<(), String> {
         &format!("inbox consume (medians of {reps} reps; prefetch {PREFETCH})"),
         &rows,
     );
-    let (raw_rate, redis, inbox) = (median(&runs[0]), median(&runs[1]), median(&runs[2]));
+    let (raw_rate, redis, inbox, no_ping) = (
+        median(&runs[0]),
+        median(&runs[1]),
+        median(&runs[2]),
+        median(&runs[3]),
+    );
     println!("\nratios (median / median):");
     println!(
         "  inbox / Redis-idempotent   {:.2}x   (target >= 0.50x)",
         inbox / redis
     );
+    println!(
+        "  inbox, no acquire ping / Redis-idempotent   {:.2}x",
+        no_ping / redis
+    );
     println!("  inbox / raw lapin          {:.2}x", inbox / raw_rate);
     println!("  Redis-idempotent / raw     {:.2}x", redis / raw_rate);
     Ok(())
+}
+
+fn database_url() -> String {
+    std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned())
+}
+
+/// A pool on `schema` with a connection per handler and two spare; `ping`: sqlx's
+/// defaults (a check of each connection on acquire, one round trip), else
+/// `postgres::pool_options()`.
+async fn open_pool(url: &str, schema: &str, ping: bool) -> Result<PgPool, String> {
+    let options: PgConnectOptions = url.parse().map_err(|e: sqlx::Error| e.to_string())?;
+    let pool = if ping {
+        PgPoolOptions::new().acquire_timeout(Duration::from_secs(5))
+    } else {
+        reliable_mq::postgres::pool_options()
+    };
+    pool.max_connections(u32::from(CONCURRENCY) + 2)
+        .connect_with(options.options([("search_path", schema)]))
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// Rows per outbox-writing transaction when the relay bench fills the table (untimed).
+const FILL_ROWS_PER_TX: usize = 500;
+/// The relay's batch, and the direct publishes in flight.
+const RELAY_BATCH: u16 = 256;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RelayVariant {
+    Publisher,
+    Relay,
+}
+
+const RELAY_VARIANTS: [RelayVariant; 2] = [RelayVariant::Publisher, RelayVariant::Relay];
+
+impl RelayVariant {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Publisher => "Publisher, 256 in flight",
+            Self::Relay => "OutboxRelay, batches of 256",
+        }
+    }
+}
+
+/// `relay` mode: see the module.
+pub async fn run_relay(args: &Args) -> Result<(), String> {
+    let n = args.n_or(20_000);
+    let reps = args.reps_or(5);
+    let url = database_url();
+    let schema = unique("bench_relay").replace('-', "_");
+    let admin = PgPool::connect(&url).await.map_err(|e| e.to_string())?;
+    sqlx::query(&format!("CREATE SCHEMA {schema}"))
+        .execute(&admin)
+        .await
+        .map_err(|e| e.to_string())?;
+    let pool = open_pool(&url, &schema, true).await?;
+    reliable_mq::postgres::migrate(&pool)
+        .await
+        .map_err(|e| e.to_string())?;
+    let raw = Raw::connect(&args.amqp_url).await?;
+    let queue = unique("bench-relay");
+    raw.declare_durable_queue(&queue).await?;
+    let publisher = Publisher::connect(&args.amqp_url)
+        .await
+        .map_err(|e| e.to_string())?;
+    println!(
+        "relay: {reps} reps x {} variants x {n} persistent {}-byte JSON messages, schema {schema}",
+        RELAY_VARIANTS.len(),
+        args.size
+    );
+    let body = serde_json::json!({ "pad": "x".repeat(args.size.saturating_sub(12)) });
+    let mut runs: Vec<Vec<f64>> = vec![Vec::new(); RELAY_VARIANTS.len()];
+    let mut result = Ok(());
+    'reps: for rep in 0..reps {
+        let mut line = format!("  rep {}:", rep + 1);
+        for k in 0..RELAY_VARIANTS.len() {
+            let i = (k + rep) % RELAY_VARIANTS.len();
+            let variant = RELAY_VARIANTS[i];
+            let timed = match variant {
+                RelayVariant::Publisher => publish_direct(&publisher, &queue, &body, n).await,
+                RelayVariant::Relay => relay_all(&pool, &publisher, &queue, &body, n).await,
+            };
+            let purged = raw.purge(&queue).await;
+            match timed.and_then(|t| purged.map(|()| t)) {
+                Ok(elapsed) => {
+                    let r = rate(n, elapsed);
+                    runs[i].push(r);
+                    line.push_str(&format!(" [{variant:?}] {r:.0}/s"));
+                }
+                Err(e) => {
+                    result = Err(format!("{}: {e}", variant.name()));
+                    break 'reps;
+                }
+            }
+        }
+        println!("{line}");
+    }
+    publisher.close().await;
+    raw.delete_queue(&queue).await;
+    let _ = raw.connection.close(200, "bench done".into()).await;
+    pool.close().await;
+    let _ = sqlx::query(&format!("DROP SCHEMA {schema} CASCADE"))
+        .execute(&admin)
+        .await;
+    result?;
+    let rows: Vec<Row> = RELAY_VARIANTS
+        .iter()
+        .zip(&runs)
+        .map(|(v, r)| Row {
+            name: v.name(),
+            messages: n,
+            runs: r.clone(),
+        })
+        .collect();
+    print_table(&format!("outbox relay (medians of {reps} reps)"), &rows);
+    println!(
+        "\nratio (median / median): relay / Publisher {:.2}x",
+        median(&runs[1]) / median(&runs[0])
+    );
+    Ok(())
+}
+
+/// Publish `n` copies of `body` through `publisher`, `RELAY_BATCH` at a time.
+async fn publish_direct(
+    publisher: &Publisher,
+    queue: &str,
+    body: &serde_json::Value,
+    n: usize,
+) -> Result<Duration, String> {
+    let start = Instant::now();
+    let mut left = n;
+    while left > 0 {
+        let chunk = left.min(usize::from(RELAY_BATCH));
+        let publishes = (0..chunk).map(|_| publisher.publish("", queue, body));
+        for outcome in futures_util::future::join_all(publishes).await {
+            outcome.map_err(|e| e.to_string())?;
+        }
+        left -= chunk;
+    }
+    Ok(start.elapsed())
+}
+
+/// Write `n` outbox rows (untimed), then time the relay's batches until none is left.
+async fn relay_all(
+    pool: &PgPool,
+    publisher: &Publisher,
+    queue: &str,
+    body: &serde_json::Value,
+    n: usize,
+) -> Result<Duration, String> {
+    let mut left = n;
+    while left > 0 {
+        let chunk = left.min(FILL_ROWS_PER_TX);
+        let mut tx = pool.begin().await.map_err(|e| e.to_string())?;
+        for _ in 0..chunk {
+            Outbox::publish(&mut tx, "", queue, body)
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        tx.commit().await.map_err(|e| e.to_string())?;
+        left -= chunk;
+    }
+    let relay = OutboxRelay::new(pool.clone(), publisher.clone()).batch_size(RELAY_BATCH);
+    let start = Instant::now();
+    let mut sent = 0;
+    loop {
+        let batch = relay.relay_batch().await.map_err(|e| e.to_string())?;
+        if batch.taken == 0 {
+            break;
+        }
+        if batch.sent != batch.taken {
+            return Err(format!("batch not all sent: {batch:?}"));
+        }
+        sent += batch.sent;
+    }
+    let elapsed = start.elapsed();
+    if sent != n {
+        return Err(format!("relayed {sent} of {n}"));
+    }
+    // Sent rows would slow the next repetition's scans a little: start each one empty.
+    sqlx::query("TRUNCATE reliable_mq_outbox")
+        .execute(pool)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(elapsed)
 }
 
 async fn drain(

@@ -8,6 +8,7 @@
 //! cargo run --release --example bench -- publish-cancelled [--n 100000] [--window 1000]
 //! cargo run --release --example bench -- consume [--n 50000] [--reps 3]
 //! cargo run --release --example bench --features postgres -- inbox [--n 20000] [--reps 3]
+//! cargo run --release --example bench --features postgres -- relay [--n 20000] [--reps 5]
 //! cargo run --release --example bench -- latency [--rate 1000] [--seconds 10]
 //! cargo run --release --example bench -- rss [--depth-small 100000] [--depth-large 1000000]
 //!                                           [--rss-seconds 5]
@@ -51,6 +52,8 @@ async fn main() {
         "consume" => consume::run(&args).await,
         #[cfg(feature = "postgres")]
         "inbox" => inbox::run(&args).await,
+        #[cfg(feature = "postgres")]
+        "relay" => inbox::run_relay(&args).await,
         "latency" => latency::run(&args).await,
         "many" => many::run(&args).await,
         "rss" => rss::run(&args).await,

@@ -3,13 +3,18 @@
 //! connections, and the time until every consumer has resumed after its connections were
 //! closed from the broker side.
 //!
-//! The broker is shared, so it is never restarted: the "restart" is this process's
+//! The broker is shared, so by default it is never restarted: the "restart" is this process's
 //! connections (found by their connection name) closed by the broker with one
 //! `rabbitmqctl eval` of `rabbit_networking:close_connection/2`, which is what a node
 //! going down does to them from the client's side. The broker's connection memory is the
 //! sum of `connection_readers`, `connection_writers`, `connection_channels` and
 //! `connection_other` in `rabbitmq-diagnostics memory_breakdown`, before start-up and with
 //! the app running: the difference is this app's (other users of the broker add noise).
+//!
+//! `BENCH_RESTART='<stop and start command>'` restarts a real node instead, e.g. a private
+//! node of `scripts/rabbitmq-cluster.sh` (with `AMQP_URL`, `HOME` and `RABBITMQ_NODENAME`
+//! pointing at it, so the `rabbitmqctl` calls here ask that node); the resume clock then
+//! starts when the command returns, with the node back.
 
 use std::time::{Duration, Instant};
 
@@ -120,7 +125,27 @@ async fn measure(args: &Args, name: &str, queues: &[String]) -> Result<(), Strin
     let rss = status_kb("VmRSS");
     let broker = broker_connection_memory_kb();
 
-    let closed = close_connections_named(name);
+    // With BENCH_RESTART (a shell command that stops the node and starts it again), the
+    // node itself restarts; the clock then starts when the node is back. Otherwise this
+    // process's connections are closed from the broker side (a shared broker).
+    let restart = std::env::var("BENCH_RESTART")
+        .ok()
+        .filter(|c| !c.trim().is_empty());
+    let restart_began = Instant::now();
+    let closed = match &restart {
+        Some(cmd) => {
+            let ok = std::process::Command::new("sh")
+                .args(["-c", cmd])
+                .status()
+                .is_ok_and(|s| s.success());
+            format!(
+                "(node restarted by BENCH_RESTART: {}, took {:.2} s)",
+                if ok { "ok" } else { "FAILED" },
+                restart_began.elapsed().as_secs_f64()
+            )
+        }
+        None => close_connections_named(name),
+    };
     let cut = Instant::now();
     let mut resumed = None;
     while cut.elapsed() < Duration::from_secs(120) {

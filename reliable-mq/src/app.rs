@@ -141,8 +141,9 @@ impl App {
     }
 
     /// Use `pool` for `inbox` consumers and the handlers' `State<PgPool>` (feature
-    /// `postgres`). Give it an `acquire_timeout` of a few seconds: while PostgreSQL is
-    /// down, inbox deliveries pause in place and try again at that pace.
+    /// `postgres`). Build it from [`postgres::pool_options`](crate::postgres::pool_options):
+    /// an `acquire_timeout` of a few seconds (while PostgreSQL is down, inbox deliveries
+    /// pause in place and try again at that pace) and no ping per acquire.
     #[cfg(feature = "postgres")]
     pub fn with_postgres(mut self, pool: sqlx::PgPool) -> Self {
         self.states.insert(pool);
@@ -348,6 +349,8 @@ impl App {
             shutdown: self.shutdown,
             publisher,
             dedup,
+            #[cfg(feature = "postgres")]
+            relays: Arc::default(),
         };
         let mut running = running;
         running.wait_attached().await?;
@@ -648,7 +651,14 @@ pub struct RunningApp {
     shutdown: ShutdownHandle,
     publisher: Publisher,
     dedup: Option<Arc<dyn DedupStore>>,
+    /// The outbox relays started by [`RunningApp::spawn_outbox_relay`], for the health.
+    #[cfg(feature = "postgres")]
+    relays: Relays,
 }
+
+/// The states of an app's outbox relays, shared with its health probes.
+#[cfg(feature = "postgres")]
+type Relays = Arc<std::sync::Mutex<Vec<Arc<crate::postgres::RelayState>>>>;
 
 impl std::fmt::Debug for RunningApp {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -673,6 +683,11 @@ pub struct Health {
     pub dedup_up: bool,
     /// Each consumer on its own, in the order they were added.
     pub consumers: Vec<ConsumerHealth>,
+    /// The outbox relays started with [`RunningApp::spawn_outbox_relay`] and their
+    /// backlog, failed rows included (`None` without a relay). Reported, never a reason
+    /// to be unready (see [`OutboxHealth`](crate::postgres::OutboxHealth)).
+    #[cfg(feature = "postgres")]
+    pub outbox: Option<crate::postgres::OutboxHealth>,
 }
 
 /// The state of one consumer, in [`Health`].
@@ -776,6 +791,30 @@ impl RunningApp {
         self.health_probe().health().await
     }
 
+    /// Run `relay` until the app shuts down, with the app's health reporting it
+    /// ([`Health::outbox`]) and [`RunningApp::shutdown`] waiting for its batch in hand.
+    /// Build it on the app's publisher: `OutboxRelay::new(pool, running.publisher().clone())`.
+    ///
+    /// ```no_run
+    /// # async fn demo(pool: sqlx::PgPool, mut running: reliable_mq::RunningApp) {
+    /// use reliable_mq::postgres::OutboxRelay;
+    ///
+    /// running.spawn_outbox_relay(OutboxRelay::new(pool, running.publisher().clone()));
+    /// # }
+    /// ```
+    #[cfg(feature = "postgres")]
+    pub fn spawn_outbox_relay(&mut self, relay: crate::postgres::OutboxRelay) {
+        self.relays
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(relay.state());
+        let shutdown = self.shutdown.clone();
+        self.tasks.spawn(async move {
+            relay.run(shutdown).await;
+            Ok(())
+        });
+    }
+
     /// What [`RunningApp::health`] looks at, detached from the app (for the HTTP
     /// endpoint's tasks).
     pub(crate) fn health_probe(&self) -> HealthProbe {
@@ -783,6 +822,8 @@ impl RunningApp {
             stats: self.stats.clone(),
             publisher: self.publisher.clone(),
             dedup: self.dedup.clone(),
+            #[cfg(feature = "postgres")]
+            relays: Arc::clone(&self.relays),
         }
     }
 }
@@ -793,6 +834,8 @@ pub(crate) struct HealthProbe {
     stats: Vec<ConsumerEntry>,
     publisher: Publisher,
     dedup: Option<Arc<dyn DedupStore>>,
+    #[cfg(feature = "postgres")]
+    relays: Relays,
 }
 
 impl HealthProbe {
@@ -827,6 +870,13 @@ impl HealthProbe {
             .unwrap_or(false),
             dedup_up,
             consumers,
+            #[cfg(feature = "postgres")]
+            outbox: crate::postgres::RelayState::health(
+                &self
+                    .relays
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner),
+            ),
         }
     }
 }

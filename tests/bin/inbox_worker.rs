@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use reliable_mq::postgres::{InboxTx, OutboxRelay};
 use reliable_mq::{App, Config, Delivery, HandlerError, consumer};
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::postgres::PgConnectOptions;
 
 static PASSED: AtomicU64 = AtomicU64::new(0);
 static KILL_AFTER: AtomicU64 = AtomicU64::new(u64::MAX);
@@ -81,7 +81,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let url = std::env::var("DATABASE_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
     let options: PgConnectOptions = url.parse()?;
-    let pool = PgPoolOptions::new()
+    // The recommended pool (no ping per acquire), so the PostgreSQL restart scenario
+    // covers connections found dead by the inbox's own BEGIN.
+    let pool = reliable_mq::postgres::pool_options()
         .max_connections(12)
         .acquire_timeout(Duration::from_secs(2))
         .connect_with(options.options([("search_path", schema.as_str())]))
@@ -92,13 +94,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let app = App::new(config)
         .consumer(apply::SPEC)
         .with_postgres(pool.clone());
-    let running = app.start().await?;
-    let relay = (std::env::var("FAULT_ROLE").is_ok_and(|r| r == "relay")).then(|| {
-        OutboxRelay::new(pool, running.publisher().clone())
-            .batch_size(200)
-            .poll_every(Duration::from_millis(200))
-            .spawn(running.shutdown_handle())
-    });
+    let mut running = app.start().await?;
+    if std::env::var("FAULT_ROLE").is_ok_and(|r| r == "relay") {
+        running.spawn_outbox_relay(
+            OutboxRelay::new(pool, running.publisher().clone())
+                .batch_size(200)
+                .poll_every(Duration::from_millis(200)),
+        );
+    }
     tokio::signal::ctrl_c().await?;
     if let Some(stats) = running.stats("rmq-fault-inbox") {
         eprintln!(
@@ -107,9 +110,6 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         );
     }
     running.shutdown().await?;
-    if let Some(relay) = relay {
-        relay.await?;
-    }
     eprintln!("inbox_worker: clean exit");
     Ok(())
 }

@@ -3,7 +3,8 @@
 //! - `GET /health/live`: 200 while the process serves requests;
 //! - `GET /health/ready`: 200 when every consumer is attached, the publisher connected and
 //!   the dedup store answers, otherwise 503; both with the state as JSON, the 503 with
-//!   the reasons;
+//!   the reasons; with an outbox relay (feature `postgres`), its backlog and failed rows
+//!   (reported, not a reason to be unready);
 //! - `GET /metrics`: the metrics in Prometheus text format (404 when the application
 //!   installed a `metrics` recorder of its own).
 //!
@@ -143,12 +144,32 @@ fn readiness(health: &Health) -> serde_json::Value {
             })
         })
         .collect();
-    json!({
+    #[allow(unused_mut)] // Without `postgres` nothing is added.
+    let mut doc = json!({
         "ready": health.is_ready(),
         "reasons": reasons,
         "consumers_attached": health.consumers_attached,
         "publisher_connected": health.publisher_connected,
         "dedup_up": health.dedup_up,
         "consumers": consumers,
+    });
+    #[cfg(feature = "postgres")]
+    if let Some(outbox) = &health.outbox {
+        doc["outbox"] = outbox_doc(outbox);
+    }
+    doc
+}
+
+/// The outbox part of the readiness document: reported, never a reason to be unready.
+#[cfg(feature = "postgres")]
+fn outbox_doc(outbox: &crate::postgres::OutboxHealth) -> serde_json::Value {
+    let backlog = outbox.backlog;
+    json!({
+        "relays": outbox.relays,
+        "relays_running": outbox.relays_running,
+        "pending": backlog.map(|b| b.pending),
+        "failed": backlog.map(|b| b.failed),
+        "oldest_pending_seconds": backlog.and_then(|b| b.oldest_pending).map(|d| d.as_secs_f64()),
+        "error": outbox.error,
     })
 }

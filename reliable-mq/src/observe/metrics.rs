@@ -102,6 +102,23 @@ pub mod names {
     pub const RETURNED: &str = "reliable_mq_publisher_returned_total";
     /// From handing a publish to the broker to its confirm (histogram, seconds).
     pub const CONFIRM_DURATION: &str = "reliable_mq_publisher_confirm_duration_seconds";
+    /// Outbox rows the relay published, confirmed and marked sent (counter).
+    pub const OUTBOX_PUBLISHED: &str = "reliable_mq_outbox_published_total";
+    /// Outbox rows the relay marked failed (counter; `kind`: `unroutable`, `refused`,
+    /// `nacked`, `too_large`, `invalid`).
+    pub const OUTBOX_FAILED: &str = "reliable_mq_outbox_failed_total";
+    /// Outbox rows left pending for a later try: no confirm, connection trouble (counter).
+    pub const OUTBOX_DEFERRED: &str = "reliable_mq_outbox_deferred_total";
+    /// One relay batch: take, publish, confirms, mark, commit (histogram, seconds).
+    pub const OUTBOX_BATCH_DURATION: &str = "reliable_mq_outbox_batch_duration_seconds";
+    /// Pending outbox rows, as the relay last counted them (gauge).
+    pub const OUTBOX_PENDING: &str = "reliable_mq_outbox_pending";
+    /// Failed outbox rows in the table, as the relay last counted them (gauge).
+    pub const OUTBOX_FAILED_ROWS: &str = "reliable_mq_outbox_failed_rows";
+    /// Age of the oldest pending outbox row, as the relay last looked (gauge, seconds).
+    pub const OUTBOX_OLDEST_PENDING: &str = "reliable_mq_outbox_oldest_pending_seconds";
+    /// Outbox relays running in this process (gauge).
+    pub const OUTBOX_RELAYS: &str = "reliable_mq_outbox_relays_running";
 }
 
 fn describe() {
@@ -129,6 +146,21 @@ fn describe() {
     describe_counter!(NACKED, Unit::Count, "Publishes nacked");
     describe_counter!(RETURNED, Unit::Count, "Publishes returned unroutable");
     describe_histogram!(CONFIRM_DURATION, Unit::Seconds, "Publish to confirm");
+    #[cfg(feature = "postgres")]
+    {
+        describe_counter!(OUTBOX_PUBLISHED, Unit::Count, "Outbox rows published");
+        describe_counter!(OUTBOX_FAILED, Unit::Count, "Outbox rows marked failed");
+        describe_counter!(OUTBOX_DEFERRED, Unit::Count, "Outbox rows left for later");
+        describe_histogram!(OUTBOX_BATCH_DURATION, Unit::Seconds, "One relay batch");
+        describe_gauge!(OUTBOX_PENDING, Unit::Count, "Pending outbox rows");
+        describe_gauge!(OUTBOX_FAILED_ROWS, Unit::Count, "Failed outbox rows");
+        describe_gauge!(
+            OUTBOX_OLDEST_PENDING,
+            Unit::Seconds,
+            "Age of the oldest pending outbox row"
+        );
+        describe_gauge!(OUTBOX_RELAYS, Unit::Count, "Outbox relays running");
+    }
 }
 
 /// The metrics of one consumer: handles registered once, so recording is an atomic
@@ -306,5 +338,42 @@ pub(crate) mod publisher {
     }
     pub(crate) fn returned() {
         metrics::counter!(names::RETURNED).increment(1);
+    }
+}
+
+/// The outbox relay's metrics (no labels but the failure kind: the outbox is one table).
+#[cfg(feature = "postgres")]
+pub(crate) mod outbox {
+    use super::{Timer, names};
+    use std::time::Instant;
+
+    pub(crate) fn batch_started() -> Timer {
+        Timer(Instant::now())
+    }
+    /// A batch committed: its rows are marked as counted here.
+    pub(crate) fn batch_done(t: Timer, sent: usize, deferred: usize) {
+        metrics::histogram!(names::OUTBOX_BATCH_DURATION).record(t.0.elapsed());
+        metrics::counter!(names::OUTBOX_PUBLISHED).increment(sent as u64);
+        metrics::counter!(names::OUTBOX_DEFERRED).increment(deferred as u64);
+    }
+    pub(crate) fn failed(kind: &'static str) {
+        metrics::counter!(names::OUTBOX_FAILED, "kind" => kind).increment(1);
+    }
+    pub(crate) fn rows(pending: i64, failed: i64, oldest_pending_seconds: f64) {
+        metrics::gauge!(names::OUTBOX_PENDING).set(pending as f64);
+        metrics::gauge!(names::OUTBOX_FAILED_ROWS).set(failed as f64);
+        metrics::gauge!(names::OUTBOX_OLDEST_PENDING).set(oldest_pending_seconds);
+    }
+    /// Set from a process-wide count rather than incremented: a relay started before the
+    /// recorder was installed must not leave the gauge at -1 when it stops.
+    pub(crate) fn relay_running(running: bool) {
+        use std::sync::atomic::{AtomicI64, Ordering};
+        static RUNNING: AtomicI64 = AtomicI64::new(0);
+        let now = if running {
+            RUNNING.fetch_add(1, Ordering::Relaxed) + 1
+        } else {
+            RUNNING.fetch_sub(1, Ordering::Relaxed) - 1
+        };
+        metrics::gauge!(names::OUTBOX_RELAYS).set(now as f64);
     }
 }

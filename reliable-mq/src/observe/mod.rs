@@ -12,12 +12,16 @@ pub mod metrics;
 #[cfg(feature = "otel")]
 pub(crate) mod trace;
 
+#[cfg(all(feature = "metrics", feature = "postgres"))]
+pub(crate) use metrics::outbox as outbox_metrics;
 #[cfg(feature = "metrics")]
 pub(crate) use metrics::{ConsumerMetrics, publisher as publish_metrics};
 
 #[cfg(not(feature = "metrics"))]
 pub(crate) use off::{ConsumerMetrics, publish_metrics};
 
+#[cfg(all(not(feature = "metrics"), feature = "postgres"))]
+pub(crate) use off::outbox_metrics;
 #[cfg(not(feature = "otel"))]
 pub(crate) use off::trace;
 
@@ -87,6 +91,24 @@ mod off {
         pub(crate) fn nacked() {}
         #[inline(always)]
         pub(crate) fn returned() {}
+    }
+
+    #[cfg(all(not(feature = "metrics"), feature = "postgres"))]
+    pub(crate) mod outbox_metrics {
+        use super::Nothing;
+
+        #[inline(always)]
+        pub(crate) fn batch_started() -> Nothing {
+            Nothing
+        }
+        #[inline(always)]
+        pub(crate) fn batch_done(_t: Nothing, _sent: usize, _deferred: usize) {}
+        #[inline(always)]
+        pub(crate) fn failed(_kind: &'static str) {}
+        #[inline(always)]
+        pub(crate) fn rows(_pending: i64, _failed: i64, _oldest_pending_seconds: f64) {}
+        #[inline(always)]
+        pub(crate) fn relay_running(_running: bool) {}
     }
 
     #[cfg(not(feature = "otel"))]

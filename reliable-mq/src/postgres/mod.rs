@@ -14,8 +14,10 @@ use std::time::Duration;
 /// for its inbox consumers); how many went.
 pub use inbox::delete_expired as remove_expired_inbox_rows;
 pub use inbox::{InboxFnHandler, InboxTx, inbox_handler_fn};
+pub(crate) use outbox::RelayState;
 pub use outbox::{
-    FailedMessage, Outbox, OutboxError, OutboxMessage, OutboxRelay, OutboxStats, RelayBatch,
+    FailedMessage, Outbox, OutboxBacklog, OutboxError, OutboxHealth, OutboxMessage, OutboxRelay,
+    OutboxStats, RelayBatch,
 };
 pub use sqlx::PgPool;
 
@@ -39,6 +41,30 @@ pub mod seams {
             f();
         }
     }
+}
+
+/// Pool options for the inbox: give up acquiring after 3 s (while PostgreSQL is down,
+/// inbox deliveries pause in place and try again at that pace), and no ping of each
+/// connection on acquire (`test_before_acquire(false)`). sqlx's default ping costs a round
+/// trip per delivery (about a quarter of the inbox's throughput in `BENCHMARKS.md`) and
+/// buys the inbox nothing: a connection found dead by `BEGIN` makes the delivery wait and
+/// try again on another one, nothing is acked. Other code on the same pool then sees the
+/// error of a dead connection once per connection after a database restart, instead of
+/// never. Set `max_connections` to at least the inbox consumers' concurrency, plus what
+/// the rest of the service needs.
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), sqlx::Error> {
+/// let pool = reliable_mq::postgres::pool_options()
+///     .max_connections(20)
+///     .connect("postgres://app@127.0.0.1/shop")
+///     .await?;
+/// # let _ = pool; Ok(()) }
+/// ```
+pub fn pool_options() -> sqlx::postgres::PgPoolOptions {
+    sqlx::postgres::PgPoolOptions::new()
+        .acquire_timeout(Duration::from_secs(3))
+        .test_before_acquire(false)
 }
 
 /// Apply the inbox and outbox schema to `pool`'s database (idempotent: safe on every

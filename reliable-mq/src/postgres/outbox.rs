@@ -8,6 +8,8 @@
 //! transaction rolls back), so they are published again, with the same `message_id`: at
 //! least once, which an inbox or idempotent consumer turns into once.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use lapin::BasicProperties;
@@ -19,6 +21,7 @@ use tracing::{debug, warn};
 
 use super::{is_unavailable, millis};
 use crate::Publisher;
+use crate::observe::outbox_metrics;
 use crate::publisher::PublishError;
 use crate::shutdown::ShutdownHandle;
 
@@ -48,7 +51,9 @@ pub struct Outbox;
 pub struct OutboxMessage {
     /// The `message_id` to publish with (a fresh UUIDv7 when `None`). Unique in the outbox.
     pub message_id: Option<String>,
-    /// A key grouping messages that belong together (an order id), stored for queries.
+    /// A key grouping messages that belong together (an order id). A relay with
+    /// [`OutboxRelay::ordered_per_aggregate`] publishes the messages of one key one at a
+    /// time, in the order they were written; without it the key is only stored.
     pub aggregate_key: Option<String>,
 }
 
@@ -96,6 +101,91 @@ pub struct OutboxStats {
     pub sent: i64,
     /// Given up on; see [`Outbox::failed`].
     pub failed: i64,
+}
+
+/// The relay's backlog: what is waiting and what was given up on (see [`Outbox::backlog`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct OutboxBacklog {
+    /// Rows not yet confirmed by the broker.
+    pub pending: i64,
+    /// Rows given up on, kept until someone looks ([`Outbox::failed`]).
+    pub failed: i64,
+    /// How long the oldest pending row has waited (`None`: nothing pending).
+    pub oldest_pending: Option<Duration>,
+}
+
+/// The outbox as the app's health reports it ([`Health::outbox`](crate::Health::outbox)):
+/// the relays this app runs and the backlog they last counted.
+///
+/// Failed rows and a stopped relay are reported here and in the metrics but do not make
+/// the app unready: a missing binding or a refused exchange is not fixed by taking the
+/// instance out of service, and the rows wait, durable, for [`Outbox::retry_failed`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct OutboxHealth {
+    /// Relays started with [`RunningApp::spawn_outbox_relay`](crate::RunningApp::spawn_outbox_relay).
+    pub relays: usize,
+    /// How many of them are running (a relay stops at shutdown only, or on a panic).
+    pub relays_running: usize,
+    /// The backlog as last counted (every few seconds, and after a batch marked rows
+    /// failed); `None` until the first count succeeds.
+    pub backlog: Option<OutboxBacklog>,
+    /// Why the last batch or count failed (the database does not answer ...); `None`
+    /// after a batch that worked.
+    pub error: Option<String>,
+}
+
+/// What one relay last saw, shared with the app's health probe.
+#[derive(Debug, Default)]
+pub(crate) struct RelayState {
+    running: AtomicBool,
+    backlog: Mutex<Option<OutboxBacklog>>,
+    error: Mutex<Option<String>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl RelayState {
+    fn set_error(&self, error: Option<String>) {
+        *lock(&self.error) = error;
+    }
+
+    /// The health of these relays (one outbox table: their backlogs are the same count,
+    /// the freshest is the one reported).
+    pub(crate) fn health(relays: &[Arc<RelayState>]) -> Option<OutboxHealth> {
+        if relays.is_empty() {
+            return None;
+        }
+        Some(OutboxHealth {
+            relays: relays.len(),
+            relays_running: relays
+                .iter()
+                .filter(|r| r.running.load(Ordering::Relaxed))
+                .count(),
+            backlog: relays.iter().find_map(|r| *lock(&r.backlog)),
+            error: relays.iter().find_map(|r| lock(&r.error).clone()),
+        })
+    }
+}
+
+/// Marks a relay stopped however its task ends (shutdown, or a panic unwinding).
+struct Running(Arc<RelayState>);
+
+impl Running {
+    fn new(state: Arc<RelayState>) -> Self {
+        state.running.store(true, Ordering::Relaxed);
+        outbox_metrics::relay_running(true);
+        Self(state)
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.running.store(false, Ordering::Relaxed);
+        outbox_metrics::relay_running(false);
+    }
 }
 
 impl Outbox {
@@ -203,6 +293,26 @@ impl Outbox {
             failed: row.try_get("failed")?,
         })
     }
+
+    /// Pending and failed rows and the age of the oldest pending one. Reads only the
+    /// partial indexes of pending and failed rows (unlike [`Outbox::stats`], which counts
+    /// the sent rows too): cheap enough for a health probe while the backlog is small.
+    pub async fn backlog(pool: &PgPool) -> Result<OutboxBacklog, sqlx::Error> {
+        let row = sqlx::query(
+            "SELECT (SELECT count(*) FROM reliable_mq_outbox WHERE status = 'pending') AS pending, \
+                    (SELECT count(*) FROM reliable_mq_outbox WHERE status = 'failed') AS failed, \
+                    (SELECT (extract(epoch FROM clock_timestamp() - min(created_at)) * 1000)::int8 \
+                       FROM reliable_mq_outbox WHERE status = 'pending') AS oldest_ms",
+        )
+        .fetch_one(pool)
+        .await?;
+        let oldest_ms: Option<i64> = row.try_get("oldest_ms")?;
+        Ok(OutboxBacklog {
+            pending: row.try_get("pending")?,
+            failed: row.try_get("failed")?,
+            oldest_pending: oldest_ms.map(|ms| Duration::from_millis(ms.max(0).unsigned_abs())),
+        })
+    }
 }
 
 /// Publishes pending outbox rows through a confirmed [`Publisher`] and marks them sent
@@ -223,6 +333,9 @@ pub struct OutboxRelay {
     poll_every: Duration,
     retention: Duration,
     retry_delay: Duration,
+    count_every: Duration,
+    ordered_per_aggregate: bool,
+    state: Arc<RelayState>,
 }
 
 /// What one batch did.
@@ -249,7 +362,38 @@ impl OutboxRelay {
             poll_every: Duration::from_secs(1),
             retention: Duration::from_secs(24 * 3600),
             retry_delay: Duration::from_secs(1),
+            count_every: Duration::from_secs(5),
+            ordered_per_aggregate: false,
+            state: Arc::default(),
         }
+    }
+
+    /// Publish the rows of one [`aggregate_key`](OutboxMessage::aggregate_key) one at a
+    /// time, in `id` order (the order they were written): a row waits while an earlier
+    /// pending row of its key is being published by any relay, or waits for a retry.
+    /// Rows without a key are not held back. A row marked failed no longer holds the
+    /// later ones back (it waits for [`Outbox::retry_failed`], out of order).
+    ///
+    /// Set it on every relay of the table (one relay without it publishes out of order).
+    /// The order is the order of `id`s, which is the commit order for the writes of one
+    /// aggregate when the writing transactions lock the aggregate (an `UPDATE` of its
+    /// row) before writing to the outbox. Cost: an aggregate publishes one message per
+    /// batch round trip (a few milliseconds) instead of a batch at a time.
+    pub fn ordered_per_aggregate(mut self, ordered: bool) -> Self {
+        self.ordered_per_aggregate = ordered;
+        self
+    }
+
+    /// How often the backlog is counted for the health and the gauges (every 5 s by
+    /// default, and after a batch that marked rows failed).
+    pub fn count_every(mut self, every: Duration) -> Self {
+        self.count_every = every;
+        self
+    }
+
+    /// The state the app's health reads.
+    pub(crate) fn state(&self) -> Arc<RelayState> {
+        Arc::clone(&self.state)
     }
 
     /// Rows taken (and locked) per batch; all of a batch's publishes are in flight at once.
@@ -280,9 +424,11 @@ impl OutboxRelay {
     /// notification or the poll interval. Database or broker trouble is logged and tried
     /// again; nothing is lost (the rows stay pending).
     pub async fn run(self, shutdown: ShutdownHandle) {
+        let _running = Running::new(Arc::clone(&self.state));
         let mut signal = shutdown.signal();
         let mut listener: Option<PgListener> = None;
         let mut last_clean_up = tokio::time::Instant::now();
+        let mut last_count: Option<tokio::time::Instant> = None;
         let mut trouble = crate::connection::Backoff::new(Duration::from_secs(5));
         loop {
             if signal.is_triggered() {
@@ -294,12 +440,26 @@ impl OutboxRelay {
             let more = match self.relay_batch().await {
                 Ok(batch) => {
                     trouble.reset();
+                    self.state.set_error(None);
                     if batch.taken > 0 {
                         debug!(?batch, "outbox batch relayed");
                     }
-                    batch.taken as i64 == self.batch_size
+                    let count_due = last_count.is_none_or(|at| at.elapsed() >= self.count_every);
+                    if batch.failed > 0 || count_due {
+                        last_count = Some(tokio::time::Instant::now());
+                        self.count().await;
+                    }
+                    // Ordered, a row's successor becomes eligible only once its batch
+                    // committed: any progress may have left more to take at once.
+                    if self.ordered_per_aggregate {
+                        batch.taken > 0
+                    } else {
+                        batch.taken as i64 == self.batch_size
+                    }
                 }
                 Err(e) => {
+                    self.state
+                        .set_error(Some(format!("cannot relay the outbox: {e}")));
                     let delay = trouble.next_delay();
                     warn!(error = %e, ?delay, "outbox relay cannot read the outbox; trying again");
                     tokio::select! {
@@ -335,6 +495,25 @@ impl OutboxRelay {
         }
     }
 
+    /// Count the backlog for the health and the gauges.
+    async fn count(&self) {
+        match Outbox::backlog(&self.pool).await {
+            Ok(backlog) => {
+                outbox_metrics::rows(
+                    backlog.pending,
+                    backlog.failed,
+                    backlog.oldest_pending.map_or(0.0, |d| d.as_secs_f64()),
+                );
+                *lock(&self.state.backlog) = Some(backlog);
+            }
+            Err(e) => {
+                debug!(error = %e, "cannot count the outbox backlog now");
+                self.state
+                    .set_error(Some(format!("cannot count the outbox backlog: {e}")));
+            }
+        }
+    }
+
     async fn listen(&self) -> Option<PgListener> {
         let mut listener = PgListener::connect_with(&self.pool).await.ok()?;
         listener.listen(CHANNEL).await.ok()?;
@@ -343,15 +522,27 @@ impl OutboxRelay {
 
     /// Take one batch of pending rows, publish them all, mark each by its outcome.
     pub async fn relay_batch(&self) -> Result<RelayBatch, sqlx::Error> {
+        let timer = outbox_metrics::batch_started();
         let mut tx = self.pool.begin().await?;
-        let rows = sqlx::query(
+        let select = if self.ordered_per_aggregate {
+            // The oldest pending row of each key only: a row whose key has an earlier
+            // pending row waits, whether that row is locked by another relay's batch
+            // (skipped below, but still pending in this snapshot) or waits for a retry.
+            "SELECT id, message_id, exchange, routing_key, body FROM reliable_mq_outbox o \
+             WHERE status = 'pending' AND next_attempt_at <= now() \
+             AND (aggregate_key IS NULL OR NOT EXISTS ( \
+                 SELECT 1 FROM reliable_mq_outbox e WHERE e.aggregate_key = o.aggregate_key \
+                 AND e.status = 'pending' AND e.id < o.id)) \
+             ORDER BY id LIMIT $1 FOR UPDATE OF o SKIP LOCKED"
+        } else {
             "SELECT id, message_id, exchange, routing_key, body FROM reliable_mq_outbox \
              WHERE status = 'pending' AND next_attempt_at <= now() \
-             ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
-        )
-        .bind(self.batch_size)
-        .fetch_all(&mut *tx)
-        .await?;
+             ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED"
+        };
+        let rows = sqlx::query(select)
+            .bind(self.batch_size)
+            .fetch_all(&mut *tx)
+            .await?;
         let mut batch = RelayBatch {
             taken: rows.len(),
             ..RelayBatch::default()
@@ -382,34 +573,39 @@ impl OutboxRelay {
         #[cfg(feature = "testing")]
         crate::postgres::seams::fire(&crate::postgres::seams::RELAY_BEFORE_MARK);
         let mut sent = Vec::new();
+        let mut failed_kinds = Vec::new();
         for (id, outcome) in outcomes {
-            match outcome {
-                Ok(()) => sent.push(id),
-                Err(e) if gives_up(&e) => {
-                    warn!(id, error = %e, "outbox message failed for good; marked failed");
-                    sqlx::query(
-                        "UPDATE reliable_mq_outbox SET status = 'failed', failed_reason = $2, \
-                         attempts = attempts + 1 WHERE id = $1",
-                    )
-                    .bind(id)
-                    .bind(e.to_string())
-                    .execute(&mut *tx)
-                    .await?;
-                    batch.failed += 1;
+            let e = match outcome {
+                Ok(()) => {
+                    sent.push(id);
+                    continue;
                 }
-                Err(e) => {
-                    debug!(id, error = %e, "outbox message not confirmed; left pending");
-                    sqlx::query(
-                        "UPDATE reliable_mq_outbox SET attempts = attempts + 1, \
-                         next_attempt_at = now() + make_interval(secs => $2::float8 / 1000) \
-                         WHERE id = $1",
-                    )
-                    .bind(id)
-                    .bind(millis(self.retry_delay) as f64)
-                    .execute(&mut *tx)
-                    .await?;
-                    batch.deferred += 1;
-                }
+                Err(e) => e,
+            };
+            if let Some(kind) = gives_up(&e) {
+                warn!(id, error = %e, "outbox message failed for good; marked failed");
+                sqlx::query(
+                    "UPDATE reliable_mq_outbox SET status = 'failed', failed_reason = $2, \
+                     attempts = attempts + 1 WHERE id = $1",
+                )
+                .bind(id)
+                .bind(e.to_string())
+                .execute(&mut *tx)
+                .await?;
+                failed_kinds.push(kind);
+                batch.failed += 1;
+            } else {
+                debug!(id, error = %e, "outbox message not confirmed; left pending");
+                sqlx::query(
+                    "UPDATE reliable_mq_outbox SET attempts = attempts + 1, \
+                     next_attempt_at = now() + make_interval(secs => $2::float8 / 1000) \
+                     WHERE id = $1",
+                )
+                .bind(id)
+                .bind(millis(self.retry_delay) as f64)
+                .execute(&mut *tx)
+                .await?;
+                batch.deferred += 1;
             }
         }
         if !sent.is_empty() {
@@ -425,6 +621,11 @@ impl OutboxRelay {
         // A failed commit leaves the rows pending: they are published again (same
         // message_id), which consumers deduplicate.
         tx.commit().await?;
+        // Counted once committed: a batch rolled back is published again, and counted then.
+        outbox_metrics::batch_done(timer, batch.sent, batch.deferred);
+        for kind in failed_kinds {
+            outbox_metrics::failed(kind);
+        }
         Ok(batch)
     }
 
@@ -450,15 +651,15 @@ impl OutboxRelay {
 /// How often the relay removes sent rows past their retention.
 const CLEAN_UP_EVERY: Duration = Duration::from_secs(60);
 
-/// Whether publishing again cannot help: the broker answered, and the answer is no.
-fn gives_up(e: &PublishError) -> bool {
-    matches!(
-        e,
-        PublishError::Unroutable { .. }
-            | PublishError::Refused { .. }
-            | PublishError::Nacked { .. }
-            | PublishError::TooLarge { .. }
-            | PublishError::Invalid { .. }
-            | PublishError::Serialize(_)
-    )
+/// Whether publishing again cannot help (the broker answered, and the answer is no), and
+/// if so the failure's kind for the metrics.
+fn gives_up(e: &PublishError) -> Option<&'static str> {
+    match e {
+        PublishError::Unroutable { .. } => Some("unroutable"),
+        PublishError::Refused { .. } => Some("refused"),
+        PublishError::Nacked { .. } => Some("nacked"),
+        PublishError::TooLarge { .. } => Some("too_large"),
+        PublishError::Invalid { .. } | PublishError::Serialize(_) => Some("invalid"),
+        _ => None,
+    }
 }

@@ -7,7 +7,8 @@
 //!
 //! A nack, a confirm timeout or a lost connection is retried with a short, growing backoff
 //! under the same `message_id` (the consumer's dedup absorbs the duplicate), at most
-//! [`Config::publish_retries`] times; an unroutable message, a refused exchange, an
+//! [`Config::publish_retries`] times, after a nack on a fresh channel (a RabbitMQ channel
+//! can keep nacking a quorum queue whose leader's node died; see `judge`); an unroutable message, a refused exchange, an
 //! oversized body or a blocked broker is not, since trying again cannot help.
 //!
 //! From inside a handler, [`Delivery::publisher`](crate::Delivery::publisher) hands out
@@ -973,14 +974,25 @@ impl Publisher {
     }
 }
 
-/// What one attempt's outcome means, on either transport. With the error: for a failed
-/// channel or connection, whether the connection can be kept (only the channel was
-/// refused) or must be replaced.
+/// What one attempt's outcome means, on either transport. With the error: whether the
+/// next attempt needs a new channel, and if so whether the connection can be kept (only
+/// the channel was refused, or it nacked) or must be replaced.
+///
+/// A nack moves the next attempt to a fresh channel on the same connection. RabbitMQ
+/// keeps per-channel state for each quorum queue a channel publishes to, set up at the
+/// channel's first publish to it from the queue's record; when the record still names a
+/// leader whose node just died (the new leader has not updated it yet, for about half a
+/// second), 3.10 nacks that publish and keeps the state, so the channel nacks every later
+/// publish to that queue until the dead node is back, however long it stays down (a
+/// rolling restart's stopped node, a crash). A new channel starts from the current record.
+/// For other nacks (a full queue with `reject-publish`) the new channel costs two round
+/// trips, at most once per nacked channel; publishes in flight on the old one settle there
+/// and it closes when they are done.
 fn judge(outcome: Outcome) -> Result<(), (AttemptError, Option<bool>)> {
     match outcome {
         Outcome::Confirmed => Ok(()),
         Outcome::Returned(code, reply) => Err((AttemptError::Unroutable(code, reply), None)),
-        Outcome::Nacked => Err((AttemptError::Nacked, None)),
+        Outcome::Nacked => Err((AttemptError::Nacked, Some(true))),
         Outcome::TimedOut => Err((AttemptError::Timeout, None)),
         Outcome::Failed(code, reason) => {
             // A refusal closes only the channel: keep the connection for the next one.
