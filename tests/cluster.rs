@@ -1,7 +1,12 @@
 //! The cluster suite: a private 3-node RabbitMQ cluster (`scripts/rabbitmq-cluster.sh`,
 //! beside the machine's default node, which it never touches), a consumer process and a
 //! publisher given all three addresses, 3,000 messages per scenario, and a node failing
-//! mid-stream. The checker of `support/fault.rs` counts every message.
+//! mid-stream (killed, stopped and restarted one by one, or cut off by a network
+//! partition). The checker of `support/fault.rs` counts every message.
+//!
+//! The partition scenario runs each node in its own network namespace (root and iproute2;
+//! skipped with its reason without them). `first_publish_after_the_leaders_node_died_is_confirmed`
+//! is the publisher's side of a node failure, without a stream.
 //!
 //! Opt-in with `RELIABLE_MQ_CLUSTER=1` (`.ci/run` sets it): each test starts its own
 //! cluster (20-40 s) and removes it when it ends, also when it fails. The tests share node
@@ -92,28 +97,56 @@ impl Ctx {
     }
 }
 
+/// One scenario's stream and set-up.
+struct Scenario<'a> {
+    /// In the queue's name.
+    slug: &'a str,
+    /// In the report.
+    name: &'a str,
+    /// A quorum queue (else classic).
+    quorum: bool,
+    /// Messages per second.
+    rate: u32,
+    /// Work per message in the consumer process.
+    handler_ms: u64,
+    /// Publishes that must be confirmed.
+    min_confirmed: usize,
+    /// Each node in its own network namespace, so that one can be cut off; the consumer
+    /// process and the publisher then use a 5 s heartbeat, so that they notice a silent
+    /// node within seconds rather than the default 20 s heartbeat's 40.
+    partitionable: bool,
+}
+
+/// The AMQP heartbeat of the partition scenario's clients.
+const PARTITION_HEARTBEAT: Duration = Duration::from_secs(5);
+
 /// Run one scenario on a fresh cluster: a consumer process (a quorum or a classic queue,
 /// `handler_ms` of work per message) and `rate` messages per second, `fault` mid-stream
 /// (it returns the time to resume), then settle and check.
-async fn run<F, Fut>(
-    slug: &str,
-    name: &str,
-    quorum: bool,
-    rate: u32,
-    handler_ms: u64,
-    min_confirmed: usize,
-    fault: F,
-) -> Report
+async fn run<F, Fut>(scenario: Scenario<'_>, fault: F) -> Report
 where
     F: FnOnce(Ctx) -> Fut,
     Fut: Future<Output = Option<Duration>>,
 {
+    let Scenario {
+        slug,
+        name,
+        quorum,
+        rate,
+        handler_ms,
+        min_confirmed,
+        partitionable,
+    } = scenario;
     init_tracing();
     let _serial = CLUSTER_LOCK.lock().await;
     let queue = unique(&format!("cluster-{slug}"));
     // The broker objects go with the cluster's data; only the Redis keys need cleaning.
     let _cleanup = Cleanup::default().redis_keys(&format!("reliable-mq:/:{queue}"));
-    let cluster = Arc::new(Cluster::start());
+    let cluster = Arc::new(if partitionable {
+        Cluster::start_partitionable()
+    } else {
+        Cluster::start()
+    });
     let broker = cluster.broker().await.expect("a cluster node accepts");
     let log = log_path(&queue);
     let conn_name = format!("fault-{queue}");
@@ -126,10 +159,16 @@ where
         idempotent: true,
     };
     let queue_type = if quorum { "quorum" } else { "classic" };
-    let env = [
-        ("AMQP_URL", Cluster::url()),
+    let mut env = vec![
+        ("AMQP_URL", cluster.url()),
         ("FAULT_QUEUE_TYPE", queue_type.to_owned()),
     ];
+    if partitionable {
+        env.push((
+            "RELIABLE_MQ_HEARTBEAT",
+            format!("{}s", PARTITION_HEARTBEAT.as_secs()),
+        ));
+    }
     let worker = Worker::spawn_with_env(&options, &env);
     assert!(
         eventually(Duration::from_secs(60), || broker.queue_exists(&queue)).await,
@@ -168,10 +207,13 @@ where
         );
     }
 
-    let config = test_config(&queue)
-        .with_amqp_url(Cluster::url())
+    let mut config = test_config(&queue)
+        .with_amqp_url(cluster.url())
         .with_publish_retries(120)
         .with_connection_name(format!("fault-producer-{queue}"));
+    if partitionable {
+        config = config.with_heartbeat(PARTITION_HEARTBEAT);
+    }
     let publisher = Publisher::from_config(&config).await.expect("publisher");
     let producer = {
         let (publisher, queue, ledger) =
@@ -227,12 +269,15 @@ async fn quorum_leader_node_killed_mid_stream() {
         return;
     }
     run(
-        "leader",
-        "quorum leader's node killed",
-        true,
-        300,
-        2,
-        MESSAGES / 2,
+        Scenario {
+            slug: "leader",
+            name: "quorum leader's node killed",
+            quorum: true,
+            rate: 300,
+            handler_ms: 2,
+            min_confirmed: MESSAGES / 2,
+            partitionable: false,
+        },
         |ctx| async move {
             let consumer = ctx.consumer_node().expect("consumer node");
             let leader = ctx.cluster.leader(&ctx.queue).expect("leader");
@@ -252,12 +297,15 @@ async fn consumer_node_killed_mid_stream() {
         return;
     }
     run(
-        "consumer-node",
-        "consumer's node killed",
-        true,
-        300,
-        2,
-        MESSAGES / 2,
+        Scenario {
+            slug: "consumer-node",
+            name: "consumer's node killed",
+            quorum: true,
+            rate: 300,
+            handler_ms: 2,
+            min_confirmed: MESSAGES / 2,
+            partitionable: false,
+        },
         |ctx| async move {
             let consumer = ctx.consumer_node().expect("consumer node");
             assert!(ctx.cluster.kill(consumer), "killed node {consumer}");
@@ -279,28 +327,17 @@ async fn rolling_restart_of_every_node() {
     if !reliable_mq_tests::cluster_enabled("rolling_restart_of_every_node") {
         return;
     }
-    // KNOWN FAILURE, open in issue 16: since consumers share one connection (and the
-    // topology is declared on it, so a quorum queue's leader starts on the consumer's
-    // node), this scenario does not resume within 90 s after the consumer's node stops.
-    // It passed before that change (RELIABILITY.md). Until it is fixed it runs only when
-    // asked for, and says so on every run.
-    if std::env::var("RELIABLE_MQ_CLUSTER_ROLLING").as_deref() != Ok("1") {
-        use std::io::Write as _;
-        let _ = writeln!(
-            std::io::stderr(),
-            "skipped rolling_restart_of_every_node: known failure since consumers share a \
-             connection (issue 16); set RELIABLE_MQ_CLUSTER_ROLLING=1 to run it"
-        );
-        return;
-    }
     // A slower stream (50 s), so that it lasts through the three restarts.
     run(
-        "rolling",
-        "rolling restart",
-        true,
-        60,
-        2,
-        MESSAGES / 2,
+        Scenario {
+            slug: "rolling",
+            name: "rolling restart",
+            quorum: true,
+            rate: 60,
+            handler_ms: 2,
+            min_confirmed: MESSAGES / 2,
+            partitionable: false,
+        },
         |ctx| async move {
             // The longest resumption over the restarts that happened mid-stream (at least
             // the first two; the stream is long enough for all three on an idle machine).
@@ -318,7 +355,12 @@ async fn rolling_restart_of_every_node() {
                 assert!(ctx.cluster.stop(node), "stopped node {node}");
                 if mid_stream {
                     let resume = ctx.resume_from_now().await;
-                    assert!(resume.is_some(), "resumed after stopping node {node}");
+                    assert!(
+                        resume.is_some(),
+                        "resumed after stopping node {node}; {}",
+                        ctx.cluster.describe(&ctx.queue)
+                    );
+                    eprintln!("rolling restart: node {node} stopped, resumed in {resume:?}");
                     worst = worst.max(resume);
                     measured += 1;
                 }
@@ -327,6 +369,74 @@ async fn rolling_restart_of_every_node() {
             eprintln!("rolling restart: {measured} of 3 restarts mid-stream");
             assert!(measured >= 2, "the stream outlasted two restarts");
             worst
+        },
+    )
+    .await;
+}
+
+/// A network partition: the consumer's node is cut off from its peers and from every
+/// client (the host end of its veth pair goes down: no reset, its packets just stop) for
+/// 20 s, then connected again. Its side is the minority, so it pauses itself
+/// (`pause_minority`, about 10 s after the cut with a 10 s `net_ticktime`); the two
+/// others keep the quorum queue's leader (never on the consumer's node here) and go on.
+/// The consumer notices the silence by its heartbeat and reconnects to a node of the
+/// majority; after the heal the cut node rejoins and its queue member catches up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumer_node_partitioned_then_healed() {
+    if !reliable_mq_tests::cluster_enabled("consumer_node_partitioned_then_healed") {
+        return;
+    }
+    if let Some(why) = reliable_mq_tests::cluster::netns_unavailable() {
+        use std::io::Write as _;
+        let _ = writeln!(
+            std::io::stderr(),
+            "skipped consumer_node_partitioned_then_healed: {why}"
+        );
+        return;
+    }
+    // A 50 s stream, so that it lasts through the 20 s cut and the reconnect.
+    run(
+        Scenario {
+            slug: "partition",
+            name: "consumer's node cut off 20 s (network partition), then healed",
+            quorum: true,
+            rate: 60,
+            handler_ms: 2,
+            min_confirmed: MESSAGES / 2,
+            partitionable: true,
+        },
+        |ctx| async move {
+            const CUT_FOR: Duration = Duration::from_secs(20);
+            let consumer = ctx.consumer_node().expect("consumer node");
+            let leader = ctx.cluster.leader(&ctx.queue).expect("leader");
+            assert_ne!(leader, consumer, "leader and consumer on different nodes");
+            assert!(ctx.cluster.partition(consumer), "cut node {consumer} off");
+            let cut = Instant::now();
+            let resume = ctx.resume_from_now().await;
+            eprintln!("partition: node {consumer} cut off, resumed in {resume:?}");
+            let moved = ctx.consumer_node();
+            assert!(
+                moved.is_some_and(|n| n != consumer),
+                "the consumer reconnected to a node of the majority: {moved:?}"
+            );
+            tokio::time::sleep(CUT_FOR.saturating_sub(cut.elapsed())).await;
+            assert!(
+                ctx.cluster.heal(consumer),
+                "node {consumer} connected again"
+            );
+            let healed = Instant::now();
+            assert!(
+                ctx.cluster
+                    .await_members(&ctx.queue, Duration::from_secs(120))
+                    .await,
+                "node {consumer} rejoined and its queue member is online; {}",
+                ctx.cluster.describe(&ctx.queue)
+            );
+            eprintln!(
+                "partition: node {consumer} rejoined {:?} after the heal",
+                healed.elapsed()
+            );
+            resume
         },
     )
     .await;
@@ -345,18 +455,21 @@ async fn classic_queue_node_stopped_until_it_returns() {
         return;
     }
     run(
-        "classic",
-        "classic queue's node down 10 s",
-        false,
-        600,
-        20,
-        MESSAGES / 4,
+        Scenario {
+            slug: "classic",
+            name: "classic queue's node down 10 s",
+            quorum: false,
+            rate: 600,
+            handler_ms: 20,
+            min_confirmed: MESSAGES / 4,
+            partitionable: false,
+        },
         |ctx| async move {
             let home = ctx.cluster.leader(&ctx.queue).expect("the queue's node");
             assert!(ctx.cluster.kill(home), "killed node {home}");
             let other = if home == 1 { 2 } else { 1 };
             let conn = lapin::Connection::connect(
-                &Cluster::url_of(other),
+                &ctx.cluster.url_of(other),
                 lapin::ConnectionProperties::default(),
             )
             .await
@@ -395,4 +508,90 @@ async fn classic_queue_node_stopped_until_it_returns() {
         },
     )
     .await;
+}
+
+/// A publisher whose channel first publishes to a quorum queue just after the node of the
+/// queue's leader died. RabbitMQ 3.10 sets up the channel's side of the queue on that first
+/// publish, from the queue's record, which still names the dead node as leader until the
+/// new leader has updated it: the check it makes on that node fails, the publish is
+/// nacked, and the channel keeps that state, so every later publish on the same channel
+/// is nacked too, until the dead node comes back. Only a new channel recovers: after a
+/// nack the publisher retries on a fresh channel (same connection). Publishers start one
+/// every 100 ms from the kill, each on its own connection to a node that stays up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_publish_after_the_leaders_node_died_is_confirmed() {
+    if !reliable_mq_tests::cluster_enabled("first_publish_after_the_leaders_node_died_is_confirmed")
+    {
+        return;
+    }
+    init_tracing();
+    let _serial = CLUSTER_LOCK.lock().await;
+    let queue = unique("cluster-first-publish");
+    let cluster = Cluster::start();
+    let broker = cluster.broker().await.expect("a cluster node accepts");
+    let mut args = lapin::types::FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        lapin::types::AMQPValue::LongString("quorum".into()),
+    );
+    broker
+        .channel
+        .queue_declare(
+            queue.as_str().into(),
+            lapin::options::QueueDeclareOptions::durable(),
+            args,
+        )
+        .await
+        .expect("quorum queue declared");
+    assert!(cluster.await_members(&queue, Duration::from_secs(60)).await);
+    let leader = cluster.leader(&queue).expect("leader");
+    let other = if leader == 1 { 2 } else { 1 };
+    eprintln!("leader on node {leader}; publishers on node {other}");
+    const PUBLISHERS: usize = 20;
+    let mut publishers = Vec::new();
+    for i in 0..PUBLISHERS {
+        let config = test_config(&queue)
+            .with_amqp_url(cluster.url_of(other))
+            .with_publish_retries(8)
+            .with_connection_name(format!("first-publish-{i}"));
+        publishers.push(Publisher::from_config(&config).await.expect("publisher"));
+    }
+    assert!(cluster.kill(leader), "killed node {leader}");
+    let t0 = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for (i, publisher) in publishers.iter().enumerate() {
+        let (publisher, queue) = (publisher.clone(), queue.clone());
+        tasks.spawn(async move {
+            tokio::time::sleep(Duration::from_millis(100) * i as u32).await;
+            let sent = t0.elapsed();
+            let outcome = publisher
+                .publish_with(
+                    "",
+                    &queue,
+                    &i,
+                    reliable_mq::PublishOptions::with_message_id(format!("p-{i}")),
+                )
+                .await;
+            (i, sent, t0.elapsed(), outcome)
+        });
+    }
+    let mut failed = Vec::new();
+    while let Some(done) = tasks.join_next().await {
+        let (i, sent, settled, outcome) = done.expect("publish task");
+        eprintln!(
+            "publisher {i}: first publish at {sent:?} after the kill, outcome {:?} at {settled:?}",
+            outcome.as_ref().map(|_| "confirmed")
+        );
+        if let Err(e) = outcome {
+            failed.push((i, e.to_string()));
+        }
+    }
+    for publisher in &publishers {
+        publisher.close().await;
+    }
+    assert!(
+        failed.is_empty(),
+        "publishes not confirmed while node {leader} is down: {failed:?}; {}",
+        cluster.describe(&queue)
+    );
 }

@@ -351,6 +351,79 @@ async fn nacks_are_republished_with_the_same_id_until_the_budget_is_spent() {
     broker.delete(&[&q], &[]).await;
 }
 
+/// The numbers of the channels open on the connection whose client-given name contains
+/// `name` (from `rabbitmqctl`).
+fn channels_of(name: &str) -> Vec<u16> {
+    let run = |args: &[&str]| {
+        std::process::Command::new("rabbitmqctl")
+            .args(args)
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default()
+    };
+    let connections = run(&["-q", "list_connections", "pid", "client_properties"]);
+    let Some(pid) = connections
+        .lines()
+        .find(|l| l.contains(name))
+        .and_then(|l| l.split_whitespace().next())
+    else {
+        return Vec::new();
+    };
+    let mut numbers: Vec<u16> = run(&["-q", "list_channels", "connection", "number"])
+        .lines()
+        .filter_map(|l| {
+            let mut parts = l.split_whitespace();
+            (parts.next()? == pid).then(|| parts.next()?.parse().ok())?
+        })
+        .collect();
+    numbers.sort_unstable();
+    numbers
+}
+
+/// A nacked publish is retried on a fresh channel of the same connection (RabbitMQ 3.10
+/// can keep nacking a quorum queue on one channel for as long as its former leader's node
+/// is down: tests/cluster.rs), and the nacked channels are closed, not left open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nack_moves_the_publisher_to_a_fresh_channel_and_closes_the_old_one() {
+    capture_logs();
+    let broker = Broker::connect().await;
+    let q = unique("pub-nack-channel");
+    declare_queue(&broker, &q, one_slot()).await;
+    let name = format!("conn-{q}");
+    let publisher = publisher(
+        test_config(&q)
+            .with_publish_retries(2)
+            .with_connection_name(&name),
+    )
+    .await;
+    publisher
+        .publish("", &q, &event(0))
+        .await
+        .expect("first fits");
+    assert_eq!(channels_of(&name), vec![1], "one channel before the nack");
+
+    let err = publisher
+        .publish("", &q, &event(1))
+        .await
+        .expect_err("queue is full");
+    assert!(matches!(err, PublishError::Nacked { .. }), "{err:?}");
+    drain(&broker, &q, 1).await;
+    publisher
+        .publish("", &q, &event(2))
+        .await
+        .expect("room again");
+    // The first attempt and its two retries were nacked, each on its own channel (1, 2,
+    // 3); the publish after them went on a fourth. The nacked ones are closed.
+    assert!(
+        eventually(WAIT, || async { channels_of(&name) == vec![4] }).await,
+        "only the fresh channel is open: {:?}",
+        channels_of(&name)
+    );
+
+    publisher.close().await;
+    broker.delete(&[&q], &[]).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_nacked_message_republished_after_room_frees_up_arrives_once_with_its_id() {
     capture_logs();

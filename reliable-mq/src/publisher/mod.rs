@@ -7,7 +7,8 @@
 //!
 //! A nack, a confirm timeout or a lost connection is retried with a short, growing backoff
 //! under the same `message_id` (the consumer's dedup absorbs the duplicate), at most
-//! [`Config::publish_retries`] times; an unroutable message, a refused exchange, an
+//! [`Config::publish_retries`] times, after a nack on a fresh channel (a RabbitMQ channel
+//! can keep nacking a quorum queue whose leader's node died; see `judge`); an unroutable message, a refused exchange, an
 //! oversized body or a blocked broker is not, since trying again cannot help.
 //!
 //! From inside a handler, [`Delivery::publisher`](crate::Delivery::publisher) hands out
@@ -719,23 +720,55 @@ impl Publisher {
         })
     }
 
-    /// One publish and its confirm, bounded by the confirm timeout from the moment it is
-    /// handed to the ledger (unless the path awaits its own confirm).
+    /// One publish and its confirm, on whichever transport: handed over, counted, judged.
+    /// The metrics are recorded here, once for both transports, so the in-memory broker
+    /// of feature `testing` counts exactly what RabbitMQ would.
     async fn attempt(&self, send: &Send<'_>) -> Result<(), AttemptError> {
+        let handed = self.hand_over(send).await?;
+        let sent = publish_metrics::published();
+        let (outcome, generation) = match handed {
+            Handed::Lapin {
+                ticket,
+                link,
+                deadline,
+            } => (
+                self.await_confirm(ticket, send.patience, deadline).await,
+                Some(link.generation),
+            ),
+            #[cfg(feature = "testing")]
+            Handed::Memory(outcome) => (outcome, None),
+        };
+        match &outcome {
+            Outcome::Confirmed => publish_metrics::confirmed(sent),
+            Outcome::Returned(..) => publish_metrics::returned(),
+            Outcome::Nacked => publish_metrics::nacked(),
+            _ => {}
+        }
+        judge(outcome).map_err(|(e, failed)| {
+            if let (Some(keep_connection), Some(generation)) = (failed, generation) {
+                self.invalidate(generation, keep_connection);
+            }
+            e
+        })
+    }
+
+    /// Give the publish to the broker; the confirm timeout runs from the moment it is
+    /// handed to the ledger (unless the path awaits its own confirm). `Err` when it never
+    /// left: no link, blocked too long, or no room in the ledger in time.
+    async fn hand_over(&self, send: &Send<'_>) -> Result<Handed, AttemptError> {
         #[cfg(feature = "testing")]
         if let Some((broker, origin)) = &self.inner.memory {
             let origin = match send.patience {
                 Patience::AwaitOwnConfirm => crate::transport::memory::Origin::Settle,
                 Patience::Republish => *origin,
             };
-            let outcome = broker.publish(
+            return Ok(Handed::Memory(broker.publish(
                 origin,
                 send.exchange,
                 send.routing_key,
                 send.properties.clone(),
                 send.body.as_ref().clone(),
-            );
-            return judge(outcome).map_err(|(e, _)| e);
+            )));
         }
         let link = self.link().await.map_err(AttemptError::Lost)?;
         if link.connection.status().blocked() {
@@ -758,8 +791,21 @@ impl Publisher {
             .await
             // No room within the timeout: nothing was sent.
             .ok_or(AttemptError::Timeout)?;
-        let sent = publish_metrics::published();
-        let outcome = match send.patience {
+        Ok(Handed::Lapin {
+            ticket,
+            link,
+            deadline,
+        })
+    }
+
+    /// The broker's answer to a publish handed to the ledger.
+    async fn await_confirm(
+        &self,
+        ticket: ledger::Ticket,
+        patience: Patience,
+        deadline: tokio::time::Instant,
+    ) -> Outcome {
+        match patience {
             Patience::Republish => ticket.await,
             Patience::AwaitOwnConfirm => {
                 let mut ticket = std::pin::pin!(ticket);
@@ -767,26 +813,14 @@ impl Publisher {
                     Ok(outcome) => outcome,
                     Err(_late) => {
                         warn!(
-                            ?timeout,
+                            timeout = ?self.inner.config.confirm_timeout,
                             "settle copy not confirmed in time; waiting for its own confirm rather than publishing a second copy"
                         );
                         ticket.await
                     }
                 }
             }
-        };
-        match &outcome {
-            Outcome::Confirmed => publish_metrics::confirmed(sent),
-            Outcome::Returned(..) => publish_metrics::returned(),
-            Outcome::Nacked => publish_metrics::nacked(),
-            _ => {}
         }
-        judge(outcome).map_err(|(e, failed)| {
-            if let Some(keep_connection) = failed {
-                self.invalidate(link.generation, keep_connection);
-            }
-            e
-        })
     }
 
     /// Wait (bounded) while the broker blocks publishing.
@@ -940,14 +974,25 @@ impl Publisher {
     }
 }
 
-/// What one attempt's outcome means, on either transport. With the error: for a failed
-/// channel or connection, whether the connection can be kept (only the channel was
-/// refused) or must be replaced.
+/// What one attempt's outcome means, on either transport. With the error: whether the
+/// next attempt needs a new channel, and if so whether the connection can be kept (only
+/// the channel was refused, or it nacked) or must be replaced.
+///
+/// A nack moves the next attempt to a fresh channel on the same connection. RabbitMQ
+/// keeps per-channel state for each quorum queue a channel publishes to, set up at the
+/// channel's first publish to it from the queue's record; when the record still names a
+/// leader whose node just died (the new leader has not updated it yet, for about half a
+/// second), 3.10 nacks that publish and keeps the state, so the channel nacks every later
+/// publish to that queue until the dead node is back, however long it stays down (a
+/// rolling restart's stopped node, a crash). A new channel starts from the current record.
+/// For other nacks (a full queue with `reject-publish`) the new channel costs two round
+/// trips, at most once per nacked channel; publishes in flight on the old one settle there
+/// and it closes when they are done.
 fn judge(outcome: Outcome) -> Result<(), (AttemptError, Option<bool>)> {
     match outcome {
         Outcome::Confirmed => Ok(()),
         Outcome::Returned(code, reply) => Err((AttemptError::Unroutable(code, reply), None)),
-        Outcome::Nacked => Err((AttemptError::Nacked, None)),
+        Outcome::Nacked => Err((AttemptError::Nacked, Some(true))),
         Outcome::TimedOut => Err((AttemptError::Timeout, None)),
         Outcome::Failed(code, reason) => {
             // A refusal closes only the channel: keep the connection for the next one.
@@ -959,6 +1004,19 @@ fn judge(outcome: Outcome) -> Result<(), (AttemptError, Option<bool>)> {
             Err((e, Some(keep_connection)))
         }
     }
+}
+
+/// A publish the broker has, its answer still to come (the in-memory broker answers at
+/// once).
+enum Handed {
+    Lapin {
+        ticket: ledger::Ticket,
+        /// The link it went out on, kept until the answer (which may say to drop it).
+        link: Arc<Link>,
+        deadline: tokio::time::Instant,
+    },
+    #[cfg(feature = "testing")]
+    Memory(Outcome),
 }
 
 /// One publish, validated and ready to (re)send.
