@@ -58,7 +58,9 @@ fn settings(args: &str) -> Option<Vec<Setting>> {
             Some((k, v)) => (k.trim(), Some(v.trim())),
             None => (entry, None),
         };
-        if key == "crate" || seen.contains(&key.to_owned()) {
+        // `crate` and `schema` steer code generation only (which path, whether to call
+        // schemars): the runtime never sees them, so such an attribute is not compared.
+        if key == "crate" || key == "schema" || seen.contains(&key.to_owned()) {
             return None;
         }
         seen.push(key.to_owned());
