@@ -667,7 +667,8 @@ impl std::fmt::Debug for RunningApp {
 pub struct Health {
     /// Every consumer subscribed right now.
     pub consumers_attached: bool,
-    /// The publisher's connection is up.
+    /// The publisher's connection is up: a publisher without one is asked to open it
+    /// first (within 2 s), since it otherwise reconnects only on its next publish.
     pub publisher_connected: bool,
     /// The dedup store answers (`true` when no consumer needs one).
     pub dedup_up: bool,
