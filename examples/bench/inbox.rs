@@ -17,7 +17,7 @@ use reliable_mq::{App, Config, ConsumerConfig, HandlerError, Publisher, handler_
 use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 
-use crate::common::{Args, BenchMessage, Raw, Row, median, print_table, rate, unique};
+use crate::common::{Args, BenchMessage, Raw, median, print_table, rate, rows, unique};
 use crate::consume::{Done, PREFETCH, drain_raw};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -153,15 +153,7 @@ pub async fn run(args: &Args) -> Result<(), String> {
         .execute(&admin)
         .await;
     result?;
-    let rows: Vec<Row> = VARIANTS
-        .iter()
-        .zip(&runs)
-        .map(|(v, r)| Row {
-            name: v.name(),
-            messages: n,
-            runs: r.clone(),
-        })
-        .collect();
+    let rows = rows(&VARIANTS, |v| v.name(), n, &runs);
     print_table(
         &format!("inbox consume (medians of {reps} reps; prefetch {PREFETCH})"),
         &rows,
@@ -290,15 +282,7 @@ pub async fn run_relay(args: &Args) -> Result<(), String> {
         .execute(&admin)
         .await;
     result?;
-    let rows: Vec<Row> = RELAY_VARIANTS
-        .iter()
-        .zip(&runs)
-        .map(|(v, r)| Row {
-            name: v.name(),
-            messages: n,
-            runs: r.clone(),
-        })
-        .collect();
+    let rows = rows(&RELAY_VARIANTS, |v| v.name(), n, &runs);
     print_table(&format!("outbox relay (medians of {reps} reps)"), &rows);
     println!(
         "\nratio (median / median): relay / Publisher {:.2}x",
