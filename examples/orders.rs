@@ -22,10 +22,14 @@ use serde::{Deserialize, Serialize};
 
 const EXCHANGE: &str = "demo.shop";
 
-#[derive(Debug, Serialize, Deserialize)]
+/// An order, as the shop publishes it (its JSON Schema is in the AsyncAPI export).
+#[derive(Debug, Serialize, Deserialize, schemars::JsonSchema)]
 struct Order {
+    /// Order number; also the message id, so a resend is a duplicate.
     id: u64,
+    /// Stock keeping unit.
     sku: String,
+    /// Units ordered; 0 is invalid.
     qty: u32,
 }
 
@@ -88,7 +92,8 @@ impl Stock {
     concurrency = 4,
     max_retries = 2,
     retry_delay = "500ms",
-    timeout = "5s"
+    timeout = "5s",
+    schema
 )]
 async fn reserve_stock(
     order: Order,
@@ -167,6 +172,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let app = App::new(config.clone())
         .registered()
         .with_state(stock.clone());
+    if std::env::var_os("RELIABLE_MQ_EXPORT").is_some() {
+        // The topology export is `run()`'s: it prints the document and exits, touching
+        // no broker.
+        return Ok(app.run().await?);
+    }
     if serve {
         println!("consuming demo.orders and demo.notifications until Ctrl-C");
         return serve_until_ctrl_c(app).await;
@@ -246,6 +256,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     // the duplicate of order 1 and the dead letters reserve nothing.
     let units = stock.units_reserved();
     println!("  stock repository: {units} units reserved");
+    print_metrics();
 
     running.shutdown().await?;
     let dead = show_dead_letters(&config.amqp_url, "demo.orders.dlq").await?;
@@ -303,6 +314,31 @@ async fn show_dead_letters(url: &str, dlq: &str) -> Result<usize, lapin::Error> 
     let _ = conn.close(200, "demo done".into()).await;
     Ok(count)
 }
+
+/// The counters of the run as `/metrics` serves them (`--serve`), histograms left out.
+#[cfg(feature = "observe")]
+fn print_metrics() {
+    let Some(scrape) = reliable_mq::observe::metrics::render() else {
+        return;
+    };
+    println!("\nmetrics (GET /metrics, counters and gauges):");
+    let mut lines: Vec<&str> = scrape
+        .lines()
+        .filter(|line| {
+            let histogram = ["_bucket{", "_sum", "_count"]
+                .iter()
+                .any(|part| line.contains(part));
+            line.starts_with("reliable_mq_") && !histogram
+        })
+        .collect();
+    lines.sort_unstable();
+    for line in lines {
+        println!("  {line}");
+    }
+}
+
+#[cfg(not(feature = "observe"))]
+fn print_metrics() {}
 
 /// The demo deletes what it declared so it can run again from scratch.
 async fn cleanup(url: &str) -> Result<(), lapin::Error> {

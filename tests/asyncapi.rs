@@ -201,3 +201,216 @@ fn app_asyncapi_from_code_names_the_payload_type() {
     let yaml: Value = serde_yaml_ng::from_str(&app.asyncapi(ExportFormat::Yaml)).expect("YAML");
     assert_eq!(yaml, doc);
 }
+
+/// Every consumer option that changes delivery shows in the export, as the macro wrote
+/// it: single active consumer (a queue argument too), priority (a consume argument),
+/// exclusive, timeout, the broker's `consumer_timeout`, and `inbox`.
+#[test]
+fn the_export_shows_every_consumer_option() {
+    let out = export("asyncapi");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let doc: Value = serde_json::from_slice(&out.stdout).expect("JSON on stdout");
+    assert_valid(&doc);
+    let op = |queue: &str| {
+        doc["operations"]
+            .as_object()
+            .and_then(|ops| {
+                ops.values()
+                    .find(|o| o["x-reliable-mq"]["queue"] == queue)
+                    .map(|o| o["x-reliable-mq"].clone())
+            })
+            .unwrap_or_else(|| panic!("an operation for {queue}"))
+    };
+    let audit = op("operate-demo.audit");
+    assert_eq!(audit["singleActiveConsumer"], true, "{audit}");
+    assert_eq!(audit["priority"], 7, "{audit}");
+    assert_eq!(audit["consumeArguments"]["x-priority"], 7, "{audit}");
+    assert_eq!(audit["exclusive"], false, "{audit}");
+    assert_eq!(audit["timeout"], "2m", "{audit}");
+    assert_eq!(audit["brokerConsumerTimeout"], "30m", "{audit}");
+    assert_eq!(audit["inbox"], false, "{audit}");
+    assert_eq!(
+        doc["channels"]["queue.operate-demo.audit"]["x-reliable-mq"]["arguments"]["x-single-active-consumer"],
+        true
+    );
+    let reports = op("operate-demo.reports");
+    assert_eq!(
+        (
+            &reports["exclusive"],
+            &reports["singleActiveConsumer"],
+            &reports["priority"]
+        ),
+        (&Value::from(true), &Value::from(false), &Value::from(0)),
+        "{reports}"
+    );
+    assert_eq!(reports["consumeArguments"], serde_json::json!({}));
+
+    let inbox =
+        App::new(Config::default().with_consumer_timeout(std::time::Duration::from_secs(600)))
+            .consumer(
+                ConsumerConfig::new(
+                    "ledger",
+                    "ledger.dlx",
+                    handler_fn(|_: u64| async { Ok::<_, HandlerError>(()) }),
+                )
+                .inbox(std::time::Duration::from_secs(7 * 24 * 3600)),
+            );
+    let doc: Value = serde_json::from_str(&inbox.asyncapi(ExportFormat::Json)).expect("JSON");
+    assert_valid(&doc);
+    let s = &doc["operations"]["consume.ledger"]["x-reliable-mq"];
+    assert_eq!(
+        (
+            &s["inbox"],
+            &s["idempotent"],
+            &s["dedupTtl"],
+            &s["brokerConsumerTimeout"]
+        ),
+        (
+            &Value::from(true),
+            &Value::from(false),
+            &Value::from("168h"),
+            &Value::from("10m")
+        ),
+        "{s}"
+    );
+}
+
+/// Where a property's `$ref` points: draft 7 ignores siblings of `$ref`, so schemars
+/// wraps a reference with a description in `allOf`.
+fn reference(property: &Value) -> Option<&str> {
+    property["$ref"]
+        .as_str()
+        .or_else(|| property["allOf"][0]["$ref"].as_str())
+}
+
+/// `#[consumer(schema)]`: the payload's JSON Schema is the message payload, its nested
+/// types are components the `$ref`s point to, and the document stays valid AsyncAPI 3.0.
+#[test]
+fn the_export_carries_the_payload_json_schema() {
+    for format in ["asyncapi", "asyncapi-yaml"] {
+        let out = export(format);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let doc: Value = if format == "asyncapi" {
+            serde_json::from_slice(&out.stdout).expect("JSON")
+        } else {
+            serde_yaml_ng::from_slice(&out.stdout).expect("YAML")
+        };
+        assert_valid(&doc);
+        let msg = &doc["components"]["messages"]["AuditEvent.operate-demo.audit"];
+        let payload = &msg["payload"];
+        println!(
+            "{}",
+            serde_json::to_string_pretty(payload).unwrap_or_default()
+        );
+        assert_eq!(payload["title"], "AuditEvent", "{payload}");
+        assert_eq!(payload["type"], "object", "{payload}");
+        assert_eq!(
+            payload["required"],
+            serde_json::json!(["actor", "target"]),
+            "{payload}"
+        );
+        assert_eq!(payload["properties"]["actor"]["type"], "string");
+        assert_eq!(
+            payload["properties"]["actor"]["description"], "Who did it.",
+            "doc comments become descriptions"
+        );
+        let target = reference(&payload["properties"]["target"]).expect("a reference");
+        let target = target
+            .strip_prefix("#/components/schemas/")
+            .expect("to a component");
+        let schema = &doc["components"]["schemas"][target];
+        assert_eq!(schema["properties"]["id"]["type"], "integer", "{schema}");
+        assert!(
+            payload.get("$schema").is_none() && payload.get("components").is_none(),
+            "{payload}"
+        );
+        // A consumer without `schema` keeps the type-name description.
+        let order = &doc["components"]["messages"]["Order.operate-demo.orders"]["payload"];
+        assert!(order.get("properties").is_none(), "{order}");
+    }
+}
+
+/// Two payload types whose nested types share a name but not a shape: each keeps its
+/// own component, and each payload's reference points at its own.
+#[test]
+fn clashing_schema_names_get_their_own_components() {
+    // Only their schemas are read.
+    #[allow(dead_code)]
+    mod a {
+        #[derive(schemars::JsonSchema)]
+        pub struct Item {
+            pub sku: String,
+        }
+        #[derive(schemars::JsonSchema)]
+        pub struct Cart {
+            pub item: Item,
+        }
+    }
+    #[allow(dead_code)]
+    mod b {
+        #[derive(schemars::JsonSchema)]
+        pub struct Item {
+            pub weight: u32,
+        }
+        #[derive(schemars::JsonSchema)]
+        pub struct Parcel {
+            pub item: Item,
+        }
+    }
+    let h = || handler_fn(|_: u64| async { Ok::<_, HandlerError>(()) });
+    let app = App::new(Config::default())
+        .consumer(ConsumerConfig::new("carts", "carts.dlx", h()).with_payload_schema::<a::Cart>())
+        .consumer(
+            ConsumerConfig::new("parcels", "parcels.dlx", h()).with_payload_schema::<b::Parcel>(),
+        );
+    let doc: Value = serde_json::from_str(&app.asyncapi(ExportFormat::Json)).expect("JSON");
+    assert_valid(&doc);
+    let target = |queue: &str, field: &str| {
+        let r = reference(
+            &doc["components"]["messages"][format!("u64.{queue}")]["payload"]["properties"]["item"],
+        )
+        .unwrap_or_default()
+        .trim_start_matches("#/components/schemas/")
+        .to_owned();
+        let schema = &doc["components"]["schemas"][&r];
+        assert!(
+            schema["properties"].get(field).is_some(),
+            "{queue}: {r} is {schema}"
+        );
+        r
+    };
+    assert_ne!(target("carts", "sku"), target("parcels", "weight"));
+}
+
+/// `RELIABLE_MQ_EXPORT=asyncapi ./service | head -3`: a reader that stops reading is the
+/// shell's normal way to end a writer. The export then exits 0 with nothing on stderr,
+/// not with a config error. The pipe's read end is closed before the service writes, so
+/// every write hits the broken pipe.
+#[test]
+fn a_closed_stdout_ends_the_export_quietly() {
+    let (reader, writer) = std::io::pipe().expect("a pipe");
+    drop(reader);
+    let out = Command::new(APP)
+        .env("RELIABLE_MQ_EXPORT", "asyncapi")
+        .env("AMQP_URL", "amqp://guest:guest@127.0.0.1:9/%2f")
+        .env_remove("REDIS_URL")
+        .stdout(writer)
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .expect("run the demo service");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "status {:?}, stderr:\n{stderr}",
+        out.status
+    );
+    assert!(stderr.is_empty(), "stderr:\n{stderr}");
+}

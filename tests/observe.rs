@@ -485,3 +485,82 @@ async fn readiness_is_503_while_the_broker_is_stopped() {
     );
     app.shutdown().await.expect("clean shutdown");
 }
+
+/// The in-memory transport (`TestApp`) runs the publisher's own metrics code: every
+/// attempt is counted, and each outcome (confirmed with its latency, nacked, returned)
+/// as on RabbitMQ. A recorder local to this test's thread sees only this test's series.
+#[test]
+fn the_in_memory_publisher_counts_the_same_metrics() {
+    use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+    use reliable_mq::observe::metrics::names;
+    use reliable_mq::testing::TestApp;
+
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    metrics::with_local_recorder(&recorder, || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .start_paused(true)
+            .build()
+            .expect("a runtime");
+        runtime.block_on(async {
+            let consumer = ConsumerConfig::new(
+                "metered",
+                "metered.dlx",
+                reliable_mq::handler_fn(|n: u32| async move {
+                    if n == 0 {
+                        return Err(HandlerError::reject("zero"));
+                    }
+                    Ok(())
+                }),
+            );
+            let mut app = TestApp::new().consumer(consumer);
+            app.start().await.expect("start");
+            app.broker().nack_next_confirm();
+            app.publish("", "metered", &1u32)
+                .await
+                .expect("confirmed on the second attempt");
+            app.publish("", "metered", &0u32).await.expect("confirmed");
+            let unroutable = app.publish("", "nowhere", &2u32).await;
+            assert!(unroutable.is_err(), "{unroutable:?}");
+            app.run_until_idle().await;
+            assert_eq!(app.handled("metered"), 1);
+            assert_eq!(app.dead_letters("metered").len(), 1);
+        });
+    });
+
+    let snapshot = snapshotter.snapshot().into_vec();
+    let counter = |name: &str| {
+        snapshot
+            .iter()
+            .find(|(key, ..)| key.key().name() == name)
+            .map(|(.., value)| match value {
+                DebugValue::Counter(n) => *n,
+                other => panic!("{name} is {other:?}"),
+            })
+            .unwrap_or(0)
+    };
+    let confirm_samples = snapshot
+        .iter()
+        .find(|(key, ..)| key.key().name() == names::CONFIRM_DURATION)
+        .map(|(.., value)| match value {
+            DebugValue::Histogram(samples) => samples.len(),
+            other => panic!("{other:?}"),
+        })
+        .unwrap_or(0);
+    // Attempts: 1 nacked + 1 confirmed, 1 confirmed, its dead-letter copy (confirmed),
+    // 1 returned.
+    assert_eq!(
+        (
+            counter(names::PUBLISHED),
+            counter(names::CONFIRMED),
+            counter(names::NACKED),
+            counter(names::RETURNED),
+            confirm_samples,
+        ),
+        (5, 3, 1, 1, 3)
+    );
+    // The consumer side records on the same transport too.
+    assert_eq!(counter(names::HANDLED), 1);
+    assert_eq!(counter(names::DEAD_LETTERED), 1);
+}

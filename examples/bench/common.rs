@@ -49,6 +49,10 @@ options:
   --depth-small N    rss: first backlog (default 100000)
   --depth-large N    rss: second backlog (default 1000000)
   --rss-seconds S    rss: seconds the consumer runs at each depth (default 5)
+  --tracer T         none (default), otel or otel-1pct: install a tracing subscriber
+                     with an OpenTelemetry layer (tracer provider, batch processor, spans
+                     at INFO; every root span sampled, or 1%) as a traced service does;
+                     needs the examples' feature `observe` (on by default)
 environment: AMQP_URL (default amqp://guest:guest@127.0.0.1:5672/%2f),
              REDIS_URL (default redis://127.0.0.1:6379)";
 
@@ -75,6 +79,8 @@ pub struct Args {
     pub variant: Option<String>,
     /// `drain`: handlers in flight (default 1).
     pub handlers: Option<u16>,
+    /// `--tracer otel`: record spans through OpenTelemetry.
+    pub tracer: String,
 }
 
 impl Args {
@@ -100,6 +106,7 @@ impl Args {
             queue: None,
             variant: None,
             handlers: None,
+            tracer: "none".to_owned(),
         };
         while let Some(flag) = args.next() {
             let value = args.next().ok_or_else(|| format!("{flag} needs a value"))?;
@@ -110,6 +117,10 @@ impl Args {
                 }
                 "--variant" => {
                     parsed.variant = Some(value);
+                    continue;
+                }
+                "--tracer" => {
+                    parsed.tracer = value;
                     continue;
                 }
                 _ => {}

@@ -25,6 +25,7 @@ mod latency;
 mod many;
 mod publish;
 mod rss;
+mod tracer;
 
 use common::Args;
 
@@ -37,6 +38,10 @@ async fn main() {
             std::process::exit(2);
         }
     };
+    if let Err(e) = tracer::install(&args.tracer) {
+        eprintln!("{e}\n\n{}", common::USAGE);
+        std::process::exit(2);
+    }
     let result = match args.mode.as_str() {
         "help" | "--help" | "-h" => {
             println!("{}", common::USAGE);

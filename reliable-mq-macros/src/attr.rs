@@ -36,6 +36,8 @@ pub struct Attribute {
     pub settings: Vec<(Key, Emit)>,
     /// `crate = "..."`: the path generated code names the runtime by.
     pub krate: Option<syn::Path>,
+    /// `schema`: export the payload type's JSON Schema (where it was written, for errors).
+    pub schema: Option<Span>,
     written: HashMap<Key, Written>,
 }
 
@@ -84,6 +86,21 @@ pub fn parse(cx: &mut Ctxt, tokens: TokenStream) -> Option<Attribute> {
             } else {
                 crate_written = true;
                 attribute.krate = crate_path(cx, &meta);
+            }
+            continue;
+        }
+        // Not a consumer setting but a request to the generated code (like `crate`), so
+        // it is read here rather than by the model the runtime replays.
+        if meta.path().is_ident("schema") {
+            if attribute.schema.is_some() {
+                duplicate(cx, ident, "schema");
+            } else if matches!(meta, Meta::Path(_)) {
+                attribute.schema = Some(ident.span());
+            } else {
+                cx.error_spanned_by(
+                    &meta,
+                    "`schema` is a flag and takes no value: write just `schema`",
+                );
             }
             continue;
         }

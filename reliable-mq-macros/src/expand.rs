@@ -165,7 +165,7 @@ fn emit(function: &ItemFn, handler: &HandlerSig, attribute: &Attribute) -> Token
             Emit::Flag => quote!(#p::Setting::flag(#key)),
         }
     });
-    let handler = handler_impl(&p, name, handler);
+    let handler = handler_impl(&p, name, handler, attribute.schema);
     // What exists only under a `cfg` must bring its consumer along only under that `cfg`.
     let cfgs: Vec<_> = function
         .attrs
@@ -209,7 +209,12 @@ fn emit(function: &ItemFn, handler: &HandlerSig, attribute: &Attribute) -> Token
 /// `Result<(), E>`), the boxing on the function's name (a future that is not `Send`).
 /// `decode::<T>` is itself the payload check: a separate `assert_payload::<T>()` would
 /// report every undecodable payload twice.
-fn handler_impl(p: &TokenStream, name: &Ident, handler: &HandlerSig) -> TokenStream {
+fn handler_impl(
+    p: &TokenStream,
+    name: &Ident,
+    handler: &HandlerSig,
+    schema: Option<Span>,
+) -> TokenStream {
     // Mixed-site hygiene: a user function named `delivery` or `payload` is not shadowed.
     let delivery = Ident::new("delivery", Span::mixed_site());
     let payload = Ident::new("payload", Span::mixed_site());
@@ -276,6 +281,21 @@ fn handler_impl(p: &TokenStream, name: &Ident, handler: &HandlerSig) -> TokenStr
             #into_result
         })
     };
+    // `schema`: the bound of `payload_schema` is the check (the type derives
+    // `JsonSchema`, the runtime has its `schemars` feature); spanned on the payload type,
+    // where the fix goes.
+    let payload_schema = schema.map(|_| {
+        let p_ty = &p_at(payload_ty.span());
+        let call = quote_spanned! {payload_ty.span()=>
+            #p_ty::payload_schema::<#payload_ty>()
+        };
+        let p = &p_at(Span::call_site());
+        quote! {
+            fn payload_schema(&self) -> ::core::option::Option<#p::JsonValue> {
+                ::core::option::Option::Some(#call)
+            }
+        }
+    });
     let p = &p_at(Span::call_site());
     let states = if state_types.is_empty() {
         quote!()
@@ -295,6 +315,7 @@ fn handler_impl(p: &TokenStream, name: &Ident, handler: &HandlerSig) -> TokenStr
                 ::core::option::Option::Some(::core::any::type_name::<#payload_ty>())
             }
             #states
+            #payload_schema
         }
     }
 }

@@ -85,6 +85,7 @@ use proc_macro::TokenStream;
 /// | `priority` | consumer priority, the `x-priority` argument of `basic.consume` (0..=2147483647) | broker default 0 |
 /// | `exclusive` | flag: exclusive subscription; not on quorum queues | off |
 /// | `inbox` | flag: dedup by `message_id` in the handler's PostgreSQL transaction, lent as `tx: &mut InboxTx` (runtime feature `postgres`; not with `idempotent`) | off |
+/// | `schema` | flag: put the payload type's JSON Schema in the AsyncAPI export; the type must derive `schemars::JsonSchema` and reliable-mq needs its `schemars` feature (a compile error says which is missing) | off |
 /// | `crate` | the path the runtime is imported as, for a renamed dependency | `"::reliable_mq"` |
 ///
 /// Durations are strings of one integer and a unit: `"500ms"`, `"30s"`, `"5m"`, `"2h"`,

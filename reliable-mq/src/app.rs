@@ -196,7 +196,10 @@ impl App {
     /// assert!(app.asyncapi(ExportFormat::Yaml).starts_with("asyncapi: \"3.0.0\""));
     /// ```
     pub fn asyncapi(&self, format: ExportFormat) -> String {
-        crate::asyncapi::render(&crate::asyncapi::document(&self.consumers), format)
+        crate::asyncapi::render(
+            &crate::asyncapi::document(&self.consumers, self.config.consumer_timeout),
+            format,
+        )
     }
 
     /// Run until SIGINT/SIGTERM or the shutdown handle, then stop gracefully.
@@ -206,14 +209,8 @@ impl App {
     /// connecting to anything.
     pub async fn run(self) -> Result<(), Error> {
         if let Some(format) = ExportFormat::from_env()? {
-            use std::io::Write as _;
             let doc = self.asyncapi(format);
-            let mut out = std::io::stdout().lock();
-            writeln!(out, "{doc}")
-                .and_then(|()| out.flush())
-                .map_err(|e| {
-                    Error::Config(format!("RELIABLE_MQ_EXPORT: cannot write to stdout: {e}"))
-                })?;
+            write_export(&mut std::io::stdout().lock(), &doc)?;
             std::process::exit(0);
         }
         let mut stop_requested = self.shutdown.signal();
@@ -472,6 +469,19 @@ fn cluster_store(_nodes: &[String], _pool_size: usize) -> Result<Arc<dyn DedupSt
          without its `redis-cluster` feature: enable it (reliable-mq = { features = [\"redis-cluster\"] })"
             .into(),
     ))
+}
+
+/// Write the exported document to `out`. A reader that stopped reading (`| head`) is
+/// not an error: the shell convention is that the writer then ends quietly, as with
+/// SIGPIPE (which Rust programs ignore, so the write reports `BrokenPipe` instead).
+fn write_export(out: &mut impl std::io::Write, doc: &str) -> Result<(), Error> {
+    match writeln!(out, "{doc}").and_then(|()| out.flush()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        Err(e) => Err(Error::Config(format!(
+            "RELIABLE_MQ_EXPORT: cannot write to stdout: {e}"
+        ))),
+    }
 }
 
 /// Which document [`App::asyncapi`] renders.

@@ -13,6 +13,7 @@
 //! booleans, and a YAML library would be a new dependency of every build.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use lapin::types::{AMQPValue, FieldTable};
 use serde_json::{Map, Value, json};
@@ -25,16 +26,18 @@ use crate::topology::Topology;
 /// The AMQP bindings version this document uses.
 const AMQP_BINDINGS: &str = "0.3.0";
 
-/// The AsyncAPI 3.0 document describing `consumers`.
-pub(crate) fn document(consumers: &[ConsumerConfig]) -> Value {
+/// The AsyncAPI 3.0 document describing `consumers`, on a broker whose `consumer_timeout`
+/// is `consumer_timeout`.
+pub(crate) fn document(consumers: &[ConsumerConfig], consumer_timeout: Duration) -> Value {
     let mut channels = BTreeMap::new();
     let mut operations = BTreeMap::new();
     let mut messages = BTreeMap::new();
     messages.insert("DeadLetter".to_owned(), dead_letter_message());
+    let mut schemas = Map::new();
 
     for c in consumers {
         let t = Topology::of(c);
-        let (msg_id, msg) = payload_message(c);
+        let (msg_id, msg) = payload_message(c, &mut schemas);
         messages.insert(msg_id.clone(), msg);
         let msg_ref = json!({ "$ref": format!("#/components/messages/{msg_id}") });
         let dead_ref = json!({ "$ref": "#/components/messages/DeadLetter" });
@@ -129,7 +132,7 @@ pub(crate) fn document(consumers: &[ConsumerConfig]) -> Value {
                 "channel": { "$ref": format!("#/channels/{queue_id}") },
                 "messages": [{ "$ref": format!("#/channels/{queue_id}/messages/{msg_id}") }],
                 "bindings": { "amqp": { "ack": true, "bindingVersion": AMQP_BINDINGS } },
-                "x-reliable-mq": settings(c, &t, tiers),
+                "x-reliable-mq": settings(c, &t, tiers, consumer_timeout),
             }),
         );
         operations.insert(
@@ -155,41 +158,66 @@ pub(crate) fn document(consumers: &[ConsumerConfig]) -> Value {
         "defaultContentType": "application/json",
         "channels": channels,
         "operations": operations,
-        "components": { "messages": messages },
+        "components": if schemas.is_empty() {
+            json!({ "messages": messages })
+        } else {
+            json!({ "messages": messages, "schemas": schemas })
+        },
     })
 }
 
-/// The consumer's reliability settings, as the runtime applies them.
-fn settings(c: &ConsumerConfig, t: &Topology, tiers: Vec<Value>) -> Value {
+/// The consumer's reliability settings, as the runtime applies them: every key of
+/// `#[consumer(...)]` (the unit test `every_consumer_key_is_exported` holds the export to
+/// the model's key list), plus the broker's `consumer_timeout` the handler timeout is
+/// checked against.
+fn settings(
+    c: &ConsumerConfig,
+    t: &Topology,
+    tiers: Vec<Value>,
+    consumer_timeout: Duration,
+) -> Value {
     let m = &c.model;
     let fmt = reliable_mq_model::format_duration;
-    let mut s = json!({
-        "consumer": c.name(),
-        "queue": t.queue,
-        "queueType": t.queue_type.as_str(),
-        "deadLetterExchange": t.dlx,
-        "deadLetterQueue": t.dlq,
-        "prefetch": c.prefetch(),
-        "concurrency": c.concurrency(),
-        "timeout": fmt(c.timeout()),
-        "maxRetries": c.max_retries(),
-        "retryDelay": fmt(m.retry_delay()),
-        "retryBackoff": m.retry_backoff().to_attribute(),
-        "retryTiers": tiers,
-        "idempotent": c.is_idempotent(),
-    });
-    if let Some(obj) = s.as_object_mut() {
-        if c.is_idempotent() {
-            obj.insert("dedupTtl".into(), json!(fmt(c.dedup_ttl())));
-        }
-        if let Some(limit) = t.delivery_limit {
-            obj.insert("deliveryLimit".into(), json!(limit));
-        }
-        if let Some(ty) = c.handler.payload_type() {
-            obj.insert("payloadType".into(), json!(ty));
-        }
+    let (consume_options, consume_arguments) = c.consume_options();
+    let mut s = Map::new();
+    let mut put = |k: &str, v: Value| {
+        s.insert(k.to_owned(), v);
+    };
+    put("consumer", json!(c.name()));
+    put("queue", json!(t.queue));
+    put("queueType", json!(t.queue_type.as_str()));
+    if let Some((exchange, kind, key)) = &t.exchange {
+        put("exchange", json!(exchange));
+        put("exchangeType", json!(kind.as_str()));
+        put("routingKey", json!(key));
     }
-    s
+    put("deadLetterExchange", json!(t.dlx));
+    put("deadLetterQueue", json!(t.dlq));
+    if let Some(limit) = t.delivery_limit {
+        put("deliveryLimit", json!(limit));
+    }
+    put("prefetch", json!(c.prefetch()));
+    put("concurrency", json!(c.concurrency()));
+    put("timeout", json!(fmt(c.timeout())));
+    put("brokerConsumerTimeout", json!(fmt(consumer_timeout)));
+    put("maxRetries", json!(c.max_retries()));
+    put("retryDelay", json!(fmt(m.retry_delay())));
+    put("retryBackoff", json!(m.retry_backoff().to_attribute()));
+    put("retryTiers", Value::Array(tiers));
+    put("idempotent", json!(c.is_idempotent()));
+    put("inbox", json!(c.is_inbox()));
+    if c.is_idempotent() || c.is_inbox() {
+        put("dedupTtl", json!(fmt(c.dedup_ttl())));
+    }
+    put("singleActiveConsumer", json!(t.single_active_consumer));
+    // The broker's default consumer priority is 0.
+    put("priority", json!(m.priority().unwrap_or(0)));
+    put("exclusive", json!(consume_options.exclusive));
+    put("consumeArguments", field_table(&consume_arguments));
+    if let Some(ty) = c.handler.payload_type() {
+        put("payloadType", json!(ty));
+    }
+    Value::Object(s)
 }
 
 /// A channel for one declared queue.
@@ -217,29 +245,180 @@ fn queue_channel(
     })
 }
 
-/// The message a consumer decodes: named after its Rust type when the handler knows it.
-fn payload_message(c: &ConsumerConfig) -> (String, Value) {
+/// The message a consumer decodes: named after its Rust type when the handler knows it,
+/// described by the type's JSON Schema when there is one (its subschemas go to `schemas`).
+fn payload_message(c: &ConsumerConfig, schemas: &mut Map<String, Value>) -> (String, Value) {
+    let schema = c.payload_schema().map(|s| adopt_schema(s, schemas));
     match c.handler.payload_type() {
         Some(ty) => {
             let short = ty.rsplit("::").next().unwrap_or(ty);
             let id = component_id(&format!("{short}.{}", c.queue()));
+            let payload = schema.unwrap_or_else(|| {
+                json!({ "title": ty, "description": format!("JSON decoded into the Rust type `{ty}`.") })
+            });
             let msg = json!({
                 "name": short,
                 "title": ty,
                 "contentType": "application/json",
-                "payload": { "title": ty, "description": format!("JSON decoded into the Rust type `{ty}`.") },
+                "payload": payload,
             });
             (id, msg)
         }
         None => {
             let id = component_id(&format!("Payload.{}", c.queue()));
+            let payload = schema.unwrap_or_else(|| {
+                json!({ "description": format!("JSON consumed by `{}` (its Rust type is not recorded).", c.name()) })
+            });
             let msg = json!({
                 "name": format!("{} payload", c.queue()),
                 "contentType": "application/json",
-                "payload": { "description": format!("JSON consumed by `{}` (its Rust type is not recorded).", c.name()) },
+                "payload": payload,
             });
             (id, msg)
         }
+    }
+}
+
+/// The JSON pointer under which [`schema_of`] puts a payload's subschemas: where they
+/// end up in the document, so the `$ref`s schemars writes resolve there unchanged.
+const SCHEMAS_POINTER: &str = "/components/schemas";
+
+/// A payload's root schema, its subschemas moved into the document's `schemas`. A name
+/// another payload already took for a different schema gets a number, and this payload's
+/// references follow; names are made valid component keys the same way.
+fn adopt_schema(mut schema: Value, schemas: &mut Map<String, Value>) -> Value {
+    let defs = schema
+        .as_object_mut()
+        .and_then(|root| root.remove("components"))
+        .and_then(|mut components| components.as_object_mut()?.remove("schemas"));
+    let Some(Value::Object(defs)) = defs else {
+        return schema;
+    };
+    let mut renamed = BTreeMap::new();
+    for (name, def) in &defs {
+        let base = component_id(name);
+        let mut key = base.clone();
+        let mut n = 2;
+        while schemas.get(&key).is_some_and(|taken| taken != def)
+            || renamed.values().any(|k| k == &key)
+        {
+            key = format!("{base}{n}");
+            n += 1;
+        }
+        renamed.insert(name.clone(), key);
+    }
+    rename_refs(&mut schema, &renamed);
+    for (name, mut def) in defs {
+        rename_refs(&mut def, &renamed);
+        if let Some(key) = renamed.get(&name) {
+            schemas.insert(key.clone(), def);
+        }
+    }
+    schema
+}
+
+/// Point every `$ref` to a subschema at its key in `renamed`.
+fn rename_refs(value: &mut Value, renamed: &BTreeMap<String, String>) {
+    match value {
+        Value::Object(map) => {
+            for (k, v) in map.iter_mut() {
+                if k == "$ref"
+                    && let Value::String(target) = v
+                    && let Some(name) = target
+                        .strip_prefix('#')
+                        .and_then(|t| t.strip_prefix(SCHEMAS_POINTER))
+                        .and_then(|t| t.strip_prefix('/'))
+                    && let Some(key) = renamed.get(&pointer_segment(name))
+                {
+                    *target = format!("#{SCHEMAS_POINTER}/{key}");
+                } else {
+                    rename_refs(v, renamed);
+                }
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(|v| rename_refs(v, renamed)),
+        _ => {}
+    }
+}
+
+/// One segment of a JSON pointer in a URI fragment, decoded: percent-escapes, then `~1`
+/// and `~0`.
+fn pointer_segment(encoded: &str) -> String {
+    let bytes = encoded.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (bytes[i], hex) {
+            (b'%', Some(byte)) => {
+                out.push(byte);
+                i += 3;
+            }
+            (byte, _) => {
+                out.push(byte);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out)
+        .replace("~1", "/")
+        .replace("~0", "~")
+}
+
+/// The JSON Schema of `T` for the export: draft 7 (the base of AsyncAPI's Schema
+/// Object), no `$schema`, subschemas under [`SCHEMAS_POINTER`].
+#[cfg(feature = "schemars")]
+pub(crate) fn schema_of<T: schemars::JsonSchema>() -> Value {
+    let mut settings = schemars::generate::SchemaSettings::draft07();
+    settings.definitions_path = SCHEMAS_POINTER.into();
+    settings.meta_schema = None;
+    settings
+        .into_generator()
+        .into_root_schema_for::<T>()
+        .to_value()
+}
+
+/// What `#[consumer(schema)]` asks of the payload type: a JSON Schema, which needs
+/// feature `schemars` and a `schemars::JsonSchema` derive. The attribute, not a silent
+/// "schema if the type has one": a schema missing from the export because the derive was
+/// forgotten, or comes from another schemars major version (a different trait), would go
+/// unnoticed; with the attribute it is a compile error saying which of the two is missing.
+#[cfg(feature = "schemars")]
+#[doc(hidden)]
+#[diagnostic::on_unimplemented(
+    message = "`#[consumer(schema)]` exports the JSON Schema of `{Self}`, which does not implement `schemars::JsonSchema`",
+    label = "this payload type has no JSON Schema",
+    note = "add `#[derive(schemars::JsonSchema)]` to `{Self}` (schemars 1.x, the version reliable-mq's `schemars` feature uses), or remove `schema` from the attribute"
+)]
+pub trait PayloadSchema: schemars::JsonSchema {}
+
+#[cfg(feature = "schemars")]
+impl<T: schemars::JsonSchema + ?Sized> PayloadSchema for T {}
+
+/// What `#[consumer(schema)]` asks of the payload type; without feature `schemars`
+/// nothing has it.
+#[cfg(not(feature = "schemars"))]
+#[doc(hidden)]
+#[diagnostic::on_unimplemented(
+    message = "`#[consumer(schema)]` needs reliable-mq's `schemars` feature",
+    label = "the JSON Schema of this payload type cannot be exported without it",
+    note = "enable it: `reliable-mq = {{ version = \"0.1\", features = [\"schemars\"] }}`, and add `#[derive(schemars::JsonSchema)]` to `{Self}`; or remove `schema` from the attribute"
+)]
+pub trait PayloadSchema {}
+
+/// The payload schema `#[consumer(schema)]` exports (its bound is the compile-time check).
+#[doc(hidden)]
+pub fn payload_schema<T: PayloadSchema>() -> Value {
+    #[cfg(feature = "schemars")]
+    {
+        schema_of::<T>()
+    }
+    #[cfg(not(feature = "schemars"))]
+    {
+        Value::Null
     }
 }
 
@@ -420,6 +599,7 @@ fn yaml_key(k: &str) -> String {
 mod tests {
     use super::*;
     use crate::{HandlerError, handler_fn};
+    use reliable_mq_model::{Key, Value as ModelValue};
 
     fn app() -> Vec<ConsumerConfig> {
         vec![
@@ -435,7 +615,7 @@ mod tests {
 
     #[test]
     fn describes_every_declared_object() {
-        let doc = document(&app());
+        let doc = document(&app(), Duration::from_secs(1800));
         let channels = doc["channels"]
             .as_object()
             .map(|m| m.keys().cloned().collect::<Vec<_>>());
@@ -457,6 +637,80 @@ mod tests {
         assert_eq!(op["dedupTtl"], "1h");
         assert_eq!(op["payloadType"], "u64");
         assert_eq!(op["retryTiers"][2]["delay"], "4s");
+    }
+
+    /// Each key of `#[consumer(...)]`: the export field that shows it, a setting that
+    /// differs from the base consumer's, and what that setting needs set first. The match
+    /// has no catch-all, so a key added to the model does not compile here until the
+    /// export shows it.
+    fn exported_as(
+        key: Key,
+    ) -> (
+        &'static str,
+        ModelValue<'static>,
+        Option<(Key, ModelValue<'static>)>,
+    ) {
+        use ModelValue::{Flag, Int, Str};
+        match key {
+            Key::Queue => ("queue", Str("invoices"), None),
+            Key::Exchange => ("exchange", Str("billing"), None),
+            Key::ExchangeType => ("exchangeType", Str("direct"), None),
+            Key::RoutingKey => ("routingKey", Str("order.paid"), None),
+            Key::Dlx => ("deadLetterExchange", Str("other.dlx"), None),
+            Key::Dlq => ("deadLetterQueue", Str("other.dlq"), None),
+            Key::QueueType => ("queueType", Str("quorum"), None),
+            Key::DeliveryLimit => (
+                "deliveryLimit",
+                Int(20),
+                Some((Key::QueueType, Str("quorum"))),
+            ),
+            Key::Prefetch => ("prefetch", Int(7), None),
+            Key::Concurrency => ("concurrency", Int(2), None),
+            Key::MaxRetries => ("maxRetries", Int(9), None),
+            Key::RetryDelay => ("retryDelay", Str("3s"), None),
+            Key::RetryBackoff => ("retryBackoff", Str("fixed"), None),
+            Key::Timeout => ("timeout", Str("5s"), None),
+            Key::Idempotent => ("idempotent", Flag, None),
+            Key::DedupTtl => ("dedupTtl", Str("2h"), Some((Key::Idempotent, Flag))),
+            Key::SingleActiveConsumer => ("singleActiveConsumer", Flag, None),
+            Key::Priority => ("priority", Int(5), None),
+            Key::Exclusive => ("exclusive", Flag, None),
+            Key::Inbox => ("inbox", Flag, None),
+        }
+    }
+
+    #[test]
+    fn every_consumer_key_is_exported() {
+        let base = ConsumerConfig::new(
+            "orders",
+            "orders.dlx",
+            handler_fn(|_: u64| async { Ok::<_, HandlerError>(()) }),
+        )
+        .with_exchange("shop", crate::ExchangeKind::Topic, "order.*");
+        let exported = |c: &ConsumerConfig| {
+            document(std::slice::from_ref(c), Duration::from_secs(1800))["operations"]
+                [format!("consume.{}", c.name())]["x-reliable-mq"]
+                .clone()
+        };
+        for key in Key::ALL {
+            let (field, value, needs) = exported_as(key);
+            let mut before = base.clone();
+            if let Some((k, v)) = needs {
+                assert!(before.model.set(k, v).is_ok(), "{k}");
+            }
+            let mut after = before.clone();
+            assert!(after.model.set(key, value).is_ok(), "{key} = {value:?}");
+            let (was, is) = (&exported(&before)[field], &exported(&after)[field]);
+            assert!(
+                !is.is_null() && was != is,
+                "`{key}` is not shown by the export's `{field}`: {was} before, {is} after"
+            );
+        }
+        // The consume arguments come from the code that subscribes.
+        let mut prioritised = base.clone();
+        prioritised.model.priority = Some(5);
+        assert_eq!(exported(&prioritised)["consumeArguments"]["x-priority"], 5);
+        assert_eq!(exported(&base)["brokerConsumerTimeout"], "30m");
     }
 
     #[test]

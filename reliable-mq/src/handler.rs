@@ -37,6 +37,13 @@ pub trait Handler: Send + Sync + 'static {
     fn payload_type(&self) -> Option<&'static str> {
         None
     }
+
+    /// The payload type's JSON Schema, with its subschemas under `components.schemas`
+    /// (`#[consumer(schema)]` with feature `schemars`), for the AsyncAPI export. `None`:
+    /// the export describes the payload by its type name only.
+    fn payload_schema(&self) -> Option<serde_json::Value> {
+        None
+    }
 }
 
 /// A message body type: anything serde can decode from JSON.

@@ -47,7 +47,43 @@
 //! handlers), `cli` (the `reliable-mq` binary, `dlq list|show|replay|purge`, and its
 //! library module `dlq`), `otel` (W3C trace context through message headers), `metrics`
 //! (counters, gauges and histograms through the `metrics` facade), `http`
-//! (`/health/live`, `/health/ready` and `/metrics`; see `observe`).
+//! (`/health/live`, `/health/ready` and `/metrics`; see `observe`), `schemars` (payload
+//! types' JSON Schemas in the AsyncAPI export, below).
+//!
+//! # Payload schemas in the AsyncAPI export
+//!
+//! [`App::asyncapi`] (and `RELIABLE_MQ_EXPORT=asyncapi` with [`run`]) names each
+//! consumer's payload type. With the `schema` key, `#[consumer(..., schema)]`, it also
+//! exports the type's JSON Schema (draft 7, the base of AsyncAPI's Schema Object; nested
+//! types go under `components.schemas`). The type derives `schemars::JsonSchema`
+//! (schemars 1.x) and reliable-mq needs its `schemars` feature; consumers built by hand
+//! use [`ConsumerConfig::with_payload_schema`].
+//!
+//! Why a key and not "a schema whenever the type has one": a macro cannot see whether a
+//! type implements a trait, and the ways around it (autoref specialization in the
+//! generated code) fall back silently. A forgotten derive, or one from another schemars
+//! major version (a different trait), would then leave the schema out of the export with
+//! nobody told, in the CI job that publishes the document. With the key, each of those is a
+//! compile error saying which of the two is missing:
+//!
+#![cfg_attr(not(feature = "schemars"), doc = "```compile_fail,E0277")]
+#![cfg_attr(feature = "schemars", doc = "```ignore")]
+//! // error[E0277]: `#[consumer(schema)]` needs reliable-mq's `schemars` feature
+//! use reliable_mq::{consumer, HandlerError};
+//!
+//! #[derive(serde::Deserialize)]
+//! struct Order { id: u64 }
+//!
+//! #[consumer(queue = "orders", dlx = "orders.dlx", schema)]
+//! async fn reserve(order: Order) -> Result<(), HandlerError> {
+//!     let _ = order.id;
+//!     Ok(())
+//! }
+//! # fn main() {}
+//! ```
+//!
+//! (With the feature on and no derive: "`#[consumer(schema)]` exports the JSON Schema of
+//! `Order`, which does not implement `schemars::JsonSchema`".)
 //!
 //! # State
 //!
@@ -137,6 +173,7 @@ pub mod headers {
 #[doc(hidden)]
 pub mod __private {
     pub use crate::HandlerError;
+    pub use crate::asyncapi::{PayloadSchema, payload_schema};
     pub use crate::delivery::Delivery;
     pub use crate::handler::{
         Handler, HandlerFuture, IntoHandlerError, IntoHandlerResult, Payload, decode,
@@ -146,6 +183,7 @@ pub mod __private {
     pub use crate::spec::{CONSUMERS, ConsumerSpec, Setting, defaults};
     pub use crate::state::{StateType, extract_state};
     pub use linkme;
+    pub use serde_json::Value as JsonValue;
     pub use std::boxed::Box;
     pub use std::sync::Arc;
     pub use std::vec;

@@ -12,6 +12,8 @@ use std::time::Duration;
 use reliable_mq_model::{ConsumerModel, Key, Value};
 pub use reliable_mq_model::{ExchangeKind, QueueKind, RetryBackoff, defaults};
 
+use lapin::types::FieldTable;
+
 use crate::handler::Handler;
 
 /// One `key = value` of a `#[consumer(...)]` attribute, as the macro read it.
@@ -138,6 +140,8 @@ pub struct ConsumerConfig {
     /// macro and the runtime disagree, which the exact version pin rules out).
     unreadable: Vec<String>,
     pub(crate) handler: Arc<dyn Handler>,
+    /// The payload's JSON Schema given by hand (`with_payload_schema`).
+    payload_schema: Option<serde_json::Value>,
 }
 
 impl std::fmt::Debug for ConsumerConfig {
@@ -170,6 +174,10 @@ impl Handler for StaticHandler {
     fn payload_type(&self) -> Option<&'static str> {
         self.0.payload_type()
     }
+
+    fn payload_schema(&self) -> Option<serde_json::Value> {
+        self.0.payload_schema()
+    }
 }
 
 impl From<&ConsumerSpec> for ConsumerConfig {
@@ -195,6 +203,7 @@ impl From<&ConsumerSpec> for ConsumerConfig {
             model,
             unreadable,
             handler: Arc::new(StaticHandler(spec.handler)),
+            payload_schema: None,
         }
     }
 }
@@ -219,6 +228,7 @@ impl ConsumerConfig {
             model,
             unreadable: Vec::new(),
             handler: Arc::new(handler),
+            payload_schema: None,
         }
     }
 
@@ -342,6 +352,22 @@ impl ConsumerConfig {
         self
     }
 
+    /// Export the JSON Schema of `T`, the payload type, in the AsyncAPI document
+    /// ([`App::asyncapi`](crate::App::asyncapi)); what `#[consumer(schema)]` does for an
+    /// annotated function.
+    #[cfg(feature = "schemars")]
+    pub fn with_payload_schema<T: schemars::JsonSchema>(mut self) -> Self {
+        self.payload_schema = Some(crate::asyncapi::schema_of::<T>());
+        self
+    }
+
+    /// The payload's JSON Schema for the export: set on the config, or by the handler.
+    pub(crate) fn payload_schema(&self) -> Option<serde_json::Value> {
+        self.payload_schema
+            .clone()
+            .or_else(|| self.handler.payload_schema())
+    }
+
     /// The consumer's name, for logs and errors.
     pub fn name(&self) -> &str {
         &self.name
@@ -407,6 +433,23 @@ impl ConsumerConfig {
     /// How long handled ids are remembered.
     pub fn dedup_ttl(&self) -> Duration {
         self.model.dedup_ttl()
+    }
+
+    /// `basic.consume`'s options and arguments: `exclusive`, and `x-priority`. The
+    /// subscription and the AsyncAPI export both take them from here.
+    pub(crate) fn consume_options(&self) -> (lapin::options::BasicConsumeOptions, FieldTable) {
+        let options = lapin::options::BasicConsumeOptions {
+            exclusive: self.model.exclusive(),
+            ..lapin::options::BasicConsumeOptions::default()
+        };
+        let mut args = FieldTable::default();
+        if let Some(priority) = self.model.priority() {
+            args.insert(
+                "x-priority".into(),
+                lapin::types::AMQPValue::LongInt(priority),
+            );
+        }
+        (options, args)
     }
 
     /// Every problem with this consumer's settings against a broker whose

@@ -40,6 +40,49 @@ async fn send_email(to: String) -> Result<(), HandlerError> {
     Ok(())
 }
 
+/// An audit event, whose JSON Schema the export carries (`schema`).
+#[derive(serde::Deserialize, schemars::JsonSchema)]
+pub struct AuditEvent {
+    /// Who did it.
+    pub actor: String,
+    /// What was touched.
+    pub target: Target,
+    /// Free-form note.
+    pub note: Option<String>,
+}
+
+/// What an audit event is about.
+#[derive(serde::Deserialize, schemars::JsonSchema)]
+pub struct Target {
+    /// Kind of object, e.g. `order`.
+    pub kind: String,
+    /// Its id.
+    pub id: u64,
+}
+
+#[consumer(
+    queue = "operate-demo.audit",
+    dlx = "operate-demo.audit.dlx",
+    single_active_consumer,
+    priority = 7,
+    timeout = "2m",
+    schema
+)]
+async fn record_audit(event: AuditEvent) -> Result<(), HandlerError> {
+    let _ = (event.actor, event.target.kind, event.target.id, event.note);
+    Ok(())
+}
+
+#[consumer(
+    queue = "operate-demo.reports",
+    dlx = "operate-demo.reports.dlx",
+    exclusive
+)]
+async fn build_report(id: u64) -> Result<(), HandlerError> {
+    let _ = id;
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> Result<(), reliable_mq::Error> {
     if std::env::var("OPERATE_TRACING").is_ok_and(|v| v == "1") {

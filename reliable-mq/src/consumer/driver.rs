@@ -23,7 +23,7 @@ use std::sync::atomic::Ordering;
 
 use futures_util::StreamExt;
 use futures_util::future::Either;
-use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::options::{BasicCancelOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
@@ -497,7 +497,7 @@ impl ConsumerRuntime {
             .await
             .map_err(|e| Error::amqp("setting prefetch", e))?;
         let tag = self.consumer_tag();
-        let (options, args) = self.consume_options();
+        let (options, args) = self.consumer.consume_options();
         let deliveries = channel
             .basic_consume(queue.into(), tag.as_str().into(), options, args)
             .await
@@ -638,28 +638,12 @@ impl ConsumerRuntime {
             .basic_qos(self.consumer.prefetch(), BasicQosOptions::default())
             .await
             .map_err(|e| Error::amqp("setting prefetch", e))?;
-        let (options, args) = self.consume_options();
+        let (options, args) = self.consumer.consume_options();
         *deliveries = channel
             .basic_consume(queue.into(), tag.as_str().into(), options, args)
             .await
             .map_err(|e| Error::amqp(format!("subscribing to queue '{queue}'"), e))?;
         Ok(())
-    }
-
-    /// `basic.consume`'s options and arguments: `exclusive`, and `x-priority`.
-    fn consume_options(&self) -> (BasicConsumeOptions, FieldTable) {
-        let options = BasicConsumeOptions {
-            exclusive: self.consumer.model.exclusive(),
-            ..BasicConsumeOptions::default()
-        };
-        let mut args = FieldTable::default();
-        if let Some(priority) = self.consumer.model.priority() {
-            args.insert(
-                "x-priority".into(),
-                lapin::types::AMQPValue::LongInt(priority),
-            );
-        }
-        (options, args)
     }
 
     /// A fresh consumer tag, cut to fit an AMQP short string whatever the consumer's name.

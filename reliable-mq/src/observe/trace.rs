@@ -27,11 +27,16 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 use crate::Delivery;
 use crate::failure::header_str;
 
-fn propagator() -> TextMapCompositePropagator {
-    TextMapCompositePropagator::new(vec![
-        Box::new(TraceContextPropagator::new()),
-        Box::new(BaggagePropagator::new()),
-    ])
+/// Built once: two boxed propagators per message would be two allocations for nothing.
+fn propagator() -> &'static TextMapCompositePropagator {
+    static PROPAGATOR: std::sync::LazyLock<TextMapCompositePropagator> =
+        std::sync::LazyLock::new(|| {
+            TextMapCompositePropagator::new(vec![
+                Box::new(TraceContextPropagator::new()),
+                Box::new(BaggagePropagator::new()),
+            ])
+        });
+    &PROPAGATOR
 }
 
 /// RabbitMQ's name for the default exchange, which has the empty name on the wire.
@@ -91,14 +96,13 @@ pub(crate) fn delivery_span(delivery: &Delivery) -> tracing::Span {
         otel.kind = "consumer",
         messaging.system = "rabbitmq",
         messaging.operation.type = "process",
-        messaging.operation.name = "process",
         messaging.destination.name = exchange_name(delivery.exchange()),
         messaging.destination.subscription.name = queue,
         messaging.rabbitmq.destination.routing_key = delivery.routing_key(),
         messaging.message.id = delivery.message_id().unwrap_or(""),
-        queue = %queue,
-        message_id = delivery.message_id().unwrap_or(""),
-        delivery_tag = delivery.delivery_tag,
+        // Not also `queue`, `message_id` and `delivery_tag` as without `otel`: every
+        // field is an attribute to record and export on every delivery, and the two
+        // first would repeat the ones above (BENCHMARKS.md, "otel and metrics").
         redelivered = delivery.redelivered(),
         attempt = delivery.attempt(),
         error.type = tracing::field::Empty,
@@ -119,13 +123,21 @@ pub(crate) fn record_error(kind: &str) {
     tracing::Span::current().record("error.type", kind);
 }
 
-/// Run `settle` in a `settle {queue}` span (the parent of any copy it publishes).
+/// Run `settle` in a `settle {queue}` span when it publishes a copy (retry, dead letter,
+/// requeue tier) or hands the delivery back: the span is the copy's parent and shows
+/// where the time went. A plain ack gets no span of its own: it is one frame without a
+/// reply, already inside the `process` span, and a span of its own nearly doubled what
+/// tracing costs per message (BENCHMARKS.md, "otel and metrics"); the settle duration
+/// histogram still times it.
 pub(crate) fn settling<F: std::future::Future>(
     settle: F,
     queue: &str,
     outcome: &str,
 ) -> tracing::instrument::Instrumented<F> {
     use tracing::Instrument;
+    if outcome == "ack" {
+        return settle.instrument(tracing::Span::none());
+    }
     let span = tracing::info_span!(
         "settle",
         otel.name = %format_args!("settle {queue}"),

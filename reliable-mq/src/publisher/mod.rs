@@ -720,23 +720,55 @@ impl Publisher {
         })
     }
 
-    /// One publish and its confirm, bounded by the confirm timeout from the moment it is
-    /// handed to the ledger (unless the path awaits its own confirm).
+    /// One publish and its confirm, on whichever transport: handed over, counted, judged.
+    /// The metrics are recorded here, once for both transports, so the in-memory broker
+    /// of feature `testing` counts exactly what RabbitMQ would.
     async fn attempt(&self, send: &Send<'_>) -> Result<(), AttemptError> {
+        let handed = self.hand_over(send).await?;
+        let sent = publish_metrics::published();
+        let (outcome, generation) = match handed {
+            Handed::Lapin {
+                ticket,
+                link,
+                deadline,
+            } => (
+                self.await_confirm(ticket, send.patience, deadline).await,
+                Some(link.generation),
+            ),
+            #[cfg(feature = "testing")]
+            Handed::Memory(outcome) => (outcome, None),
+        };
+        match &outcome {
+            Outcome::Confirmed => publish_metrics::confirmed(sent),
+            Outcome::Returned(..) => publish_metrics::returned(),
+            Outcome::Nacked => publish_metrics::nacked(),
+            _ => {}
+        }
+        judge(outcome).map_err(|(e, failed)| {
+            if let (Some(keep_connection), Some(generation)) = (failed, generation) {
+                self.invalidate(generation, keep_connection);
+            }
+            e
+        })
+    }
+
+    /// Give the publish to the broker; the confirm timeout runs from the moment it is
+    /// handed to the ledger (unless the path awaits its own confirm). `Err` when it never
+    /// left: no link, blocked too long, or no room in the ledger in time.
+    async fn hand_over(&self, send: &Send<'_>) -> Result<Handed, AttemptError> {
         #[cfg(feature = "testing")]
         if let Some((broker, origin)) = &self.inner.memory {
             let origin = match send.patience {
                 Patience::AwaitOwnConfirm => crate::transport::memory::Origin::Settle,
                 Patience::Republish => *origin,
             };
-            let outcome = broker.publish(
+            return Ok(Handed::Memory(broker.publish(
                 origin,
                 send.exchange,
                 send.routing_key,
                 send.properties.clone(),
                 send.body.as_ref().clone(),
-            );
-            return judge(outcome).map_err(|(e, _)| e);
+            )));
         }
         let link = self.link().await.map_err(AttemptError::Lost)?;
         if link.connection.status().blocked() {
@@ -759,8 +791,21 @@ impl Publisher {
             .await
             // No room within the timeout: nothing was sent.
             .ok_or(AttemptError::Timeout)?;
-        let sent = publish_metrics::published();
-        let outcome = match send.patience {
+        Ok(Handed::Lapin {
+            ticket,
+            link,
+            deadline,
+        })
+    }
+
+    /// The broker's answer to a publish handed to the ledger.
+    async fn await_confirm(
+        &self,
+        ticket: ledger::Ticket,
+        patience: Patience,
+        deadline: tokio::time::Instant,
+    ) -> Outcome {
+        match patience {
             Patience::Republish => ticket.await,
             Patience::AwaitOwnConfirm => {
                 let mut ticket = std::pin::pin!(ticket);
@@ -768,26 +813,14 @@ impl Publisher {
                     Ok(outcome) => outcome,
                     Err(_late) => {
                         warn!(
-                            ?timeout,
+                            timeout = ?self.inner.config.confirm_timeout,
                             "settle copy not confirmed in time; waiting for its own confirm rather than publishing a second copy"
                         );
                         ticket.await
                     }
                 }
             }
-        };
-        match &outcome {
-            Outcome::Confirmed => publish_metrics::confirmed(sent),
-            Outcome::Returned(..) => publish_metrics::returned(),
-            Outcome::Nacked => publish_metrics::nacked(),
-            _ => {}
         }
-        judge(outcome).map_err(|(e, failed)| {
-            if let Some(keep_connection) = failed {
-                self.invalidate(link.generation, keep_connection);
-            }
-            e
-        })
     }
 
     /// Wait (bounded) while the broker blocks publishing.
@@ -971,6 +1004,19 @@ fn judge(outcome: Outcome) -> Result<(), (AttemptError, Option<bool>)> {
             Err((e, Some(keep_connection)))
         }
     }
+}
+
+/// A publish the broker has, its answer still to come (the in-memory broker answers at
+/// once).
+enum Handed {
+    Lapin {
+        ticket: ledger::Ticket,
+        /// The link it went out on, kept until the answer (which may say to drop it).
+        link: Arc<Link>,
+        deadline: tokio::time::Instant,
+    },
+    #[cfg(feature = "testing")]
+    Memory(Outcome),
 }
 
 /// One publish, validated and ready to (re)send.

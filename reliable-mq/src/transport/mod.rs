@@ -11,7 +11,8 @@
 //! - [`Link`]: the session's connection, to declare the topology on;
 //! - [`Session`] (in the driver): the subscription's deliveries and a link-lost signal;
 //! - the publisher's one confirmed publish, answered with the ledger's `Outcome`
-//!   (`Confirmed`, `Nacked`, `Returned`, `Failed`), in `publisher::Publisher::attempt`.
+//!   (`Confirmed`, `Nacked`, `Returned`, `Failed`), in `publisher::Publisher::hand_over`;
+//!   `Publisher::attempt` then counts and judges it the same way for both.
 
 use std::sync::Arc;
 
