@@ -564,3 +564,103 @@ fn the_in_memory_publisher_counts_the_same_metrics() {
     assert_eq!(counter(names::HANDLED), 1);
     assert_eq!(counter(names::DEAD_LETTERED), 1);
 }
+
+/// A TCP proxy to the broker that can fall silent: [`SilencingProxy::silence`] drops the
+/// connections through it, then accepts new ones and never says a word (a broker that
+/// hangs, not one that refuses).
+struct SilencingProxy {
+    addr: SocketAddr,
+    silent: Arc<std::sync::atomic::AtomicBool>,
+    links: Arc<std::sync::Mutex<tokio::task::JoinSet<()>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl SilencingProxy {
+    async fn start() -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let silent = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let links = Arc::new(std::sync::Mutex::new(tokio::task::JoinSet::new()));
+        let (s, l) = (Arc::clone(&silent), Arc::clone(&links));
+        let task = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((mut client, _)) = listener.accept().await {
+                if s.load(std::sync::atomic::Ordering::SeqCst) {
+                    held.push(client);
+                    continue;
+                }
+                l.lock().expect("links").spawn(async move {
+                    if let Ok(mut broker) = tokio::net::TcpStream::connect("127.0.0.1:5672").await {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut broker).await;
+                    }
+                });
+            }
+        });
+        Self {
+            addr,
+            silent,
+            links,
+            task,
+        }
+    }
+
+    fn silence(&self) {
+        self.silent.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.links.lock().expect("links").abort_all();
+    }
+}
+
+impl Drop for SilencingProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+        self.links.lock().expect("links").abort_all();
+    }
+}
+
+/// One readiness check waits at most one 2 s bound, not one per dependency: with the
+/// dedup store and the broker both hanging (a publisher without a connection is asked to
+/// open one), it still answers in about 2 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_answers_within_one_bound_while_the_store_and_the_broker_both_hang() {
+    spans();
+    let q = unique("ready-hang");
+    let _cleanup = Cleanup::consumer(&q, &[], &[]);
+    let store_proxy = SilencingProxy::start().await;
+    let broker_proxy = SilencingProxy::start().await;
+    store_proxy.silence();
+    let store = RedisStore::new(&format!("redis://{}", store_proxy.addr), 1).expect("lazy pool");
+    let handler =
+        delivery_handler_fn(|_job: Job, _d: Arc<Delivery>| async { Ok::<_, HandlerError>(()) });
+    let config =
+        test_config(&q).with_amqp_url(format!("amqp://guest:guest@{}/%2f", broker_proxy.addr));
+    let app = App::new(config)
+        .consumer(
+            ConsumerConfig::new(&q, format!("{q}.dlx"), handler)
+                .idempotent(Duration::from_secs(60)),
+        )
+        .with_dedup_store(store)
+        .start()
+        .await
+        .expect("start");
+    broker_proxy.silence();
+    assert!(
+        eventually(WAIT, || async { !app.publisher().is_connected().await }).await,
+        "the publisher saw its connection drop"
+    );
+    let started = std::time::Instant::now();
+    let health = app.health().await;
+    let took = started.elapsed();
+    assert!(
+        !health.dedup_up && !health.publisher_connected,
+        "{health:?}"
+    );
+    // Checked one after the other they took 3 s here (the store fails in about 1 s, the
+    // publisher's connect is cut at 2 s); side by side, 2 s.
+    assert!(
+        took < Duration::from_millis(2600),
+        "one 2 s bound, not one per dependency: {took:?}"
+    );
+    let _ = tokio::time::timeout(WAIT, app.shutdown()).await;
+}
