@@ -372,38 +372,6 @@ async fn readiness_is_503_with_the_reason_while_the_dedup_store_does_not_answer(
     );
 }
 
-/// A TCP proxy to the broker that the test can cut: the app's "broker" goes away
-/// without touching the shared RabbitMQ.
-struct Proxy {
-    addr: SocketAddr,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Proxy {
-    async fn start() -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let task = tokio::spawn(async move {
-            let mut links = tokio::task::JoinSet::new();
-            while let Ok((mut client, _)) = listener.accept().await {
-                links.spawn(async move {
-                    if let Ok(mut broker) = tokio::net::TcpStream::connect("127.0.0.1:5672").await {
-                        let _ = tokio::io::copy_bidirectional(&mut client, &mut broker).await;
-                    }
-                });
-            }
-        });
-        Self { addr, task }
-    }
-
-    /// Drop every connection through the proxy and refuse new ones.
-    fn cut(&self) {
-        self.task.abort();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readiness_is_200_while_the_broker_is_there_and_503_when_it_is_gone() {
     spans();
@@ -565,17 +533,16 @@ fn the_in_memory_publisher_counts_the_same_metrics() {
     assert_eq!(counter(names::DEAD_LETTERED), 1);
 }
 
-/// A TCP proxy to the broker that can fall silent: [`SilencingProxy::silence`] drops the
-/// connections through it, then accepts new ones and never says a word (a broker that
-/// hangs, not one that refuses).
-struct SilencingProxy {
+/// A TCP proxy to the broker that the test can cut or silence: the app's "broker" goes
+/// away, or hangs, without touching the shared RabbitMQ.
+struct Proxy {
     addr: SocketAddr,
     silent: Arc<std::sync::atomic::AtomicBool>,
     links: Arc<std::sync::Mutex<tokio::task::JoinSet<()>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
-impl SilencingProxy {
+impl Proxy {
     async fn start() -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
@@ -606,16 +573,22 @@ impl SilencingProxy {
         }
     }
 
+    /// Drop every connection through the proxy and refuse new ones.
+    fn cut(&self) {
+        self.task.abort();
+        self.links.lock().expect("links").abort_all();
+    }
+
+    /// Drop every connection through the proxy, then accept new ones and never answer.
     fn silence(&self) {
         self.silent.store(true, std::sync::atomic::Ordering::SeqCst);
         self.links.lock().expect("links").abort_all();
     }
 }
 
-impl Drop for SilencingProxy {
+impl Drop for Proxy {
     fn drop(&mut self) {
-        self.task.abort();
-        self.links.lock().expect("links").abort_all();
+        self.cut();
     }
 }
 
@@ -627,8 +600,8 @@ async fn readiness_answers_within_one_bound_while_the_store_and_the_broker_both_
     spans();
     let q = unique("ready-hang");
     let _cleanup = Cleanup::consumer(&q, &[], &[]);
-    let store_proxy = SilencingProxy::start().await;
-    let broker_proxy = SilencingProxy::start().await;
+    let store_proxy = Proxy::start().await;
+    let broker_proxy = Proxy::start().await;
     store_proxy.silence();
     let store = RedisStore::new(&format!("redis://{}", store_proxy.addr), 1).expect("lazy pool");
     let handler =
