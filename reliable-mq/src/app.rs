@@ -307,6 +307,7 @@ impl App {
                 retry_gate: tokio::sync::Mutex::new(crate::connection::Backoff::new(
                     config.max_reconnect_delay,
                 )),
+                renewals: Default::default(),
                 states: Arc::clone(&states),
                 transport: self.transport.clone(),
                 connections: Arc::clone(&connections),

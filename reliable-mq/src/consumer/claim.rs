@@ -2,9 +2,10 @@
 //! claim, then `done` on success or release on failure, with the lease renewed from the
 //! moment the claim is taken until it is settled.
 //!
-//! The renewal runs on a task of its own, beside the handler: a slow or stopped store
-//! delays only the renewal (each call has its own deadline), never the handler or its
-//! timeout. A claim taken ahead of a free slot is renewed while it waits, too.
+//! The renewal runs on the consumer's renewal sweep (`renew`), beside the handler: a slow
+//! or stopped store delays only the renewal (each call has its own deadline), never the
+//! handler or its timeout. A claim taken ahead of a free slot is renewed while it waits,
+//! too.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,6 +13,7 @@ use std::time::Duration;
 use tracing::{debug, warn};
 
 use crate::Delivery;
+use crate::consumer::renew::{Renewal, Renewals};
 use crate::dedup::{self, Claim, DedupError, DedupStore, KeyScope};
 
 /// How long one store call may take before it counts as failed. A stopped Redis (SIGSTOP,
@@ -41,14 +43,15 @@ pub(crate) struct ClaimGuard {
     store: Arc<dyn DedupStore>,
     key: String,
     token: String,
-    /// The renewal task, stopped when the claim is settled or dropped.
-    renewal: Option<tokio::task::AbortHandle>,
+    /// The claim's place in the renewal sweep, left when the claim is settled or dropped.
+    renewal: Option<Renewal>,
     settled: bool,
 }
 
 /// Claim `delivery` for an idempotent consumer (`store` is `None` for the others).
 pub(crate) async fn claim(
     store: Option<&Arc<dyn DedupStore>>,
+    renewals: &Renewals,
     scope: &KeyScope,
     timeout: Duration,
     delivery: &Delivery,
@@ -71,7 +74,7 @@ pub(crate) async fn claim(
         });
     match answer {
         Ok(Claim::Acquired) => {
-            let renewal = spawn_renewal(Arc::clone(store), key.clone(), token.clone(), lease);
+            let renewal = renewals.start(store, &key, &token, lease);
             ClaimDecision::Run(Some(ClaimGuard {
                 store: Arc::clone(store),
                 key,
@@ -93,51 +96,6 @@ pub(crate) async fn claim(
     }
 }
 
-/// Renew the claim every third of its lease, on a task of its own, until aborted or the
-/// claim is found lost. Each call gets a third of the lease at most, so a call that hangs
-/// is given up in time for the next one; after a failed call the next comes within
-/// [`RENEW_RETRY`], so a store back from an outage renews well before the lease runs out.
-fn spawn_renewal(
-    store: Arc<dyn DedupStore>,
-    key: String,
-    token: String,
-    lease: Duration,
-) -> Option<tokio::task::AbortHandle> {
-    let runtime = tokio::runtime::Handle::try_current().ok()?;
-    let every = lease / 3;
-    let task = runtime.spawn(async move {
-        let mut next = tokio::time::Instant::now() + every;
-        loop {
-            tokio::time::sleep_until(next).await;
-            let renewed = match tokio::time::timeout(every, store.renew(&key, &token, lease)).await
-            {
-                Ok(Ok(true)) => {
-                    debug!(%key, "claim lease renewed");
-                    true
-                }
-                Ok(Ok(false)) => {
-                    warn!(%key, "claim lease lost while its delivery runs; a redelivery may run concurrently");
-                    return;
-                }
-                Ok(Err(e)) => {
-                    warn!(%key, error = %e, "cannot renew the claim lease; trying again");
-                    false
-                }
-                Err(_) => {
-                    warn!(%key, "the dedup store did not answer a lease renewal in time; trying again");
-                    false
-                }
-            };
-            let wait = if renewed { every } else { RENEW_RETRY.min(every) };
-            next = tokio::time::Instant::now() + wait;
-        }
-    });
-    Some(task.abort_handle())
-}
-
-/// How soon a failed lease renewal is tried again.
-const RENEW_RETRY: Duration = Duration::from_secs(1);
-
 /// Compare-and-delete `key` with `token` on a task of its own (best effort).
 fn release_in_background(store: Arc<dyn DedupStore>, key: String, token: String) {
     let Ok(runtime) = tokio::runtime::Handle::try_current() else {
@@ -157,9 +115,7 @@ fn release_in_background(store: Arc<dyn DedupStore>, key: String, token: String)
 impl ClaimGuard {
     fn settle(&mut self) {
         self.settled = true;
-        if let Some(renewal) = self.renewal.take() {
-            renewal.abort();
-        }
+        self.renewal = None;
     }
 
     /// The handler succeeded: mark `done` for `ttl`. A store error is logged, not
@@ -209,9 +165,7 @@ impl ClaimGuard {
 
 impl Drop for ClaimGuard {
     fn drop(&mut self) {
-        if let Some(renewal) = self.renewal.take() {
-            renewal.abort();
-        }
+        self.renewal = None;
         if !self.settled {
             release_in_background(
                 Arc::clone(&self.store),
@@ -249,23 +203,38 @@ mod tests {
         KeyScope::new("p", "/")
     }
 
-    async fn decide(store: &Arc<dyn DedupStore>, id: &str) -> ClaimDecision {
-        claim(Some(store), &scope(), TIMEOUT, &delivery(Some(id))).await
+    async fn decide(renewals: &Renewals, store: &Arc<dyn DedupStore>, id: &str) -> ClaimDecision {
+        claim(
+            Some(store),
+            renewals,
+            &scope(),
+            TIMEOUT,
+            &delivery(Some(id)),
+        )
+        .await
     }
 
     #[tokio::test]
     async fn consumers_that_are_not_idempotent_always_run() {
         assert!(matches!(
-            claim(None, &scope(), TIMEOUT, &delivery(None)).await,
+            claim(
+                None,
+                &Renewals::default(),
+                &scope(),
+                TIMEOUT,
+                &delivery(None)
+            )
+            .await,
             ClaimDecision::Run(None)
         ));
     }
 
     #[tokio::test]
     async fn a_missing_or_empty_message_id_is_dead_lettered_without_touching_the_store() {
+        let renewals = Renewals::default();
         let (mem, store) = memory();
         for d in [delivery(None), delivery(Some(""))] {
-            let decision = claim(Some(&store), &scope(), TIMEOUT, &d).await;
+            let decision = claim(Some(&store), &renewals, &scope(), TIMEOUT, &d).await;
             assert!(matches!(decision, ClaimDecision::MissingMessageId));
         }
         assert!(mem.is_empty());
@@ -273,8 +242,9 @@ mod tests {
 
     #[tokio::test]
     async fn claim_then_complete_makes_the_next_copy_a_duplicate() {
+        let renewals = Renewals::default();
         let (_, store) = memory();
-        let ClaimDecision::Run(Some(guard)) = decide(&store, "m").await else {
+        let ClaimDecision::Run(Some(guard)) = decide(&renewals, &store, "m").await else {
             panic!("first copy runs");
         };
         assert_eq!(
@@ -282,41 +252,43 @@ mod tests {
             "{{prefix}}:{{vhost}}:{{queue}}:{{message_id}}"
         );
         assert!(matches!(
-            decide(&store, "m").await,
+            decide(&renewals, &store, "m").await,
             ClaimDecision::HeldElsewhere
         ));
         guard.complete(TTL).await;
         assert!(matches!(
-            decide(&store, "m").await,
+            decide(&renewals, &store, "m").await,
             ClaimDecision::Duplicate
         ));
         // Another queue is another key.
         let mut other = delivery(Some("m"));
         other.queue = "invoices".into();
         assert!(matches!(
-            claim(Some(&store), &scope(), TIMEOUT, &other).await,
+            claim(Some(&store), &renewals, &scope(), TIMEOUT, &other).await,
             ClaimDecision::Run(Some(_))
         ));
     }
 
     #[tokio::test]
     async fn a_failed_attempt_releases_so_the_retry_runs() {
+        let renewals = Renewals::default();
         let (_, store) = memory();
-        let ClaimDecision::Run(Some(guard)) = decide(&store, "m").await else {
+        let ClaimDecision::Run(Some(guard)) = decide(&renewals, &store, "m").await else {
             panic!("first copy runs");
         };
         guard.release().await;
         assert!(matches!(
-            decide(&store, "m").await,
+            decide(&renewals, &store, "m").await,
             ClaimDecision::Run(Some(_))
         ));
     }
 
     #[tokio::test]
     async fn a_guard_dropped_unsettled_releases_its_claim() {
+        let renewals = Renewals::default();
         // Its task was aborted (shutdown grace over): the redelivery must not wait a lease.
         let (mem, store) = memory();
-        let ClaimDecision::Run(Some(guard)) = decide(&store, "m").await else {
+        let ClaimDecision::Run(Some(guard)) = decide(&renewals, &store, "m").await else {
             panic!("first copy runs");
         };
         drop(guard);
@@ -328,18 +300,19 @@ mod tests {
         }
         assert!(mem.is_empty(), "released in the background");
         assert!(matches!(
-            decide(&store, "m").await,
+            decide(&renewals, &store, "m").await,
             ClaimDecision::Run(Some(_))
         ));
     }
 
     #[tokio::test(start_paused = true)]
     async fn the_lease_is_renewed_from_the_claim_until_it_is_settled() {
+        let renewals = Renewals::default();
         // Nothing drives the renewal: a claim taken ahead of a free slot, then a long
         // handler, are both covered from the moment the claim is taken.
         let (_, store) = memory();
         let lease = dedup::lease_for(TIMEOUT);
-        let ClaimDecision::Run(Some(guard)) = decide(&store, "m").await else {
+        let ClaimDecision::Run(Some(guard)) = decide(&renewals, &store, "m").await else {
             panic!("first copy runs");
         };
         tokio::time::sleep(lease * 3).await;
@@ -350,7 +323,7 @@ mod tests {
         );
         guard.complete(TTL).await;
         assert!(matches!(
-            decide(&store, "m").await,
+            decide(&renewals, &store, "m").await,
             ClaimDecision::Duplicate
         ));
     }
@@ -399,13 +372,14 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_hanging_renewal_is_given_up_and_the_next_one_keeps_the_claim() {
+        let renewals = Renewals::default();
         let stalling = Arc::new(Stalling {
             inner: MemoryStore::new(),
             stalled: std::sync::atomic::AtomicBool::new(false),
         });
         let store: Arc<dyn DedupStore> = stalling.clone();
         let lease = dedup::lease_for(TIMEOUT);
-        let ClaimDecision::Run(Some(guard)) = decide(&store, "m").await else {
+        let ClaimDecision::Run(Some(guard)) = decide(&renewals, &store, "m").await else {
             panic!("first copy runs");
         };
         // The first renewal (a third into the lease) hangs; the store answers again after.
@@ -424,17 +398,18 @@ mod tests {
         );
         guard.release().await;
         assert!(matches!(
-            decide(&store, "m").await,
+            decide(&renewals, &store, "m").await,
             ClaimDecision::Run(Some(_))
         ));
     }
 
     #[tokio::test]
     async fn an_unreachable_store_is_store_down_never_a_run() {
+        let renewals = Renewals::default();
         let store: Arc<dyn DedupStore> =
             Arc::new(RedisStore::new("redis://127.0.0.1:1", 1).expect("lazy pool"));
         assert!(matches!(
-            decide(&store, "m").await,
+            decide(&renewals, &store, "m").await,
             ClaimDecision::StoreDown(_)
         ));
     }

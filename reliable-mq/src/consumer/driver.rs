@@ -34,6 +34,7 @@ use crate::connection::{self, Backoff};
 use crate::consumer::claim::{ClaimDecision, claim};
 use crate::consumer::inspect;
 use crate::consumer::invoke::invoke;
+use crate::consumer::renew::Renewals;
 use crate::consumer::settle::{SettleOutcome, Settler};
 use crate::consumer::{ConsumerStats, InFlight, hand_back_deadline};
 use crate::dedup::{DedupStore, KeyScope};
@@ -175,6 +176,8 @@ pub(crate) struct ConsumerRuntime {
     pub(crate) key_scope: KeyScope,
     /// Paces the held settle copies of this consumer (see `Settler::retry_gate`).
     pub(crate) retry_gate: tokio::sync::Mutex<Backoff>,
+    /// Renews the leases of this consumer's claims, one sweep for all of them.
+    pub(crate) renewals: Renewals,
     /// RabbitMQ, or the in-memory broker of feature `testing` (only read with it).
     #[cfg_attr(not(feature = "testing"), allow(dead_code))]
     pub(crate) transport: Transport,
@@ -227,6 +230,20 @@ struct Held<'a> {
     hand_back_at: Instant,
     /// The session's connection (to redeclare the topology on).
     connection: &'a Link,
+}
+
+/// What the task of one delivery with a slot owns (see `ConsumerRuntime::process`).
+struct Task {
+    delivery: Arc<Delivery>,
+    acker: Acker,
+    /// The claim started when the delivery arrived (idempotent consumers).
+    claim: Option<tokio::task::JoinHandle<Option<ClaimDecision>>>,
+    /// Given back as soon as the handler returns.
+    slot: tokio::sync::OwnedSemaphorePermit,
+    hand_back_at: Instant,
+    /// The session's connection (to redeclare the topology on).
+    link: Arc<Link>,
+    busy: InFlight,
 }
 
 /// A delivery received and waiting for a slot, its claim under way.
@@ -365,19 +382,18 @@ impl ConsumerRuntime {
                             span,
                             busy,
                         } = w;
-                        // Boxed: the task then holds a pointer, not the whole (several kB)
-                        // state machine, which tokio would copy on spawn and on completion.
-                        in_flight.spawn(Box::pin(
-                            async move {
-                                let _busy = busy;
-                                let held = Held {
-                                    hand_back_at,
-                                    connection: &link,
-                                };
-                                this.process(delivery, acker, claim, permit, held).await
-                            }
-                            .instrument(span),
-                        ));
+                        // Boxed: the task then holds a pointer, not the whole state
+                        // machine, which tokio would copy on spawn and on completion.
+                        let task = Task {
+                            delivery,
+                            acker,
+                            claim,
+                            slot: permit,
+                            hand_back_at,
+                            link,
+                            busy,
+                        };
+                        in_flight.spawn(Box::pin(this.process(task).instrument(span)));
                         continue;
                     }
                 }
@@ -526,18 +542,46 @@ impl ConsumerRuntime {
         acker: &Acker,
         hand_back_at: Instant,
     ) -> Option<ClaimDecision> {
+        let decision = self.claim_once(delivery).await;
+        if !matches!(decision, ClaimDecision::StoreDown(_)) {
+            return Some(decision);
+        }
+        // Boxed: the pause's state machine (timers, the hand-back) would otherwise be
+        // part of every claim task's future, copied whole when it is spawned.
+        Box::pin(self.claim_paused(decision, delivery, acker, hand_back_at)).await
+    }
+
+    /// One claim attempt.
+    async fn claim_once(&self, delivery: &Delivery) -> ClaimDecision {
+        claim(
+            self.dedup.as_ref(),
+            &self.renewals,
+            &self.key_scope,
+            self.consumer.timeout(),
+            delivery,
+        )
+        .await
+    }
+
+    /// [`Self::claim`] once the store did not answer (`first` is that answer): paused,
+    /// claiming again with capped backoff.
+    async fn claim_paused(
+        &self,
+        first: ClaimDecision,
+        delivery: &Delivery,
+        acker: &Acker,
+        hand_back_at: Instant,
+    ) -> Option<ClaimDecision> {
         let mut backoff: Option<Backoff> = None;
         // Counts the time paused when dropped, whichever way the pause ends.
         let mut _paused = None;
         let mut signal = self.shutdown.signal();
+        let mut next = Some(first);
         loop {
-            let decision = claim(
-                self.dedup.as_ref(),
-                &self.key_scope,
-                self.consumer.timeout(),
-                delivery,
-            )
-            .await;
+            let decision = match next.take() {
+                Some(first) => first,
+                None => self.claim_once(delivery).await,
+            };
             let ClaimDecision::StoreDown(e) = &decision else {
                 if backoff.is_some() {
                     self.stats.paused.fetch_sub(1, Ordering::Relaxed);
@@ -700,20 +744,29 @@ impl ConsumerRuntime {
     /// the handler returns: settling (the `done` mark, the ack, a retry or dead-letter
     /// copy) does not hold up the next handler. Unsettled deliveries stay bounded by the
     /// prefetch window.
-    async fn process(
-        &self,
-        delivery: Arc<Delivery>,
-        acker: Acker,
-        claim: Option<tokio::task::JoinHandle<Option<ClaimDecision>>>,
-        slot: tokio::sync::OwnedSemaphorePermit,
-        held: Held<'_>,
-    ) {
+    ///
+    /// It is the delivery's task itself (owning what it needs, not wrapped in another
+    /// future), and keeps what it holds across its awaits small: its future is allocated
+    /// and copied once per delivery.
+    async fn process(self: Arc<Self>, task: Task) {
+        let Task {
+            delivery,
+            acker,
+            claim,
+            slot,
+            hand_back_at,
+            link,
+            busy: _busy,
+        } = task;
         let mut slot = Some(slot);
         let _in_flight = self.stats.metrics.in_flight();
-        let settler = self.settler(&held);
+        // The rarely taken paths (a claim made here, the inbox, a settle copy) are boxed:
+        // inline, their state machines would make this task's future several kB, which
+        // is copied whole when the task is spawned.
         let decision = match claim {
             Some(task) => task.await.ok().flatten(),
-            None => self.claim(&delivery, &acker, held.hand_back_at).await,
+            None if self.dedup.is_none() => Some(ClaimDecision::Run(None)),
+            None => Box::pin(self.claim(&delivery, &acker, hand_back_at)).await,
         };
         let Some(decision) = decision else {
             // Shutdown, or the channel died, while paused on the dedup store: leave it
@@ -732,9 +785,9 @@ impl ConsumerRuntime {
                     dedup_ttl: self.consumer.dedup_ttl(),
                     stats: &self.stats,
                     shutdown: &self.shutdown,
-                    hand_back_at: held.hand_back_at,
+                    hand_back_at,
                 };
-                match call.run().await {
+                match Box::pin(call.run()).await {
                     Some(outcome) => outcome,
                     // Left unacked: the broker redelivers it.
                     None => return,
@@ -742,7 +795,7 @@ impl ConsumerRuntime {
             }
             ClaimDecision::Run(guard) => {
                 let handler = self.consumer.handler.as_ref();
-                // The claim's lease is renewed by a task of its own, beside the call.
+                // The claim's lease is renewed by the consumer's sweep, beside the call.
                 let timer = self.stats.metrics.timer();
                 let result = invoke(handler, Arc::clone(&delivery), self.consumer.timeout()).await;
                 self.stats.metrics.handler_took(timer);
@@ -791,12 +844,26 @@ impl ConsumerRuntime {
         drop(slot);
         let timer = self.stats.metrics.timer();
         let name = outcome.name();
-        crate::observe::trace::settling(
-            settler.settle(&acker, &delivery, outcome),
-            delivery.queue(),
-            name,
-        )
-        .await;
+        if outcome == SettleOutcome::Ack {
+            crate::observe::trace::settling(
+                crate::consumer::settle::ack(&acker),
+                delivery.queue(),
+                name,
+            )
+            .await;
+        } else {
+            let held = Held {
+                hand_back_at,
+                connection: &link,
+            };
+            let settler = self.settler(&held);
+            crate::observe::trace::settling(
+                Box::pin(settler.settle(&acker, &delivery, outcome)),
+                delivery.queue(),
+                name,
+            )
+            .await;
+        }
         self.stats.metrics.settled(timer);
     }
 }

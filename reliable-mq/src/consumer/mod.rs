@@ -7,6 +7,7 @@ pub(crate) mod driver;
 pub(crate) mod inspect;
 pub(crate) mod invoke;
 pub(crate) mod quarantine;
+pub(crate) mod renew;
 pub(crate) mod settle;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

@@ -217,7 +217,13 @@ impl KeyScope {
 
     /// The dedup key of `message_id` on `queue`.
     pub fn key(&self, queue: &str, message_id: &str) -> String {
-        format!("{}:{}:{}", self.head, encode(queue), encode(message_id))
+        // Built by hand, not with `format!`: this runs for every delivery.
+        let (queue, message_id) = (encode(queue), encode(message_id));
+        let mut key = String::with_capacity(self.head.len() + queue.len() + message_id.len() + 2);
+        for part in [self.head.as_str(), ":", &queue, ":", &message_id] {
+            key.push_str(part);
+        }
+        key
     }
 }
 
@@ -229,7 +235,8 @@ fn vhost_of(url: &str) -> Option<String> {
 
 /// `part` with `%` and `:` percent-encoded.
 fn encode(part: &str) -> std::borrow::Cow<'_, str> {
-    if part.contains([':', '%']) {
+    // Bytes, not a `char` pattern (which decodes every character): both are ASCII.
+    if part.bytes().any(|b| b == b':' || b == b'%') {
         std::borrow::Cow::Owned(part.replace('%', "%25").replace(':', "%3A"))
     } else {
         std::borrow::Cow::Borrowed(part)

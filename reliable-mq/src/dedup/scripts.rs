@@ -19,7 +19,9 @@ use std::time::Duration;
 
 use deadpool_redis::redis::aio::ConnectionLike;
 use deadpool_redis::redis::{FromRedisValue, Script, ScriptInvocation};
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
+use tokio::sync::{mpsc, oneshot};
 
 use super::{Claim, DedupError, DedupFuture, DedupStore, millis};
 
@@ -341,6 +343,22 @@ struct Batchers {
 /// the store is dropped.
 struct Batcher(mpsc::UnboundedSender<Request>);
 
+/// Run `batch` and send each caller its answer.
+async fn answer_batch<S: ConnectionSource>(shared: Arc<Shared<S>>, op: Op, batch: Vec<Request>) {
+    match shared.run_batch(op, &batch).await {
+        Ok(codes) => {
+            for (r, code) in batch.into_iter().zip(codes) {
+                let _ = r.reply.send(Ok(code));
+            }
+        }
+        Err(e) => {
+            for r in batch {
+                let _ = r.reply.send(Err(e.clone()));
+            }
+        }
+    }
+}
+
 impl Batcher {
     fn start<S: ConnectionSource>(
         runtime: &tokio::runtime::Handle,
@@ -349,38 +367,39 @@ impl Batcher {
     ) -> Self {
         let (tx, mut rx) = mpsc::unbounded_channel::<Request>();
         runtime.spawn(async move {
-            let slots = Arc::new(Semaphore::new(BATCHES_IN_FLIGHT));
+            // The batches on the wire run inside this task (no task spawned per batch).
+            let mut on_the_wire = FuturesUnordered::new();
+            let mut open = true;
+            let mut batch = Vec::with_capacity(MAX_BATCH);
             loop {
-                let Ok(permit) = Arc::clone(&slots).acquire_owned().await else {
-                    return;
-                };
-                let mut batch = Vec::with_capacity(MAX_BATCH);
-                if rx.recv_many(&mut batch, MAX_BATCH).await == 0 {
+                if !open && on_the_wire.is_empty() {
                     return;
                 }
-                // A caller that gave up (its deadline passed) is not claimed for: it is
-                // already releasing its claim, and a claim written after that release
-                // would hold the message off until its lease ran out.
-                batch.retain(|r: &Request| !r.reply.is_closed());
-                if batch.is_empty() {
-                    continue;
-                }
-                let shared = Arc::clone(&shared);
-                tokio::spawn(async move {
-                    let _permit = permit;
-                    match shared.run_batch(op, &batch).await {
-                        Ok(codes) => {
-                            for (r, code) in batch.into_iter().zip(codes) {
-                                let _ = r.reply.send(Ok(code));
-                            }
+                tokio::select! {
+                    // Answers first, so a batch's callers hear back before the next goes.
+                    biased;
+                    Some(()) = on_the_wire.next(), if !on_the_wire.is_empty() => {}
+                    n = rx.recv_many(&mut batch, MAX_BATCH),
+                        if open && on_the_wire.len() < BATCHES_IN_FLIGHT =>
+                    {
+                        if n == 0 {
+                            open = false;
+                            continue;
                         }
-                        Err(e) => {
-                            for r in batch {
-                                let _ = r.reply.send(Err(e.clone()));
-                            }
+                        // A caller that gave up (its deadline passed) is not claimed for:
+                        // it is already releasing its claim, and a claim written after
+                        // that release would hold the message off until its lease ran out.
+                        batch.retain(|r: &Request| !r.reply.is_closed());
+                        if batch.is_empty() {
+                            continue;
                         }
+                        // Exactly sized: the receive buffer (room for the largest batch)
+                        // stays, and is not allocated again per batch.
+                        let mut taken = Vec::with_capacity(batch.len());
+                        taken.append(&mut batch);
+                        on_the_wire.push(answer_batch(Arc::clone(&shared), op, taken));
                     }
-                });
+                }
             }
         });
         Self(tx)
@@ -414,10 +433,14 @@ impl<S: ConnectionSource> DedupStore for ScriptStore<S> {
         Box::pin(async move {
             let code = match self.batchers() {
                 Some(b) => b.claims.call(key, token, lease).await?,
+                // Boxed, as below: only a cluster takes this path, and inline the script
+                // call would size every claim's future.
                 None => {
-                    self.shared
-                        .run(self.shared.scripts.claim(key, token, lease))
-                        .await?
+                    Box::pin(
+                        self.shared
+                            .run(self.shared.scripts.claim(key, token, lease)),
+                    )
+                    .await?
                 }
             };
             Ok(claim_outcome(code))
@@ -444,9 +467,11 @@ impl<S: ConnectionSource> DedupStore for ScriptStore<S> {
             let code = match self.batchers() {
                 Some(b) => b.completes.call(key, token, ttl).await?,
                 None => {
-                    self.shared
-                        .run(self.shared.scripts.complete(key, token, ttl))
-                        .await?
+                    Box::pin(
+                        self.shared
+                            .run(self.shared.scripts.complete(key, token, ttl)),
+                    )
+                    .await?
                 }
             };
             Ok(code == 1)
