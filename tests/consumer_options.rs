@@ -235,7 +235,7 @@ async fn single_active_consumer_keeps_order_until_a_message_fails() {
 
     init_tracing();
     let queue = unique("rmq-test-sac-order");
-    let _cleanup = Cleanup::consumer(&queue, &["200ms"], &[]);
+    let _cleanup = Cleanup::consumer(&queue, &["1s"], &[]);
     let seen: Arc<Mutex<Vec<(u64, u32)>>> = Arc::default();
     let s = Arc::clone(&seen);
     let handler = delivery_handler_fn(move |n: u64, d: Arc<Delivery>| {
@@ -253,12 +253,13 @@ async fn single_active_consumer_keeps_order_until_a_message_fails() {
     let app = start(
         &queue,
         ConsumerConfig::new(&queue, format!("{queue}.dlx"), handler)
-            .with_retries(1, Duration::from_millis(200), RetryBackoff::Fixed)
+            .with_retries(1, Duration::from_secs(1), RetryBackoff::Fixed)
             .with_single_active_consumer(),
     )
     .await;
     let broker = Broker::connect().await;
-    // Four confirmed publishes take a few milliseconds, the retry tier 200 ms.
+    // Four confirmed publishes take milliseconds, the retry tier a second: a margin
+    // against a loaded machine, where the order would otherwise depend on timing.
     publish(&broker, &queue, 4).await;
     let all = eventually(Duration::from_secs(10), || async {
         handled(&app, &queue) == 4

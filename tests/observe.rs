@@ -14,9 +14,10 @@ use lapin::BasicProperties;
 use opentelemetry::trace::{SpanKind, TraceContextExt, TracerProvider as _};
 use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider, SpanData};
 use reliable_mq::{App, ConsumerConfig, Delivery, HandlerError, RedisStore, delivery_handler_fn};
-use reliable_mq_tests::{Broker, Cleanup, eventually, faults_enabled, test_config, unique};
+use reliable_mq_tests::{
+    Broker, Cleanup, eventually, faults_enabled, http_get, test_config, unique,
+};
 use serde::Deserialize;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::layer::SubscriberExt;
@@ -212,26 +213,6 @@ async fn a_delivery_is_a_child_of_its_publish_and_the_trace_survives_retry_and_d
     app.shutdown().await.expect("clean shutdown");
 }
 
-/// A minimal HTTP/1.1 GET over a fresh connection: status and body.
-async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
-    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.expect("send");
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response).await.expect("read");
-    let text = String::from_utf8_lossy(&response).into_owned();
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (status, body)
-}
-
 /// The value of each series of `metric` whose labels include `label`, by label set.
 fn series(scrape: &str, metric: &str, label: &str) -> BTreeMap<String, f64> {
     scrape
@@ -290,7 +271,7 @@ async fn metrics_are_scraped_over_http_with_every_outcome_counted() {
         .await
     );
 
-    let (status, scrape) = get(addr, "/metrics").await;
+    let (status, scrape) = http_get(addr, "/metrics").await;
     assert_eq!(status, 200);
     let mine = format!("queue=\"{q}\"");
     let count = |metric: &str| one(&scrape, metric, &mine);
@@ -369,9 +350,9 @@ async fn readiness_is_503_with_the_reason_while_the_dedup_store_does_not_answer(
         .expect("start");
     let addr = app.serve_http("127.0.0.1:0").await.expect("listen");
 
-    let (status, body) = get(addr, "/health/live").await;
+    let (status, body) = http_get(addr, "/health/live").await;
     assert_eq!((status, body.as_str()), (200, r#"{"live":true}"#));
-    let (status, body) = get(addr, "/health/ready").await;
+    let (status, body) = http_get(addr, "/health/ready").await;
     assert_eq!(status, 503, "{body}");
     let doc: serde_json::Value = serde_json::from_str(&body).expect("JSON");
     assert_eq!(doc["ready"], false);
@@ -391,38 +372,6 @@ async fn readiness_is_503_with_the_reason_while_the_dedup_store_does_not_answer(
     );
 }
 
-/// A TCP proxy to the broker that the test can cut: the app's "broker" goes away
-/// without touching the shared RabbitMQ.
-struct Proxy {
-    addr: SocketAddr,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Proxy {
-    async fn start() -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let task = tokio::spawn(async move {
-            let mut links = tokio::task::JoinSet::new();
-            while let Ok((mut client, _)) = listener.accept().await {
-                links.spawn(async move {
-                    if let Ok(mut broker) = tokio::net::TcpStream::connect("127.0.0.1:5672").await {
-                        let _ = tokio::io::copy_bidirectional(&mut client, &mut broker).await;
-                    }
-                });
-            }
-        });
-        Self { addr, task }
-    }
-
-    /// Drop every connection through the proxy and refuse new ones.
-    fn cut(&self) {
-        self.task.abort();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readiness_is_200_while_the_broker_is_there_and_503_when_it_is_gone() {
     spans();
@@ -438,7 +387,7 @@ async fn readiness_is_200_while_the_broker_is_there_and_503_when_it_is_gone() {
         .await
         .expect("start");
     let addr = app.serve_http("127.0.0.1:0").await.expect("listen");
-    let (status, body) = get(addr, "/health/ready").await;
+    let (status, body) = http_get(addr, "/health/ready").await;
     assert_eq!(status, 200, "{body}");
     let doc: serde_json::Value = serde_json::from_str(&body).expect("JSON");
     assert_eq!(doc["ready"], true);
@@ -448,7 +397,7 @@ async fn readiness_is_200_while_the_broker_is_there_and_503_when_it_is_gone() {
     let last = std::sync::Mutex::new(String::new());
     assert!(
         eventually(WAIT, || async {
-            let (status, body) = get(addr, "/health/ready").await;
+            let (status, body) = http_get(addr, "/health/ready").await;
             let gone = status == 503
                 && body.contains("is not attached")
                 && body.contains("the publisher is not connected");
@@ -460,7 +409,7 @@ async fn readiness_is_200_while_the_broker_is_there_and_503_when_it_is_gone() {
         last.lock().expect("last")
     );
     // Live all the same: the process is fine, its broker is not.
-    assert_eq!(get(addr, "/health/live").await.0, 200);
+    assert_eq!(http_get(addr, "/health/live").await.0, 200);
     let _ = tokio::time::timeout(WAIT, app.shutdown()).await;
 }
 
@@ -482,25 +431,25 @@ async fn readiness_is_503_while_the_broker_is_stopped() {
         .await
         .expect("start");
     let addr = app.serve_http("127.0.0.1:0").await.expect("listen");
-    assert_eq!(get(addr, "/health/ready").await.0, 200);
+    assert_eq!(http_get(addr, "/health/ready").await.0, 200);
     assert!(reliable_mq_tests::sh(
         "timeout 60 rabbitmqctl -q stop_app >/dev/null 2>&1"
     ));
     assert!(
         eventually(Duration::from_secs(30), || async {
-            get(addr, "/health/ready").await.0 == 503
+            http_get(addr, "/health/ready").await.0 == 503
         })
         .await
     );
     reliable_mq_tests::fault::ensure_rabbit_up();
     let back = eventually(Duration::from_secs(60), || async {
-        get(addr, "/health/ready").await.0 == 200
+        http_get(addr, "/health/ready").await.0 == 200
     })
     .await;
     assert!(
         back,
         "ready again once the broker is back; last answer: {:?}",
-        get(addr, "/health/ready").await
+        http_get(addr, "/health/ready").await
     );
     app.shutdown().await.expect("clean shutdown");
 }
@@ -582,4 +531,109 @@ fn the_in_memory_publisher_counts_the_same_metrics() {
     // The consumer side records on the same transport too.
     assert_eq!(counter(names::HANDLED), 1);
     assert_eq!(counter(names::DEAD_LETTERED), 1);
+}
+
+/// A TCP proxy to the broker that the test can cut or silence: the app's "broker" goes
+/// away, or hangs, without touching the shared RabbitMQ.
+struct Proxy {
+    addr: SocketAddr,
+    silent: Arc<std::sync::atomic::AtomicBool>,
+    links: Arc<std::sync::Mutex<tokio::task::JoinSet<()>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Proxy {
+    async fn start() -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let silent = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let links = Arc::new(std::sync::Mutex::new(tokio::task::JoinSet::new()));
+        let (s, l) = (Arc::clone(&silent), Arc::clone(&links));
+        let task = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((mut client, _)) = listener.accept().await {
+                if s.load(std::sync::atomic::Ordering::SeqCst) {
+                    held.push(client);
+                    continue;
+                }
+                l.lock().expect("links").spawn(async move {
+                    if let Ok(mut broker) = tokio::net::TcpStream::connect("127.0.0.1:5672").await {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut broker).await;
+                    }
+                });
+            }
+        });
+        Self {
+            addr,
+            silent,
+            links,
+            task,
+        }
+    }
+
+    /// Drop every connection through the proxy and refuse new ones.
+    fn cut(&self) {
+        self.task.abort();
+        self.links.lock().expect("links").abort_all();
+    }
+
+    /// Drop every connection through the proxy, then accept new ones and never answer.
+    fn silence(&self) {
+        self.silent.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.links.lock().expect("links").abort_all();
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.cut();
+    }
+}
+
+/// One readiness check waits at most one 2 s bound, not one per dependency: with the
+/// dedup store and the broker both hanging (a publisher without a connection is asked to
+/// open one), it still answers in about 2 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_answers_within_one_bound_while_the_store_and_the_broker_both_hang() {
+    spans();
+    let q = unique("ready-hang");
+    let _cleanup = Cleanup::consumer(&q, &[], &[]);
+    let store_proxy = Proxy::start().await;
+    let broker_proxy = Proxy::start().await;
+    store_proxy.silence();
+    let store = RedisStore::new(&format!("redis://{}", store_proxy.addr), 1).expect("lazy pool");
+    let handler =
+        delivery_handler_fn(|_job: Job, _d: Arc<Delivery>| async { Ok::<_, HandlerError>(()) });
+    let config =
+        test_config(&q).with_amqp_url(format!("amqp://guest:guest@{}/%2f", broker_proxy.addr));
+    let app = App::new(config)
+        .consumer(
+            ConsumerConfig::new(&q, format!("{q}.dlx"), handler)
+                .idempotent(Duration::from_secs(60)),
+        )
+        .with_dedup_store(store)
+        .start()
+        .await
+        .expect("start");
+    broker_proxy.silence();
+    assert!(
+        eventually(WAIT, || async { !app.publisher().is_connected().await }).await,
+        "the publisher saw its connection drop"
+    );
+    let started = std::time::Instant::now();
+    let health = app.health().await;
+    let took = started.elapsed();
+    assert!(
+        !health.dedup_up && !health.publisher_connected,
+        "{health:?}"
+    );
+    // Checked one after the other they took 3 s here (the store fails in about 1 s, the
+    // publisher's connect is cut at 2 s); side by side, 2 s.
+    assert!(
+        took < Duration::from_millis(2600),
+        "one 2 s bound, not one per dependency: {took:?}"
+    );
+    let _ = tokio::time::timeout(WAIT, app.shutdown()).await;
 }

@@ -12,7 +12,6 @@
 mod pg_support;
 
 use std::collections::{BTreeMap, HashSet};
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use lapin::options::{BasicAckOptions, BasicGetOptions, QueueDeclareOptions};
@@ -20,8 +19,9 @@ use lapin::types::FieldTable;
 use pg_support::TestSchema;
 use reliable_mq::postgres::{Outbox, OutboxMessage, OutboxRelay, OutboxStats};
 use reliable_mq::{App, ConsumerConfig, HandlerError, Publisher, ShutdownHandle, handler_fn};
-use reliable_mq_tests::{Broker, Cleanup, amqp_url, eventually, init_tracing, test_config, unique};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use reliable_mq_tests::{
+    Broker, Cleanup, amqp_url, eventually, http_get, init_tracing, test_config, unique,
+};
 use tokio::sync::{Mutex, MutexGuard};
 
 /// One relay-running test at a time (see the module).
@@ -237,26 +237,6 @@ async fn a_running_relay_wakes_on_commit_and_two_relays_never_publish_a_row_twic
     publisher.close().await;
 }
 
-/// A minimal HTTP/1.1 GET over a fresh connection: status and body.
-async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
-    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.expect("send");
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response).await.expect("read");
-    let text = String::from_utf8_lossy(&response).into_owned();
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (status, body)
-}
-
 /// Every `reliable_mq_outbox_*` series of a scrape, by name and labels (0 when absent).
 fn outbox_series(scrape: &str) -> BTreeMap<String, f64> {
     scrape
@@ -307,7 +287,7 @@ async fn failed_rows_are_counted_and_reported_by_health_without_making_the_app_u
         .await
         .expect("start");
     let addr = app.serve_http("127.0.0.1:0").await.expect("listen");
-    let (_, scrape) = get(addr, "/metrics").await;
+    let (_, scrape) = http_get(addr, "/metrics").await;
     let before = outbox_series(&scrape);
 
     app.spawn_outbox_relay(
@@ -339,14 +319,14 @@ async fn failed_rows_are_counted_and_reported_by_health_without_making_the_app_u
         "failed rows are reported, not unready: {health:?}"
     );
 
-    let (status, body) = get(addr, "/health/ready").await;
+    let (status, body) = http_get(addr, "/health/ready").await;
     assert_eq!(status, 200, "{body}");
     let doc: serde_json::Value = serde_json::from_str(&body).expect("JSON");
     assert_eq!(doc["outbox"]["failed"], 2, "{doc}");
     assert_eq!(doc["outbox"]["pending"], 0, "{doc}");
     assert_eq!(doc["outbox"]["relays_running"], 1, "{doc}");
 
-    let (_, scrape) = get(addr, "/metrics").await;
+    let (_, scrape) = http_get(addr, "/metrics").await;
     let after = outbox_series(&scrape);
     let delta = |name: &str| value(&after, name) - value(&before, name);
     assert_eq!(

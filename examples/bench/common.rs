@@ -392,6 +392,24 @@ pub struct Row {
     pub runs: Vec<f64>,
 }
 
+/// One [`Row`] a variant (named by `name`), of `messages` messages, with its runs.
+pub fn rows<V: Copy>(
+    variants: &[V],
+    name: impl Fn(V) -> &'static str,
+    messages: usize,
+    runs: &[Vec<f64>],
+) -> Vec<Row> {
+    variants
+        .iter()
+        .zip(runs)
+        .map(|(v, r)| Row {
+            name: name(*v),
+            messages,
+            runs: r.clone(),
+        })
+        .collect()
+}
+
 pub fn print_table(title: &str, rows: &[Row]) {
     println!("\n{title}");
     println!(

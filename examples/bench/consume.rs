@@ -18,7 +18,7 @@ use lapin::options::BasicAckOptions;
 use reliable_mq::{App, Config, ConsumerConfig, HandlerError, handler_fn};
 use tokio::sync::Notify;
 
-use crate::common::{Args, BenchMessage, Raw, Row, median, print_table, rate, unique};
+use crate::common::{Args, BenchMessage, Raw, median, print_table, rate, rows, unique};
 
 pub const PREFETCH: u16 = 100;
 
@@ -145,15 +145,7 @@ pub async fn run(args: &Args) -> Result<(), String> {
     let _ = raw.connection.close(200, "bench done".into()).await;
     result?;
 
-    let rows: Vec<Row> = VARIANTS
-        .iter()
-        .zip(&runs)
-        .map(|(v, r)| Row {
-            name: v.name(),
-            messages: n,
-            runs: r.clone(),
-        })
-        .collect();
+    let rows = rows(&VARIANTS, |v| v.name(), n, &runs);
     print_table(
         &format!("consume (medians of {reps} reps; prefetch {PREFETCH})"),
         &rows,

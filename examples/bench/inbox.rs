@@ -17,7 +17,7 @@ use reliable_mq::{App, Config, ConsumerConfig, HandlerError, Publisher, handler_
 use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 
-use crate::common::{Args, BenchMessage, Raw, Row, median, print_table, rate, unique};
+use crate::common::{Args, BenchMessage, Raw, median, print_table, rate, rows, unique};
 use crate::consume::{Done, PREFETCH, drain_raw};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -85,14 +85,7 @@ pub async fn run(args: &Args) -> Result<(), String> {
     let n = args.n_or(20_000);
     let reps = args.reps_or(3);
     let url = database_url();
-    let schema = unique("bench_inbox").replace('-', "_");
-    let admin = sqlx::PgPool::connect(&url)
-        .await
-        .map_err(|e| e.to_string())?;
-    sqlx::query(&format!("CREATE SCHEMA {schema}"))
-        .execute(&admin)
-        .await
-        .map_err(|e| e.to_string())?;
+    let (admin, schema) = fresh_schema(&url, "bench_inbox").await?;
     let pool = open_pool(&url, &schema, true).await?;
     let pool_no_ping = open_pool(&url, &schema, false).await?;
     reliable_mq::postgres::migrate(&pool)
@@ -132,16 +125,9 @@ pub async fn run(args: &Args) -> Result<(), String> {
                 }
             };
             raw.delete_consumer_topology(&shape).await;
-            match drained {
-                Ok(elapsed) => {
-                    let r = rate(n, elapsed);
-                    runs[i].push(r);
-                    line.push_str(&format!(" [{variant:?}] {r:.0}/s"));
-                }
-                Err(e) => {
-                    result = Err(format!("{}: {e}", variant.name()));
-                    break 'reps;
-                }
+            if let Err(e) = record(drained, n, variant, variant.name(), &mut runs[i], &mut line) {
+                result = Err(e);
+                break 'reps;
             }
         }
         println!("{line}");
@@ -153,15 +139,7 @@ pub async fn run(args: &Args) -> Result<(), String> {
         .execute(&admin)
         .await;
     result?;
-    let rows: Vec<Row> = VARIANTS
-        .iter()
-        .zip(&runs)
-        .map(|(v, r)| Row {
-            name: v.name(),
-            messages: n,
-            runs: r.clone(),
-        })
-        .collect();
+    let rows = rows(&VARIANTS, |v| v.name(), n, &runs);
     print_table(
         &format!("inbox consume (medians of {reps} reps; prefetch {PREFETCH})"),
         &rows,
@@ -184,6 +162,35 @@ pub async fn run(args: &Args) -> Result<(), String> {
     println!("  inbox / raw lapin          {:.2}x", inbox / raw_rate);
     println!("  Redis-idempotent / raw     {:.2}x", redis / raw_rate);
     Ok(())
+}
+
+/// One repetition of `variant` (of `n` messages): its rate onto its `runs` and the rep's
+/// `line`, or its error, named.
+fn record(
+    timed: Result<Duration, String>,
+    n: usize,
+    variant: impl std::fmt::Debug,
+    name: &str,
+    runs: &mut Vec<f64>,
+    line: &mut String,
+) -> Result<(), String> {
+    let elapsed = timed.map_err(|e| format!("{name}: {e}"))?;
+    let r = rate(n, elapsed);
+    runs.push(r);
+    line.push_str(&format!(" [{variant:?}] {r:.0}/s"));
+    Ok(())
+}
+
+/// A schema of its own for one bench run (`prefix` and a unique suffix), and the pool
+/// that created it (to drop it at the end).
+async fn fresh_schema(url: &str, prefix: &str) -> Result<(PgPool, String), String> {
+    let schema = unique(prefix).replace('-', "_");
+    let admin = PgPool::connect(url).await.map_err(|e| e.to_string())?;
+    sqlx::query(&format!("CREATE SCHEMA {schema}"))
+        .execute(&admin)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok((admin, schema))
 }
 
 fn database_url() -> String {
@@ -234,12 +241,7 @@ pub async fn run_relay(args: &Args) -> Result<(), String> {
     let n = args.n_or(20_000);
     let reps = args.reps_or(5);
     let url = database_url();
-    let schema = unique("bench_relay").replace('-', "_");
-    let admin = PgPool::connect(&url).await.map_err(|e| e.to_string())?;
-    sqlx::query(&format!("CREATE SCHEMA {schema}"))
-        .execute(&admin)
-        .await
-        .map_err(|e| e.to_string())?;
+    let (admin, schema) = fresh_schema(&url, "bench_relay").await?;
     let pool = open_pool(&url, &schema, true).await?;
     reliable_mq::postgres::migrate(&pool)
         .await
@@ -268,16 +270,10 @@ pub async fn run_relay(args: &Args) -> Result<(), String> {
                 RelayVariant::Relay => relay_all(&pool, &publisher, &queue, &body, n).await,
             };
             let purged = raw.purge(&queue).await;
-            match timed.and_then(|t| purged.map(|()| t)) {
-                Ok(elapsed) => {
-                    let r = rate(n, elapsed);
-                    runs[i].push(r);
-                    line.push_str(&format!(" [{variant:?}] {r:.0}/s"));
-                }
-                Err(e) => {
-                    result = Err(format!("{}: {e}", variant.name()));
-                    break 'reps;
-                }
+            let timed = timed.and_then(|t| purged.map(|()| t));
+            if let Err(e) = record(timed, n, variant, variant.name(), &mut runs[i], &mut line) {
+                result = Err(e);
+                break 'reps;
             }
         }
         println!("{line}");
@@ -290,15 +286,7 @@ pub async fn run_relay(args: &Args) -> Result<(), String> {
         .execute(&admin)
         .await;
     result?;
-    let rows: Vec<Row> = RELAY_VARIANTS
-        .iter()
-        .zip(&runs)
-        .map(|(v, r)| Row {
-            name: v.name(),
-            messages: n,
-            runs: r.clone(),
-        })
-        .collect();
+    let rows = rows(&RELAY_VARIANTS, |v| v.name(), n, &runs);
     print_table(&format!("outbox relay (medians of {reps} reps)"), &rows);
     println!(
         "\nratio (median / median): relay / Publisher {:.2}x",

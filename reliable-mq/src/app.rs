@@ -678,7 +678,8 @@ impl std::fmt::Debug for RunningApp {
 pub struct Health {
     /// Every consumer subscribed right now.
     pub consumers_attached: bool,
-    /// The publisher's connection is up.
+    /// The publisher's connection is up: a publisher without one is asked to open it
+    /// first (within 2 s), since it otherwise reconnects only on its next publish.
     pub publisher_connected: bool,
     /// The dedup store answers (`true` when no consumer needs one).
     pub dedup_up: bool,
@@ -842,15 +843,21 @@ pub(crate) struct HealthProbe {
 impl HealthProbe {
     /// See [`RunningApp::health`]. A dedup store that does not answer within
     /// [`PING_TIMEOUT`] is down: a health check must not hang on it. A publisher that has
-    /// lost its connection is asked to reconnect, within the same bound: it otherwise
-    /// reconnects only on its next publish, and would stay unready after the broker is back.
+    /// lost its connection is asked to reconnect, within the same bound and at the same
+    /// time: it otherwise reconnects only on its next publish, and would stay unready
+    /// after the broker is back.
     pub(crate) async fn health(&self) -> Health {
-        let dedup_up = match &self.dedup {
-            Some(store) => tokio::time::timeout(PING_TIMEOUT, store.ping())
-                .await
-                .is_ok_and(|r| r.is_ok()),
-            None => true,
+        // Side by side: a check waits one bound at most, not one per dependency.
+        let dedup = async {
+            match &self.dedup {
+                Some(store) => tokio::time::timeout(PING_TIMEOUT, store.ping())
+                    .await
+                    .is_ok_and(|r| r.is_ok()),
+                None => true,
+            }
         };
+        let publisher = tokio::time::timeout(PING_TIMEOUT, self.publisher.connect_if_needed());
+        let (dedup_up, publisher_connected) = tokio::join!(dedup, publisher);
         let consumers: Vec<ConsumerHealth> = self
             .stats
             .iter()
@@ -863,12 +870,7 @@ impl HealthProbe {
             .collect();
         Health {
             consumers_attached: consumers.iter().all(|c| c.attached),
-            publisher_connected: tokio::time::timeout(
-                PING_TIMEOUT,
-                self.publisher.connect_if_needed(),
-            )
-            .await
-            .unwrap_or(false),
+            publisher_connected: publisher_connected.unwrap_or(false),
             dedup_up,
             consumers,
             #[cfg(feature = "postgres")]

@@ -494,7 +494,10 @@ fn too_few_channels(channel_max: usize, on_connection: usize, consumers: usize) 
     }
     let enough = consumer_connections(1, consumers, channel_max);
     Some(Error::Config(format!(
-        "the broker allows {channel_max} channels per connection (channel_max), but          {on_connection} consumers share one and may need {needed} (up to          {CHANNELS_PER_CONSUMER} each): set RELIABLE_MQ_CONSUMER_CONNECTIONS          (Config::with_consumer_connections) to at least {enough}"
+        "the broker allows {channel_max} channels per connection (channel_max), but \
+         {on_connection} consumers share one and may need {needed} (up to \
+         {CHANNELS_PER_CONSUMER} each): set RELIABLE_MQ_CONSUMER_CONNECTIONS \
+         (Config::with_consumer_connections) to at least {enough}"
     )))
 }
 
@@ -619,6 +622,7 @@ mod tests {
         assert!(e.contains("60 consumers share one and may need 120"), "{e}");
         assert!(e.contains("RELIABLE_MQ_CONSUMER_CONNECTIONS"), "{e}");
         assert!(e.contains("at least 2"), "{e}");
+        assert!(!e.contains("  "), "one line, single spaces: {e:?}");
     }
 
     #[test]

@@ -46,7 +46,7 @@ pub mod seams {
 /// Pool options for the inbox: give up acquiring after 3 s (while PostgreSQL is down,
 /// inbox deliveries pause in place and try again at that pace), and no ping of each
 /// connection on acquire (`test_before_acquire(false)`). sqlx's default ping costs a round
-/// trip per delivery (about a quarter of the inbox's throughput in `BENCHMARKS.md`) and
+/// trip per delivery (without it the inbox ran 9-28% faster in `BENCHMARKS.md`) and
 /// buys the inbox nothing: a connection found dead by `BEGIN` makes the delivery wait and
 /// try again on another one, nothing is acked. Other code on the same pool then sees the
 /// error of a dead connection once per connection after a database restart, instead of

@@ -330,7 +330,9 @@ impl MemoryBroker {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
-        let expires_at = ttl.map(|ttl| Instant::now() + ttl);
+        // A TTL past what the clock can hold (RabbitMQ refuses one over ten years) never
+        // runs out, rather than panic.
+        let expires_at = ttl.and_then(|ttl| Instant::now().checked_add(ttl));
         q.ready.push_back(StoredMessage {
             exchange: exchange.to_owned(),
             routing_key: routing_key.to_owned(),
@@ -826,12 +828,22 @@ fn strip_expiration(p: BasicProperties) -> BasicProperties {
     out
 }
 
-/// A per-message `expiration` as RabbitMQ reads it: whole milliseconds, as decimal digits.
+/// The longest `expiration` RabbitMQ accepts: ten years, in milliseconds (it refuses a
+/// longer one with 406 `value_too_large`).
+const MAX_EXPIRATION_MS: u64 = 10 * 365 * 24 * 3600 * 1000;
+
+/// A per-message `expiration` as RabbitMQ reads it: whole milliseconds, as decimal digits
+/// (a leading `+` allowed), at most [`MAX_EXPIRATION_MS`].
 fn per_message_ttl(expiration: &str) -> Option<Duration> {
-    if expiration.is_empty() || !expiration.bytes().all(|b| b.is_ascii_digit()) {
+    let digits = expiration.strip_prefix('+').unwrap_or(expiration);
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
-    expiration.parse().ok().map(Duration::from_millis)
+    digits
+        .parse()
+        .ok()
+        .filter(|ms| *ms <= MAX_EXPIRATION_MS)
+        .map(Duration::from_millis)
 }
 
 fn put(t: &mut FieldTable, key: &str, value: &str) {
@@ -946,6 +958,33 @@ mod tests {
             );
         }
         assert!(broker.messages("hold").is_empty());
+    }
+
+    /// RabbitMQ takes an `expiration` of up to ten years in milliseconds (a leading `+`
+    /// too) and refuses a longer one with 406; a queue TTL too long for the clock (the
+    /// broker would refuse it at the declaration) must not panic the test's broker.
+    #[tokio::test(start_paused = true)]
+    async fn expiration_limits_are_rabbitmqs_and_a_huge_ttl_does_not_panic() {
+        let broker = MemoryBroker::new();
+        holding(&broker, None);
+        for good in ["315360000000", "+5", "0"] {
+            assert!(
+                matches!(publish(&broker, "ok", Some(good)), Outcome::Confirmed),
+                "{good:?}"
+            );
+        }
+        for bad in ["315360000001", "18446744073709551615", "+", "5 "] {
+            assert!(
+                matches!(
+                    publish(&broker, "x", Some(bad)),
+                    Outcome::Failed(Some(406), _)
+                ),
+                "{bad:?}"
+            );
+        }
+        holding(&broker, Some(i64::MAX));
+        assert!(matches!(publish(&broker, "kept", None), Outcome::Confirmed));
+        assert!(bodies(&broker, "hold").contains(&"kept".to_owned()));
     }
 
     #[test]
