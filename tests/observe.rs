@@ -637,3 +637,40 @@ async fn readiness_answers_within_one_bound_while_the_store_and_the_broker_both_
     );
     let _ = tokio::time::timeout(WAIT, app.shutdown()).await;
 }
+
+/// Shutdown does not wait for a reconnect that hangs: with the broker accepting
+/// connections and never answering, a consumer opening its next session is stopped at
+/// once instead of after the connect timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_does_not_wait_for_a_reconnect_to_a_silent_broker() {
+    spans();
+    let q = unique("shutdown-silent");
+    let _cleanup = Cleanup::consumer(&q, &[], &[]);
+    let broker_proxy = Proxy::start().await;
+    let handler =
+        delivery_handler_fn(|_job: Job, _d: Arc<Delivery>| async { Ok::<_, HandlerError>(()) });
+    let mut config =
+        test_config(&q).with_amqp_url(format!("amqp://guest:guest@{}/%2f", broker_proxy.addr));
+    config.connect_timeout = Duration::from_secs(20);
+    let app = App::new(config)
+        .consumer(ConsumerConfig::new(&q, format!("{q}.dlx"), handler))
+        .start()
+        .await
+        .expect("start");
+    broker_proxy.silence();
+    assert!(
+        eventually(WAIT, || async { !app.health().await.consumers_attached }).await,
+        "the consumer saw its session end"
+    );
+    // Past the first reconnect delay (100 ms, jittered): the consumer is now opening a
+    // session through the silent proxy.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let started = std::time::Instant::now();
+    let stopped = tokio::time::timeout(Duration::from_secs(30), app.shutdown()).await;
+    let took = started.elapsed();
+    assert!(stopped.is_ok(), "shutdown finished");
+    assert!(
+        took < Duration::from_secs(10),
+        "shutdown waited for the 20 s connect timeout: {took:?}"
+    );
+}

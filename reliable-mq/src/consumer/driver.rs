@@ -309,7 +309,13 @@ impl ConsumerRuntime {
     /// this one starts with a window of one delivery (see [`inspect::UnreadableFrames`]).
     async fn session(self: &Arc<Self>, mut narrow: bool) -> Result<SessionEnd, Error> {
         let queue = self.consumer.queue();
-        let (mut session, link, frame_max) = self.open_session(narrow).await?;
+        // Opening can wait on a broker that accepts connections and never answers (up to
+        // the connect timeout, then the next address): shutdown must not wait for it.
+        let mut opening_signal = self.shutdown.signal();
+        let (mut session, link, frame_max) = tokio::select! {
+            opened = self.open_session(narrow) => opened?,
+            _ = opening_signal.cancelled() => return Ok(SessionEnd::Shutdown),
+        };
         let mut narrow_reads = 0u8;
         ConsumerStats::bump(&self.stats.sessions);
         self.stats.attached.store(true, Ordering::Relaxed);
