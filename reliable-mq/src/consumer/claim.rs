@@ -41,8 +41,10 @@ pub(crate) enum ClaimDecision {
 /// redelivery runs now rather than after the lease.
 pub(crate) struct ClaimGuard {
     store: Arc<dyn DedupStore>,
-    key: String,
-    token: String,
+    /// The key, then the token, in one allocation.
+    key_token: String,
+    /// Where the key ends in `key_token`.
+    key_len: usize,
     /// The claim's place in the renewal sweep, left when the claim is settled or dropped.
     renewal: Option<Renewal>,
     settled: bool,
@@ -62,10 +64,18 @@ pub(crate) async fn claim(
     let Some(message_id) = delivery.message_id().filter(|id| !id.is_empty()) else {
         return ClaimDecision::MissingMessageId;
     };
-    let key = scope.key(delivery.queue(), message_id);
-    let token = uuid::Uuid::new_v4().to_string();
+    // Key and token in one allocation; the token encoded without the formatting machinery.
+    let (key_token, key_len) = {
+        let mut buf = uuid::Uuid::encode_buffer();
+        let token: &str = uuid::Uuid::new_v4().hyphenated().encode_lower(&mut buf);
+        let mut key_token = scope.key_with_room(delivery.queue(), message_id, token.len());
+        let key_len = key_token.len();
+        key_token.push_str(token);
+        (key_token, key_len)
+    };
+    let (key, token) = key_token.split_at(key_len);
     let lease = dedup::lease_for(timeout);
-    let answer = tokio::time::timeout(STORE_CALL_TIMEOUT, store.claim(&key, &token, lease))
+    let answer = tokio::time::timeout(STORE_CALL_TIMEOUT, store.claim(key, token, lease))
         .await
         .unwrap_or_else(|_| {
             Err(DedupError(format!(
@@ -74,11 +84,11 @@ pub(crate) async fn claim(
         });
     match answer {
         Ok(Claim::Acquired) => {
-            let renewal = renewals.start(store, &key, &token, lease);
+            let renewal = renewals.start(store, key, token, lease);
             ClaimDecision::Run(Some(ClaimGuard {
                 store: Arc::clone(store),
-                key,
-                token,
+                key_token,
+                key_len,
                 renewal,
                 settled: false,
             }))
@@ -90,19 +100,21 @@ pub(crate) async fn claim(
             // timeout on a slow Redis). Nobody would hold that claim: the redelivery would
             // find it held until the lease ran out. Delete it if it is ours, in the
             // background; when the store is really down this fails, harmlessly.
-            release_in_background(Arc::clone(store), key, token);
+            release_in_background(Arc::clone(store), key_token, key_len);
             ClaimDecision::StoreDown(e)
         }
     }
 }
 
-/// Compare-and-delete `key` with `token` on a task of its own (best effort).
-fn release_in_background(store: Arc<dyn DedupStore>, key: String, token: String) {
+/// Compare-and-delete the key with the token (`key_token` split at `key_len`) on a task of
+/// its own (best effort).
+fn release_in_background(store: Arc<dyn DedupStore>, key_token: String, key_len: usize) {
     let Ok(runtime) = tokio::runtime::Handle::try_current() else {
         return;
     };
     runtime.spawn(async move {
-        let released = tokio::time::timeout(STORE_CALL_TIMEOUT, store.release(&key, &token)).await;
+        let (key, token) = key_token.split_at(key_len);
+        let released = tokio::time::timeout(STORE_CALL_TIMEOUT, store.release(key, token)).await;
         match released {
             Ok(Ok(true)) => debug!(%key, "released an unsettled claim"),
             Ok(Ok(false)) => {}
@@ -113,6 +125,14 @@ fn release_in_background(store: Arc<dyn DedupStore>, key: String, token: String)
 }
 
 impl ClaimGuard {
+    fn key(&self) -> &str {
+        &self.key_token[..self.key_len]
+    }
+
+    fn token(&self) -> &str {
+        &self.key_token[self.key_len..]
+    }
+
     fn settle(&mut self) {
         self.settled = true;
         self.renewal = None;
@@ -125,19 +145,19 @@ impl ClaimGuard {
         self.settle();
         let done = tokio::time::timeout(
             STORE_CALL_TIMEOUT,
-            self.store.complete(&self.key, &self.token, ttl),
+            self.store.complete(self.key(), self.token(), ttl),
         )
         .await;
         match done {
             Ok(Ok(true)) => {}
             Ok(Ok(false)) => {
-                warn!(key = %self.key, "claim lost before the handler finished and another delivery holds or finished it; done mark not written")
+                warn!(key = %self.key(), "claim lost before the handler finished and another delivery holds or finished it; done mark not written")
             }
             Ok(Err(e)) => {
-                warn!(key = %self.key, error = %e, "handled, but cannot write the done mark; acking anyway (a redelivery would run again)")
+                warn!(key = %self.key(), error = %e, "handled, but cannot write the done mark; acking anyway (a redelivery would run again)")
             }
             Err(_) => {
-                warn!(key = %self.key, "handled, but the dedup store did not answer the done mark in time; acking anyway (a redelivery would run again)")
+                warn!(key = %self.key(), "handled, but the dedup store did not answer the done mark in time; acking anyway (a redelivery would run again)")
             }
         }
     }
@@ -148,16 +168,16 @@ impl ClaimGuard {
         self.settle();
         let released = tokio::time::timeout(
             STORE_CALL_TIMEOUT,
-            self.store.release(&self.key, &self.token),
+            self.store.release(self.key(), self.token()),
         )
         .await;
         match released {
             Ok(Ok(_)) => {}
             Ok(Err(e)) => {
-                warn!(key = %self.key, error = %e, "cannot release claim; it expires with its lease")
+                warn!(key = %self.key(), error = %e, "cannot release claim; it expires with its lease")
             }
             Err(_) => {
-                warn!(key = %self.key, "no answer releasing the claim; it expires with its lease")
+                warn!(key = %self.key(), "no answer releasing the claim; it expires with its lease")
             }
         }
     }
@@ -169,8 +189,8 @@ impl Drop for ClaimGuard {
         if !self.settled {
             release_in_background(
                 Arc::clone(&self.store),
-                std::mem::take(&mut self.key),
-                std::mem::take(&mut self.token),
+                std::mem::take(&mut self.key_token),
+                self.key_len,
             );
         }
     }
@@ -248,7 +268,8 @@ mod tests {
             panic!("first copy runs");
         };
         assert_eq!(
-            guard.key, "p:/:orders:m",
+            guard.key(),
+            "p:/:orders:m",
             "{{prefix}}:{{vhost}}:{{queue}}:{{message_id}}"
         );
         assert!(matches!(

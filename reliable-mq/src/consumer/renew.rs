@@ -55,8 +55,10 @@ struct State {
 /// One claim under renewal.
 struct Entry {
     store: Arc<dyn DedupStore>,
-    key: String,
-    token: String,
+    /// The key, then the token, in one allocation.
+    key_token: String,
+    /// Where the key ends in `key_token`.
+    key_len: usize,
     lease: Duration,
     /// When to renew next.
     due: Instant,
@@ -94,10 +96,13 @@ impl Renewals {
                 Some(runtime.spawn(sweep(Arc::clone(&self.inner))).abort_handle())
             })
             .as_ref()?;
+        let mut key_token = String::with_capacity(key.len() + token.len());
+        key_token.push_str(key);
+        key_token.push_str(token);
         let entry = Entry {
             store: Arc::clone(store),
-            key: key.to_owned(),
-            token: token.to_owned(),
+            key_token,
+            key_len: key.len(),
             lease,
             due: Instant::now() + lease / 3,
             renewing: false,
@@ -152,8 +157,8 @@ async fn sweep(inner: Arc<Inner>) {
                     on_the_wire.push(renew(
                         *id,
                         Arc::clone(&e.store),
-                        e.key.clone(),
-                        e.token.clone(),
+                        e.key_token.clone(),
+                        e.key_len,
                         e.lease,
                     ));
                 } else {
@@ -174,7 +179,7 @@ async fn sweep(inner: Arc<Inner>) {
                         Renewed::Yes => e.due = Instant::now() + every,
                         Renewed::Failed => e.due = Instant::now() + RENEW_RETRY.min(every),
                         Renewed::Lost => {
-                            warn!(key = %e.key, "claim lease lost while its delivery runs; a redelivery may run concurrently");
+                            warn!(key = %&e.key_token[..e.key_len], "claim lease lost while its delivery runs; a redelivery may run concurrently");
                             e.lost = true;
                         }
                     }
@@ -196,12 +201,13 @@ async fn sleep_until(at: Option<Instant>) {
 async fn renew(
     id: u64,
     store: Arc<dyn DedupStore>,
-    key: String,
-    token: String,
+    key_token: String,
+    key_len: usize,
     lease: Duration,
 ) -> (u64, Renewed) {
+    let (key, token) = key_token.split_at(key_len);
     let every = lease / 3;
-    let renewed = match tokio::time::timeout(every, store.renew(&key, &token, lease)).await {
+    let renewed = match tokio::time::timeout(every, store.renew(key, token, lease)).await {
         Ok(Ok(true)) => {
             debug!(%key, "claim lease renewed");
             Renewed::Yes

@@ -217,9 +217,15 @@ impl KeyScope {
 
     /// The dedup key of `message_id` on `queue`.
     pub fn key(&self, queue: &str, message_id: &str) -> String {
+        self.key_with_room(queue, message_id, 0)
+    }
+
+    /// [`Self::key`], with capacity for `room` more bytes (a claim appends its token).
+    pub(crate) fn key_with_room(&self, queue: &str, message_id: &str, room: usize) -> String {
         // Built by hand, not with `format!`: this runs for every delivery.
         let (queue, message_id) = (encode(queue), encode(message_id));
-        let mut key = String::with_capacity(self.head.len() + queue.len() + message_id.len() + 2);
+        let mut key =
+            String::with_capacity(self.head.len() + queue.len() + message_id.len() + 2 + room);
         for part in [self.head.as_str(), ":", &queue, ":", &message_id] {
             key.push_str(part);
         }

@@ -18,7 +18,9 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use deadpool_redis::redis::aio::ConnectionLike;
-use deadpool_redis::redis::{FromRedisValue, Script, ScriptInvocation};
+use deadpool_redis::redis::{
+    Cmd, ErrorKind, FromRedisValue, Script, ScriptInvocation, ServerErrorKind,
+};
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 use tokio::sync::{mpsc, oneshot};
@@ -119,18 +121,33 @@ impl Scripts {
         }
     }
 
-    /// One call for every `(key, token, duration)` of `batch`, claiming (`Op::Claim`) or
-    /// marking done (`Op::Complete`).
-    fn many(&self, op: Op, batch: &[Request]) -> ScriptInvocation<'_> {
-        let script = match op {
+    /// The script of a batched operation: claiming (`Op::Claim`) or marking done
+    /// (`Op::Complete`).
+    fn many_script(&self, op: Op) -> &Script {
+        match op {
             Op::Claim => &self.claim_many,
             Op::Complete => &self.complete_many,
-        };
-        let mut inv = script.prepare_invoke();
-        for r in batch {
-            inv.key(&r.key).arg(&r.token).arg(millis(r.duration));
         }
-        inv
+    }
+
+    /// One call of `op`'s batched script for every `(key, token, duration)` of `batch`.
+    ///
+    /// Written straight into the command (`EVALSHA`, as a `ScriptInvocation` sends it):
+    /// an invocation first copies every key and argument into a buffer of its own, three
+    /// allocations per request, and then copies them into the command.
+    fn many(&self, op: Op, batch: &[Request]) -> Cmd {
+        let bytes: usize = batch.iter().map(|r| r.key_token.len() + 20).sum();
+        let mut cmd = Cmd::with_capacity(3 + 3 * batch.len(), bytes + 64);
+        cmd.arg("EVALSHA")
+            .arg(self.many_script(op).get_hash())
+            .arg(batch.len());
+        for r in batch {
+            cmd.arg(r.key());
+        }
+        for r in batch {
+            cmd.arg(r.token()).arg(millis(r.duration));
+        }
+        cmd
     }
 
     pub(super) fn claim(&self, key: &str, token: &str, lease: Duration) -> ScriptInvocation<'_> {
@@ -283,11 +300,30 @@ impl<S: ConnectionSource> Shared<S> {
         })
     }
 
+    /// Run `cmd`, an `EVALSHA` of `script`, loading the script first if the server does
+    /// not know it (what `ScriptInvocation::invoke_async` does).
+    async fn run_cmd<T: FromRedisValue>(&self, script: &Script, cmd: Cmd) -> Result<T, DedupError> {
+        let mut conn = self.connection().await?;
+        let answer = match cmd.query_async(&mut conn).await {
+            Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+                match script.load_async(&mut conn).await {
+                    Ok(_) => cmd.query_async(&mut conn).await,
+                    Err(e) => Err(e),
+                }
+            }
+            answer => answer,
+        };
+        answer.map_err(|e| {
+            self.forget_connection();
+            DedupError(e.to_string())
+        })
+    }
+
     /// Run one batch: a code per request, in order, or the error for all of them.
     async fn run_batch(&self, op: Op, batch: &[Request]) -> Result<Vec<i64>, DedupError> {
         let answer = tokio::time::timeout(
             BATCH_CALL_TIMEOUT,
-            self.run::<Vec<i64>>(self.scripts.many(op, batch)),
+            self.run_cmd::<Vec<i64>>(self.scripts.many_script(op), self.scripts.many(op, batch)),
         )
         .await
         .unwrap_or_else(|_| {
@@ -327,11 +363,23 @@ enum Op {
 
 /// One claim or done mark waiting for its batch.
 struct Request {
-    key: String,
-    token: String,
+    /// The key, then the token, in one allocation.
+    key_token: String,
+    /// Where the key ends in `key_token`.
+    key_len: usize,
     /// The lease (claim) or the TTL (done mark).
     duration: Duration,
     reply: oneshot::Sender<Result<i64, DedupError>>,
+}
+
+impl Request {
+    fn key(&self) -> &str {
+        &self.key_token[..self.key_len]
+    }
+
+    fn token(&self) -> &str {
+        &self.key_token[self.key_len..]
+    }
 }
 
 struct Batchers {
@@ -408,9 +456,12 @@ impl Batcher {
     /// Queue a request and wait for its batch's answer.
     async fn call(&self, key: &str, token: &str, duration: Duration) -> Result<i64, DedupError> {
         let (reply, answer) = oneshot::channel();
+        let mut key_token = String::with_capacity(key.len() + token.len());
+        key_token.push_str(key);
+        key_token.push_str(token);
         let request = Request {
-            key: key.to_owned(),
-            token: token.to_owned(),
+            key_token,
+            key_len: key.len(),
             duration,
             reply,
         };
