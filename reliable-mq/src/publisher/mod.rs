@@ -865,12 +865,21 @@ impl Publisher {
                 if let Some(old) = old {
                     close_in_background(old, "replaced after a failure");
                 }
+                lock(&self.inner.last_connect_error).clear();
                 Ok(link)
             }
             Err(e) => {
                 let reason = e.to_string();
-                warn!(error = %reason, "publisher cannot reconnect");
-                *lock(&self.inner.last_connect_error) = reason.clone();
+                // Readiness probes ask for a connection every few seconds while the broker
+                // is away: warn when the reason is new, not on every attempt.
+                let mut last = lock(&self.inner.last_connect_error);
+                if *last == reason {
+                    tracing::debug!(error = %reason, "publisher still cannot reconnect");
+                } else {
+                    warn!(error = %reason, "publisher cannot reconnect");
+                }
+                *last = reason.clone();
+                drop(last);
                 self.inner.connect_failures.fetch_add(1, Ordering::Release);
                 Err(reason)
             }
