@@ -13,7 +13,10 @@ use std::time::Duration;
 use lapin::BasicProperties;
 use opentelemetry::trace::{SpanKind, TraceContextExt, TracerProvider as _};
 use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider, SpanData};
-use reliable_mq::{App, ConsumerConfig, Delivery, HandlerError, RedisStore, delivery_handler_fn};
+use reliable_mq::{
+    App, Config, ConsumerConfig, Delivery, HandlerError, RedisStore, RunningApp,
+    delivery_handler_fn,
+};
 use reliable_mq_tests::{
     Broker, Cleanup, eventually, faults_enabled, http_get, test_config, unique,
 };
@@ -335,19 +338,9 @@ async fn readiness_is_503_with_the_reason_while_the_dedup_store_does_not_answer(
     spans();
     let q = unique("ready-dedup");
     let _cleanup = Cleanup::consumer(&q, &[], &[]);
-    let handler =
-        delivery_handler_fn(|_job: Job, _d: Arc<Delivery>| async { Ok::<_, HandlerError>(()) });
     // Nothing listens on port 1: the store never answers.
     let store = RedisStore::new("redis://127.0.0.1:1", 1).expect("lazy pool");
-    let app = App::new(test_config(&q))
-        .consumer(
-            ConsumerConfig::new(&q, format!("{q}.dlx"), handler)
-                .idempotent(Duration::from_secs(60)),
-        )
-        .with_dedup_store(store)
-        .start()
-        .await
-        .expect("start");
+    let app = start_noop(&q, test_config(&q), Some(store)).await;
     let addr = app.serve_http("127.0.0.1:0").await.expect("listen");
 
     let (status, body) = http_get(addr, "/health/live").await;
@@ -378,14 +371,8 @@ async fn readiness_is_200_while_the_broker_is_there_and_503_when_it_is_gone() {
     let q = unique("ready-broker");
     let _cleanup = Cleanup::consumer(&q, &[], &[]);
     let proxy = Proxy::start().await;
-    let handler =
-        delivery_handler_fn(|_job: Job, _d: Arc<Delivery>| async { Ok::<_, HandlerError>(()) });
     let config = test_config(&q).with_amqp_url(format!("amqp://guest:guest@{}/%2f", proxy.addr));
-    let app = App::new(config)
-        .consumer(ConsumerConfig::new(&q, format!("{q}.dlx"), handler))
-        .start()
-        .await
-        .expect("start");
+    let app = start_noop(&q, config, None).await;
     let addr = app.serve_http("127.0.0.1:0").await.expect("listen");
     let (status, body) = http_get(addr, "/health/ready").await;
     assert_eq!(status, 200, "{body}");
@@ -423,13 +410,7 @@ async fn readiness_is_503_while_the_broker_is_stopped() {
     let _services = reliable_mq_tests::fault::ServiceGuard;
     let q = unique("ready-stopped");
     let _cleanup = Cleanup::consumer(&q, &[], &[]);
-    let handler =
-        delivery_handler_fn(|_job: Job, _d: Arc<Delivery>| async { Ok::<_, HandlerError>(()) });
-    let app = App::new(test_config(&q))
-        .consumer(ConsumerConfig::new(&q, format!("{q}.dlx"), handler))
-        .start()
-        .await
-        .expect("start");
+    let app = start_noop(&q, test_config(&q), None).await;
     let addr = app.serve_http("127.0.0.1:0").await.expect("listen");
     assert_eq!(http_get(addr, "/health/ready").await.0, 200);
     assert!(reliable_mq_tests::sh(
@@ -533,6 +514,21 @@ fn the_in_memory_publisher_counts_the_same_metrics() {
     assert_eq!(counter(names::DEAD_LETTERED), 1);
 }
 
+/// An app with one consumer on `q` whose handler does nothing; with a store, the consumer
+/// is idempotent on it.
+async fn start_noop(q: &str, config: Config, store: Option<RedisStore>) -> RunningApp {
+    let handler =
+        delivery_handler_fn(|_job: Job, _d: Arc<Delivery>| async { Ok::<_, HandlerError>(()) });
+    let consumer = ConsumerConfig::new(q, format!("{q}.dlx"), handler);
+    let app = match store {
+        Some(store) => App::new(config)
+            .consumer(consumer.idempotent(Duration::from_secs(60)))
+            .with_dedup_store(store),
+        None => App::new(config).consumer(consumer),
+    };
+    app.start().await.expect("start")
+}
+
 /// A TCP proxy to the broker that the test can cut or silence: the app's "broker" goes
 /// away, or hangs, without touching the shared RabbitMQ.
 struct Proxy {
@@ -604,19 +600,9 @@ async fn readiness_answers_within_one_bound_while_the_store_and_the_broker_both_
     let broker_proxy = Proxy::start().await;
     store_proxy.silence();
     let store = RedisStore::new(&format!("redis://{}", store_proxy.addr), 1).expect("lazy pool");
-    let handler =
-        delivery_handler_fn(|_job: Job, _d: Arc<Delivery>| async { Ok::<_, HandlerError>(()) });
     let config =
         test_config(&q).with_amqp_url(format!("amqp://guest:guest@{}/%2f", broker_proxy.addr));
-    let app = App::new(config)
-        .consumer(
-            ConsumerConfig::new(&q, format!("{q}.dlx"), handler)
-                .idempotent(Duration::from_secs(60)),
-        )
-        .with_dedup_store(store)
-        .start()
-        .await
-        .expect("start");
+    let app = start_noop(&q, config, Some(store)).await;
     broker_proxy.silence();
     assert!(
         eventually(WAIT, || async { !app.publisher().is_connected().await }).await,
@@ -647,16 +633,10 @@ async fn shutdown_does_not_wait_for_a_reconnect_to_a_silent_broker() {
     let q = unique("shutdown-silent");
     let _cleanup = Cleanup::consumer(&q, &[], &[]);
     let broker_proxy = Proxy::start().await;
-    let handler =
-        delivery_handler_fn(|_job: Job, _d: Arc<Delivery>| async { Ok::<_, HandlerError>(()) });
     let mut config =
         test_config(&q).with_amqp_url(format!("amqp://guest:guest@{}/%2f", broker_proxy.addr));
     config.connect_timeout = Duration::from_secs(20);
-    let app = App::new(config)
-        .consumer(ConsumerConfig::new(&q, format!("{q}.dlx"), handler))
-        .start()
-        .await
-        .expect("start");
+    let app = start_noop(&q, config, None).await;
     broker_proxy.silence();
     assert!(
         eventually(WAIT, || async { !app.health().await.consumers_attached }).await,
