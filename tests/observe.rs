@@ -400,7 +400,8 @@ async fn readiness_is_200_while_the_broker_is_there_and_503_when_it_is_gone() {
     let _ = tokio::time::timeout(WAIT, app.shutdown()).await;
 }
 
-/// The same with the real broker stopped (opt-in: it stops this machine's RabbitMQ).
+/// The same with the real broker stopped (opt-in with RELIABLE_MQ_FAULTS=1: it stops this
+/// machine's RabbitMQ).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readiness_is_503_while_the_broker_is_stopped() {
     if !faults_enabled("readiness_is_503_while_the_broker_is_stopped") {
