@@ -8,8 +8,9 @@
 //! A nack, a confirm timeout or a lost connection is retried with a short, growing backoff
 //! under the same `message_id` (the consumer's dedup absorbs the duplicate), at most
 //! [`Config::publish_retries`] times, after a nack on a fresh channel (a RabbitMQ channel
-//! can keep nacking a quorum queue whose leader's node died; see `judge`); an unroutable message, a refused exchange, an
-//! oversized body or a blocked broker is not, since trying again cannot help.
+//! can keep nacking a quorum queue whose leader's node died; see `judge`); an unroutable
+//! message, a refused exchange, an oversized body or a blocked broker is not, since trying
+//! again cannot help.
 //!
 //! From inside a handler, [`Delivery::publisher`](crate::Delivery::publisher) hands out
 //! the app's publisher (its own connection, shared by all consumers):
