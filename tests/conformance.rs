@@ -14,7 +14,7 @@ use reliable_mq::lapin::types::{AMQPValue, FieldTable, LongString};
 use reliable_mq::testing::TestApp;
 use reliable_mq::{
     App, ConsumerConfig, Delivery, Error, ExchangeKind, HandlerError, PublishError, RetryBackoff,
-    delivery_handler_fn,
+    StatsSnapshot, delivery_handler_fn,
 };
 use reliable_mq_tests::{Broker, Cleanup, eventually, init_tracing, test_config, unique};
 use tokio::time::Instant;
@@ -247,6 +247,32 @@ fn calls_by_queue(
     out
 }
 
+/// What a run shows once it is quiet: `queues` holds the stats and dead letters (in any
+/// order) of each of the scenario's queues, `all` the handlers' calls.
+fn observed(
+    s: &Scenario,
+    prefix: &str,
+    publish_outcomes: Vec<String>,
+    queues: Vec<(StatsSnapshot, Vec<DeadLetter>)>,
+    all: &[Call],
+    published: Instant,
+) -> (Observed, Timing) {
+    let mut counts = BTreeMap::new();
+    let mut dead_letters = BTreeMap::new();
+    for (q, (stats, mut dead)) in s.queues.iter().zip(queues) {
+        counts.insert(q.clone(), (stats.handled, stats.duplicates));
+        dead.sort();
+        dead_letters.insert(q.clone(), dead);
+    }
+    let observed = Observed {
+        publish_outcomes,
+        counts,
+        calls: calls_by_queue(all, s.ordered),
+        dead_letters,
+    };
+    (normalise(observed, prefix), Timing::of(all, published))
+}
+
 /// Run on the in-memory transport.
 async fn on_memory(s: &Scenario, calls: &Calls, prefix: &str) -> (Observed, Timing) {
     let mut app = TestApp::new().with_config(test_config(prefix));
@@ -273,28 +299,22 @@ async fn on_memory(s: &Scenario, calls: &Calls, prefix: &str) -> (Observed, Timi
         }
     }
     app.run_until_idle().await;
-    let mut counts = BTreeMap::new();
-    let mut dead_letters = BTreeMap::new();
-    for q in &s.queues {
-        let stats = app.stats(q);
-        counts.insert(q.clone(), (stats.handled, stats.duplicates));
-        let mut dead: Vec<_> = app
-            .dead_letters(q)
-            .iter()
-            .map(|m| dead_letter(m.properties.headers().as_ref(), &m.body, prefix))
-            .collect();
-        dead.sort();
-        dead_letters.insert(q.clone(), dead);
-    }
+    let queues = s
+        .queues
+        .iter()
+        .map(|q| {
+            let stats = app.stats(q);
+            let dead = app
+                .dead_letters(q)
+                .iter()
+                .map(|m| dead_letter(m.properties.headers().as_ref(), &m.body, prefix))
+                .collect();
+            (stats, dead)
+        })
+        .collect();
     let all = calls.all();
     app.shutdown().await.expect("stops");
-    let observed = Observed {
-        publish_outcomes: outcomes,
-        counts,
-        calls: calls_by_queue(&all, s.ordered),
-        dead_letters,
-    };
-    (normalise(observed, prefix), Timing::of(&all, published))
+    observed(s, prefix, outcomes, queues, &all, published)
 }
 
 /// Run on RabbitMQ.
@@ -367,11 +387,9 @@ async fn on_rabbitmq(s: &Scenario, calls: &Calls, prefix: &str) -> (Observed, Ti
         "{}: RabbitMQ run got quiet",
         s.name
     );
-    let mut counts = BTreeMap::new();
-    let mut dead_letters = BTreeMap::new();
+    let mut queues = Vec::new();
     for q in &s.queues {
         let stats = running.stats(q).unwrap_or_default();
-        counts.insert(q.clone(), (stats.handled, stats.duplicates));
         let mut dead = Vec::new();
         while let Some(m) = broker.get(&format!("{q}.dlq")).await {
             dead.push(dead_letter(
@@ -380,18 +398,11 @@ async fn on_rabbitmq(s: &Scenario, calls: &Calls, prefix: &str) -> (Observed, Ti
                 prefix,
             ));
         }
-        dead.sort();
-        dead_letters.insert(q.clone(), dead);
+        queues.push((stats, dead));
     }
     let all = calls.all();
     running.shutdown().await.expect("stops");
-    let observed = Observed {
-        publish_outcomes: outcomes,
-        counts,
-        calls: calls_by_queue(&all, s.ordered),
-        dead_letters,
-    };
-    (normalise(observed, prefix), Timing::of(&all, published))
+    observed(s, prefix, outcomes, queues, &all, published)
 }
 
 /// Every handler records its call; the body decides what it does: `{"do": "ok"}`,

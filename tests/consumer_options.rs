@@ -199,7 +199,17 @@ async fn exclusive_keeps_other_instances_out() {
     })
     .await;
     assert!(all, "the owner handled all 10");
-    let consumers = rabbitmqctl_lines(&["list_consumers", "queue_name", "activity_status"], &queue);
+    // One look can come back empty while the CLI is slow on a loaded machine: look again
+    // for a while, and keep the last answer for the assertions.
+    let look = || rabbitmqctl_lines(&["list_consumers", "queue_name", "activity_status"], &queue);
+    let mut consumers = look();
+    for _ in 0..20 {
+        if consumers.len() == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        consumers = look();
+    }
     assert_eq!(consumers.len(), 1, "one subscription: {consumers:?}");
     assert!(
         consumers[0].contains("exclusive"),

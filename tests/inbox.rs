@@ -7,12 +7,13 @@
 #[path = "pg_support.rs"]
 mod pg_support;
 
+use std::ops::RangeInclusive;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use pg_support::TestSchema;
 use reliable_mq::postgres::{InboxTx, Outbox};
-use reliable_mq::{App, Delivery, Error, HandlerError, consumer};
+use reliable_mq::{App, Delivery, Error, HandlerError, StatsSnapshot, consumer};
 use reliable_mq_tests::{Broker, Cleanup, eventually, init_tracing, test_config};
 use sqlx::PgPool;
 
@@ -23,11 +24,48 @@ async fn count(pool: &PgPool, sql: &str) -> i64 {
         .expect("count")
 }
 
-async fn create_orders(pool: &PgPool) {
+/// The start of a test on `queue` (retry tiers `tiers`): tracing, the guard that deletes
+/// its broker objects, and a schema of its own with an `orders` table.
+async fn orders_schema(queue: &str, tiers: &[&str], schema: &str) -> (Cleanup, TestSchema) {
+    init_tracing();
+    let cleanup = Cleanup::consumer(queue, tiers, &[]);
+    let db = TestSchema::new(schema).await;
     sqlx::query("CREATE TABLE orders (id bigint PRIMARY KEY, attempt int NOT NULL)")
-        .execute(pool)
+        .execute(&db.pool)
         .await
         .expect("orders table");
+    (cleanup, db)
+}
+
+/// Writes order `id` as seen on `attempt`, in the message's transaction.
+async fn insert_order(tx: &mut InboxTx, id: i64, attempt: u32) -> Result<(), sqlx::Error> {
+    sqlx::query("INSERT INTO orders (id, attempt) VALUES ($1, $2)")
+        .bind(id)
+        .bind(i32::try_from(attempt).unwrap_or(i32::MAX))
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+/// Publishes each of `ids` to `queue` as a JSON number with message id `{prefix}-{id}`.
+async fn publish_ids(broker: &Broker, queue: &str, prefix: &str, ids: RangeInclusive<i64>) {
+    for id in ids {
+        broker
+            .publish_json("", queue, &serde_json::json!(id), &format!("{prefix}-{id}"))
+            .await;
+    }
+}
+
+/// Asserts that no order row of a first attempt was committed and `n` of a second were.
+async fn assert_committed_on_second_attempt(pool: &PgPool, n: i64) {
+    assert_eq!(
+        count(pool, "SELECT count(*) FROM orders WHERE attempt = 1").await,
+        0
+    );
+    assert_eq!(
+        count(pool, "SELECT count(*) FROM orders WHERE attempt = 2").await,
+        n
+    );
 }
 
 /// An app running `spec` with `pool` as its PostgreSQL (the queue is the spec's own).
@@ -44,12 +82,28 @@ async fn start_inbox(
         .expect("starts")
 }
 
-/// Whether `queue`'s consumer has handled `n` messages within `within`.
-async fn handled(app: &reliable_mq::RunningApp, queue: &str, n: u64, within: Duration) -> bool {
-    eventually(within, || async move {
-        app.stats(queue).is_some_and(|s| s.handled == n)
-    })
-    .await
+/// Whether `queue`'s consumer stats come to satisfy `done` within `within`.
+async fn stats_reach(
+    app: &reliable_mq::RunningApp,
+    queue: &str,
+    within: Duration,
+    done: impl Fn(StatsSnapshot) -> bool,
+) -> bool {
+    let done = &done;
+    eventually(within, || async move { app.stats(queue).is_some_and(done) }).await
+}
+
+/// [`stats_reach`], then `app` shut down: whether the stats came, and the last ones seen.
+async fn settle(
+    app: reliable_mq::RunningApp,
+    queue: &str,
+    within: Duration,
+    done: impl Fn(StatsSnapshot) -> bool,
+) -> (bool, Option<StatsSnapshot>) {
+    let settled = stats_reach(&app, queue, within, done).await;
+    let stats = app.stats(queue);
+    app.shutdown().await.expect("clean shutdown");
+    (settled, stats)
 }
 
 // ---- once, duplicates acked, outbox in the same transaction ----
@@ -61,11 +115,7 @@ async fn handled(app: &reliable_mq::RunningApp, queue: &str, n: u64, within: Dur
     concurrency = 4
 )]
 async fn inbox_once(id: i64, tx: &mut InboxTx, delivery: &Delivery) -> Result<(), HandlerError> {
-    sqlx::query("INSERT INTO orders (id, attempt) VALUES ($1, $2)")
-        .bind(id)
-        .bind(i32::try_from(delivery.attempt()).unwrap_or(i32::MAX))
-        .execute(&mut **tx)
-        .await?;
+    insert_order(tx, id, delivery.attempt()).await?;
     Outbox::publish(
         tx,
         "",
@@ -78,34 +128,17 @@ async fn inbox_once(id: i64, tx: &mut InboxTx, delivery: &Delivery) -> Result<()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_message_is_committed_once_and_duplicates_are_acked() {
-    init_tracing();
     const QUEUE: &str = "rmq-test-inbox-once";
-    let _cleanup = Cleanup::consumer(QUEUE, &["1s", "2s", "4s"], &[]);
-    let db = TestSchema::new("once").await;
-    create_orders(&db.pool).await;
+    let (_cleanup, db) = orders_schema(QUEUE, &["1s", "2s", "4s"], "once").await;
     let app = start_inbox(QUEUE, inbox_once::SPEC, &db.pool).await;
     let broker = Broker::connect().await;
-    for id in 1..=50i64 {
-        broker
-            .publish_json("", QUEUE, &serde_json::json!(id), &format!("once-{id}"))
-            .await;
-    }
+    publish_ids(&broker, QUEUE, "once", 1..=50).await;
     // The same ids again: already in the inbox, acked without a call.
-    for id in 1..=10i64 {
-        broker
-            .publish_json("", QUEUE, &serde_json::json!(id), &format!("once-{id}"))
-            .await;
-    }
-    let settled = eventually(Duration::from_secs(20), || {
-        let app = &app;
-        async move {
-            app.stats(QUEUE)
-                .is_some_and(|s| s.handled == 50 && s.duplicates == 10)
-        }
+    publish_ids(&broker, QUEUE, "once", 1..=10).await;
+    let (settled, stats) = settle(app, QUEUE, Duration::from_secs(20), |s| {
+        s.handled == 50 && s.duplicates == 10
     })
     .await;
-    let stats = app.stats(QUEUE);
-    app.shutdown().await.expect("clean shutdown");
     assert!(settled, "50 handled and 10 duplicates: {stats:?}");
     assert_eq!(count(&db.pool, "SELECT count(*) FROM orders").await, 50);
     assert_eq!(
@@ -142,11 +175,7 @@ async fn inbox_rollback(
     tx: &mut InboxTx,
     delivery: &Delivery,
 ) -> Result<(), HandlerError> {
-    sqlx::query("INSERT INTO orders (id, attempt) VALUES ($1, $2)")
-        .bind(id)
-        .bind(i32::try_from(delivery.attempt()).unwrap_or(i32::MAX))
-        .execute(&mut **tx)
-        .await?;
+    insert_order(tx, id, delivery.attempt()).await?;
     if delivery.attempt() == 1 {
         return Err(HandlerError::retry("first attempt fails after its write"));
     }
@@ -155,32 +184,16 @@ async fn inbox_rollback(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_handler_error_rolls_back_its_writes_and_retries() {
-    init_tracing();
     const QUEUE: &str = "rmq-test-inbox-rollback";
-    let _cleanup = Cleanup::consumer(QUEUE, &["1s", "2s", "4s"], &[]);
-    let db = TestSchema::new("rollback").await;
-    create_orders(&db.pool).await;
+    let (_cleanup, db) = orders_schema(QUEUE, &["1s", "2s", "4s"], "rollback").await;
     let app = start_inbox(QUEUE, inbox_rollback::SPEC, &db.pool).await;
     let broker = Broker::connect().await;
-    for id in 1..=5i64 {
-        broker
-            .publish_json("", QUEUE, &serde_json::json!(id), &format!("rb-{id}"))
-            .await;
-    }
-    let settled = handled(&app, QUEUE, 5, Duration::from_secs(20)).await;
-    let stats = app.stats(QUEUE);
-    app.shutdown().await.expect("clean shutdown");
+    publish_ids(&broker, QUEUE, "rb", 1..=5).await;
+    let (settled, stats) = settle(app, QUEUE, Duration::from_secs(20), |s| s.handled == 5).await;
     assert!(settled, "5 handled on their second attempt: {stats:?}");
     assert_eq!(stats.map(|s| s.retried), Some(5));
     // The first attempt's writes (and inbox rows) were rolled back.
-    assert_eq!(
-        count(&db.pool, "SELECT count(*) FROM orders WHERE attempt = 1").await,
-        0
-    );
-    assert_eq!(
-        count(&db.pool, "SELECT count(*) FROM orders WHERE attempt = 2").await,
-        5
-    );
+    assert_committed_on_second_attempt(&db.pool, 5).await;
     assert_eq!(
         count(&db.pool, "SELECT count(*) FROM reliable_mq_inbox").await,
         5
@@ -198,10 +211,7 @@ static CONFLICT_CALLS: AtomicU32 = AtomicU32::new(0);
 )]
 async fn inbox_conflict(id: i64, tx: &mut InboxTx) -> Result<(), HandlerError> {
     let call = CONFLICT_CALLS.fetch_add(1, Ordering::SeqCst);
-    sqlx::query("INSERT INTO orders (id, attempt) VALUES ($1, 1)")
-        .bind(id)
-        .execute(&mut **tx)
-        .await?;
+    insert_order(tx, id, 1).await?;
     if call < 2 {
         // A real serialization failure from the server (as SERIALIZABLE raises it).
         sqlx::query(
@@ -215,19 +225,12 @@ async fn inbox_conflict(id: i64, tx: &mut InboxTx) -> Result<(), HandlerError> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_serialization_failure_is_run_again_in_place() {
-    init_tracing();
     const QUEUE: &str = "rmq-test-inbox-conflict";
-    let _cleanup = Cleanup::consumer(QUEUE, &["1s", "2s", "4s"], &[]);
-    let db = TestSchema::new("conflict").await;
-    create_orders(&db.pool).await;
+    let (_cleanup, db) = orders_schema(QUEUE, &["1s", "2s", "4s"], "conflict").await;
     let app = start_inbox(QUEUE, inbox_conflict::SPEC, &db.pool).await;
     let broker = Broker::connect().await;
-    broker
-        .publish_json("", QUEUE, &serde_json::json!(7), "conflict-7")
-        .await;
-    let settled = handled(&app, QUEUE, 1, Duration::from_secs(15)).await;
-    let stats = app.stats(QUEUE);
-    app.shutdown().await.expect("clean shutdown");
+    publish_ids(&broker, QUEUE, "conflict", 7..=7).await;
+    let (settled, stats) = settle(app, QUEUE, Duration::from_secs(15), |s| s.handled == 1).await;
     assert!(settled, "handled: {stats:?}");
     assert_eq!(
         CONFLICT_CALLS.load(Ordering::SeqCst),
@@ -251,11 +254,7 @@ async fn a_serialization_failure_is_run_again_in_place() {
     retry_delay = "1s"
 )]
 async fn inbox_commit(id: i64, tx: &mut InboxTx, delivery: &Delivery) -> Result<(), HandlerError> {
-    sqlx::query("INSERT INTO orders (id, attempt) VALUES ($1, $2)")
-        .bind(id)
-        .bind(i32::try_from(delivery.attempt()).unwrap_or(i32::MAX))
-        .execute(&mut **tx)
-        .await?;
+    insert_order(tx, id, delivery.attempt()).await?;
     if delivery.attempt() == 1 {
         // Breaks a deferred constraint: only the commit finds out.
         sqlx::query("INSERT INTO commit_guard (id) VALUES ($1), ($1)")
@@ -268,11 +267,8 @@ async fn inbox_commit(id: i64, tx: &mut InboxTx, delivery: &Delivery) -> Result<
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_commit_is_not_acked_and_the_message_comes_back() {
-    init_tracing();
     const QUEUE: &str = "rmq-test-inbox-commit";
-    let _cleanup = Cleanup::consumer(QUEUE, &["1s", "2s", "4s"], &[]);
-    let db = TestSchema::new("commit").await;
-    create_orders(&db.pool).await;
+    let (_cleanup, db) = orders_schema(QUEUE, &["1s", "2s", "4s"], "commit").await;
     sqlx::query(
         "CREATE TABLE commit_guard (id bigint, \
          CONSTRAINT commit_guard_once UNIQUE (id) DEFERRABLE INITIALLY DEFERRED)",
@@ -282,26 +278,15 @@ async fn a_failed_commit_is_not_acked_and_the_message_comes_back() {
     .expect("guard table");
     let app = start_inbox(QUEUE, inbox_commit::SPEC, &db.pool).await;
     let broker = Broker::connect().await;
-    broker
-        .publish_json("", QUEUE, &serde_json::json!(3), "commit-3")
-        .await;
-    let settled = handled(&app, QUEUE, 1, Duration::from_secs(15)).await;
-    let stats = app.stats(QUEUE);
-    app.shutdown().await.expect("clean shutdown");
+    publish_ids(&broker, QUEUE, "commit", 3..=3).await;
+    let (settled, stats) = settle(app, QUEUE, Duration::from_secs(15), |s| s.handled == 1).await;
     assert!(settled, "handled on the second attempt: {stats:?}");
     assert_eq!(
         stats.map(|s| s.retried),
         Some(1),
         "the failed commit came back"
     );
-    assert_eq!(
-        count(&db.pool, "SELECT count(*) FROM orders WHERE attempt = 1").await,
-        0
-    );
-    assert_eq!(
-        count(&db.pool, "SELECT count(*) FROM orders WHERE attempt = 2").await,
-        1
-    );
+    assert_committed_on_second_attempt(&db.pool, 1).await;
 }
 
 // ---- database unreachable: paused in place ----
@@ -316,54 +301,29 @@ static PAUSE_CALLS: AtomicU32 = AtomicU32::new(0);
 )]
 async fn inbox_pause(id: i64, tx: &mut InboxTx) -> Result<(), HandlerError> {
     PAUSE_CALLS.fetch_add(1, Ordering::SeqCst);
-    sqlx::query("INSERT INTO orders (id, attempt) VALUES ($1, 1)")
-        .bind(id)
-        .execute(&mut **tx)
-        .await?;
+    insert_order(tx, id, 1).await?;
     Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreachable_database_pauses_in_place_and_resumes() {
-    init_tracing();
     const QUEUE: &str = "rmq-test-inbox-pause";
-    let _cleanup = Cleanup::consumer(QUEUE, &["1s"], &[]);
-    let db = TestSchema::new("pause").await;
-    create_orders(&db.pool).await;
+    let (_cleanup, db) = orders_schema(QUEUE, &["1s"], "pause").await;
     // A pool of one connection, which the test holds: no transaction can begin.
     let pool = db.pool(1).await;
     let held = pool.acquire().await.expect("the only connection");
-    let app = App::new(test_config(QUEUE))
-        .consumer(inbox_pause::SPEC)
-        .with_postgres(pool.clone())
-        .start()
-        .await
-        .expect("starts");
+    let app = start_inbox(QUEUE, inbox_pause::SPEC, &pool).await;
     let broker = Broker::connect().await;
-    for id in 1..=3i64 {
-        broker
-            .publish_json("", QUEUE, &serde_json::json!(id), &format!("pause-{id}"))
-            .await;
-    }
-    let paused = eventually(Duration::from_secs(10), || {
-        let app = &app;
-        async move { app.stats(QUEUE).is_some_and(|s| s.paused >= 1) }
-    })
-    .await;
+    publish_ids(&broker, QUEUE, "pause", 1..=3).await;
+    let paused = stats_reach(&app, QUEUE, Duration::from_secs(10), |s| s.paused >= 1).await;
     // Long enough for several tries of each (acquire gives up after a second).
     tokio::time::sleep(Duration::from_secs(3)).await;
     let during = app.stats(QUEUE);
     drop(held);
-    let resumed = eventually(Duration::from_secs(20), || {
-        let app = &app;
-        async move {
-            app.stats(QUEUE)
-                .is_some_and(|s| s.handled == 3 && s.paused == 0)
-        }
+    let (resumed, after) = settle(app, QUEUE, Duration::from_secs(20), |s| {
+        s.handled == 3 && s.paused == 0
     })
     .await;
-    let after = app.stats(QUEUE);
-    app.shutdown().await.expect("clean shutdown");
     assert!(
         paused,
         "paused while the database is unreachable: {during:?}"

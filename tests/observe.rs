@@ -13,7 +13,10 @@ use std::time::Duration;
 use lapin::BasicProperties;
 use opentelemetry::trace::{SpanKind, TraceContextExt, TracerProvider as _};
 use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider, SpanData};
-use reliable_mq::{App, ConsumerConfig, Delivery, HandlerError, RedisStore, delivery_handler_fn};
+use reliable_mq::{
+    App, Config, ConsumerConfig, Delivery, HandlerError, RedisStore, RunningApp,
+    delivery_handler_fn,
+};
 use reliable_mq_tests::{
     Broker, Cleanup, eventually, faults_enabled, http_get, test_config, unique,
 };
@@ -68,22 +71,13 @@ async fn a_delivery_is_a_child_of_its_publish_and_the_trace_survives_retry_and_d
     let q = unique("otel");
     let _cleanup = Cleanup::consumer(&q, &["200ms"], &[]);
     let broker = Broker::connect().await;
-    let handler = delivery_handler_fn(|job: Job, _d: Arc<Delivery>| async move {
-        if job.name == "fails" {
-            return Err(HandlerError::retry("the database is down"));
-        }
-        Ok(())
-    });
-    let consumer = ConsumerConfig::new(&q, format!("{q}.dlx"), handler).with_retries(
+    let app = start_failing_on(
+        &q,
+        ("fails", || HandlerError::retry("the database is down")),
         1,
         Duration::from_millis(200),
-        reliable_mq::RetryBackoff::Fixed,
-    );
-    let app = App::new(test_config(&q))
-        .consumer(consumer)
-        .start()
-        .await
-        .expect("start");
+    )
+    .await;
 
     let request = tracing::info_span!("request");
     let trace_id = request.context().span().span_context().trace_id();
@@ -235,22 +229,13 @@ async fn metrics_are_scraped_over_http_with_every_outcome_counted() {
     let q = unique("metrics");
     let _cleanup = Cleanup::consumer(&q, &[], &[]);
     let broker = Broker::connect().await;
-    let handler = delivery_handler_fn(|job: Job, _d: Arc<Delivery>| async move {
-        if job.name == "bad" {
-            return Err(HandlerError::reject("not a valid job"));
-        }
-        Ok(())
-    });
-    let consumer = ConsumerConfig::new(&q, format!("{q}.dlx"), handler).with_retries(
+    let app = start_failing_on(
+        &q,
+        ("bad", || HandlerError::reject("not a valid job")),
         0,
         Duration::from_millis(100),
-        reliable_mq::RetryBackoff::Fixed,
-    );
-    let app = App::new(test_config(&q))
-        .consumer(consumer)
-        .start()
-        .await
-        .expect("start");
+    )
+    .await;
     let addr = app.serve_http("127.0.0.1:0").await.expect("listen");
 
     for name in ["a", "b", "bad"] {
@@ -335,19 +320,9 @@ async fn readiness_is_503_with_the_reason_while_the_dedup_store_does_not_answer(
     spans();
     let q = unique("ready-dedup");
     let _cleanup = Cleanup::consumer(&q, &[], &[]);
-    let handler =
-        delivery_handler_fn(|_job: Job, _d: Arc<Delivery>| async { Ok::<_, HandlerError>(()) });
     // Nothing listens on port 1: the store never answers.
     let store = RedisStore::new("redis://127.0.0.1:1", 1).expect("lazy pool");
-    let app = App::new(test_config(&q))
-        .consumer(
-            ConsumerConfig::new(&q, format!("{q}.dlx"), handler)
-                .idempotent(Duration::from_secs(60)),
-        )
-        .with_dedup_store(store)
-        .start()
-        .await
-        .expect("start");
+    let app = start_noop(&q, test_config(&q), Some(store)).await;
     let addr = app.serve_http("127.0.0.1:0").await.expect("listen");
 
     let (status, body) = http_get(addr, "/health/live").await;
@@ -378,14 +353,7 @@ async fn readiness_is_200_while_the_broker_is_there_and_503_when_it_is_gone() {
     let q = unique("ready-broker");
     let _cleanup = Cleanup::consumer(&q, &[], &[]);
     let proxy = Proxy::start().await;
-    let handler =
-        delivery_handler_fn(|_job: Job, _d: Arc<Delivery>| async { Ok::<_, HandlerError>(()) });
-    let config = test_config(&q).with_amqp_url(format!("amqp://guest:guest@{}/%2f", proxy.addr));
-    let app = App::new(config)
-        .consumer(ConsumerConfig::new(&q, format!("{q}.dlx"), handler))
-        .start()
-        .await
-        .expect("start");
+    let app = start_noop(&q, proxy.config(&q), None).await;
     let addr = app.serve_http("127.0.0.1:0").await.expect("listen");
     let (status, body) = http_get(addr, "/health/ready").await;
     assert_eq!(status, 200, "{body}");
@@ -413,7 +381,8 @@ async fn readiness_is_200_while_the_broker_is_there_and_503_when_it_is_gone() {
     let _ = tokio::time::timeout(WAIT, app.shutdown()).await;
 }
 
-/// The same with the real broker stopped (opt-in: it stops this machine's RabbitMQ).
+/// The same with the real broker stopped (opt-in with RELIABLE_MQ_FAULTS=1: it stops this
+/// machine's RabbitMQ).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readiness_is_503_while_the_broker_is_stopped() {
     if !faults_enabled("readiness_is_503_while_the_broker_is_stopped") {
@@ -423,13 +392,7 @@ async fn readiness_is_503_while_the_broker_is_stopped() {
     let _services = reliable_mq_tests::fault::ServiceGuard;
     let q = unique("ready-stopped");
     let _cleanup = Cleanup::consumer(&q, &[], &[]);
-    let handler =
-        delivery_handler_fn(|_job: Job, _d: Arc<Delivery>| async { Ok::<_, HandlerError>(()) });
-    let app = App::new(test_config(&q))
-        .consumer(ConsumerConfig::new(&q, format!("{q}.dlx"), handler))
-        .start()
-        .await
-        .expect("start");
+    let app = start_noop(&q, test_config(&q), None).await;
     let addr = app.serve_http("127.0.0.1:0").await.expect("listen");
     assert_eq!(http_get(addr, "/health/ready").await.0, 200);
     assert!(reliable_mq_tests::sh(
@@ -533,6 +496,48 @@ fn the_in_memory_publisher_counts_the_same_metrics() {
     assert_eq!(counter(names::DEAD_LETTERED), 1);
 }
 
+/// An app with one consumer on `q` that fails each job named `failing.0` with `failing.1()`
+/// and accepts every other, with `retries` retries `delay` apart.
+async fn start_failing_on(
+    q: &str,
+    failing: (&'static str, fn() -> HandlerError),
+    retries: u32,
+    delay: Duration,
+) -> RunningApp {
+    let (name, error) = failing;
+    let handler = delivery_handler_fn(move |job: Job, _d: Arc<Delivery>| async move {
+        if job.name == name {
+            return Err(error());
+        }
+        Ok(())
+    });
+    let consumer = ConsumerConfig::new(q, format!("{q}.dlx"), handler).with_retries(
+        retries,
+        delay,
+        reliable_mq::RetryBackoff::Fixed,
+    );
+    App::new(test_config(q))
+        .consumer(consumer)
+        .start()
+        .await
+        .expect("start")
+}
+
+/// An app with one consumer on `q` whose handler does nothing; with a store, the consumer
+/// is idempotent on it.
+async fn start_noop(q: &str, config: Config, store: Option<RedisStore>) -> RunningApp {
+    let handler =
+        delivery_handler_fn(|_job: Job, _d: Arc<Delivery>| async { Ok::<_, HandlerError>(()) });
+    let consumer = ConsumerConfig::new(q, format!("{q}.dlx"), handler);
+    let app = match store {
+        Some(store) => App::new(config)
+            .consumer(consumer.idempotent(Duration::from_secs(60)))
+            .with_dedup_store(store),
+        None => App::new(config).consumer(consumer),
+    };
+    app.start().await.expect("start")
+}
+
 /// A TCP proxy to the broker that the test can cut or silence: the app's "broker" goes
 /// away, or hangs, without touching the shared RabbitMQ.
 struct Proxy {
@@ -573,6 +578,11 @@ impl Proxy {
         }
     }
 
+    /// The test config of `q` with the proxy as its broker.
+    fn config(&self, q: &str) -> Config {
+        test_config(q).with_amqp_url(format!("amqp://guest:guest@{}/%2f", self.addr))
+    }
+
     /// Drop every connection through the proxy and refuse new ones.
     fn cut(&self) {
         self.task.abort();
@@ -604,19 +614,7 @@ async fn readiness_answers_within_one_bound_while_the_store_and_the_broker_both_
     let broker_proxy = Proxy::start().await;
     store_proxy.silence();
     let store = RedisStore::new(&format!("redis://{}", store_proxy.addr), 1).expect("lazy pool");
-    let handler =
-        delivery_handler_fn(|_job: Job, _d: Arc<Delivery>| async { Ok::<_, HandlerError>(()) });
-    let config =
-        test_config(&q).with_amqp_url(format!("amqp://guest:guest@{}/%2f", broker_proxy.addr));
-    let app = App::new(config)
-        .consumer(
-            ConsumerConfig::new(&q, format!("{q}.dlx"), handler)
-                .idempotent(Duration::from_secs(60)),
-        )
-        .with_dedup_store(store)
-        .start()
-        .await
-        .expect("start");
+    let app = start_noop(&q, broker_proxy.config(&q), Some(store)).await;
     broker_proxy.silence();
     assert!(
         eventually(WAIT, || async { !app.publisher().is_connected().await }).await,
@@ -647,16 +645,9 @@ async fn shutdown_does_not_wait_for_a_reconnect_to_a_silent_broker() {
     let q = unique("shutdown-silent");
     let _cleanup = Cleanup::consumer(&q, &[], &[]);
     let broker_proxy = Proxy::start().await;
-    let handler =
-        delivery_handler_fn(|_job: Job, _d: Arc<Delivery>| async { Ok::<_, HandlerError>(()) });
-    let mut config =
-        test_config(&q).with_amqp_url(format!("amqp://guest:guest@{}/%2f", broker_proxy.addr));
+    let mut config = broker_proxy.config(&q);
     config.connect_timeout = Duration::from_secs(20);
-    let app = App::new(config)
-        .consumer(ConsumerConfig::new(&q, format!("{q}.dlx"), handler))
-        .start()
-        .await
-        .expect("start");
+    let app = start_noop(&q, config, None).await;
     broker_proxy.silence();
     assert!(
         eventually(WAIT, || async { !app.health().await.consumers_attached }).await,

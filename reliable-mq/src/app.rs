@@ -810,9 +810,21 @@ impl RunningApp {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .push(relay.state());
+        let state = relay.state();
         let shutdown = self.shutdown.clone();
+        // The relay runs in a task of its own: a panic in it stops the relay (reported by
+        // health and the `relays_running` gauge) but neither the consumers nor the app,
+        // which would otherwise report it as a consumer's panic.
+        let relay_task = tokio::spawn(relay.run(shutdown));
         self.tasks.spawn(async move {
-            relay.run(shutdown).await;
+            if let Err(e) = relay_task.await
+                && e.is_panic()
+            {
+                tracing::error!(
+                    "the outbox relay panicked; outbox rows wait until the app restarts"
+                );
+                state.set_error(Some("the relay panicked".to_owned()));
+            }
             Ok(())
         });
     }

@@ -125,7 +125,8 @@ pub struct OutboxBacklog {
 pub struct OutboxHealth {
     /// Relays started with [`RunningApp::spawn_outbox_relay`](crate::RunningApp::spawn_outbox_relay).
     pub relays: usize,
-    /// How many of them are running (a relay stops at shutdown only, or on a panic).
+    /// How many of them are running (a relay stops at shutdown only, or on a panic: then
+    /// `error` says so, and the consumers and the rest of the app keep running).
     pub relays_running: usize,
     /// The backlog as last counted (every few seconds, and after a batch marked rows
     /// failed); `None` until the first count succeeds.
@@ -148,7 +149,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl RelayState {
-    fn set_error(&self, error: Option<String>) {
+    pub(crate) fn set_error(&self, error: Option<String>) {
         *lock(&self.error) = error;
     }
 

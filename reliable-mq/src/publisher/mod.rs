@@ -8,8 +8,9 @@
 //! A nack, a confirm timeout or a lost connection is retried with a short, growing backoff
 //! under the same `message_id` (the consumer's dedup absorbs the duplicate), at most
 //! [`Config::publish_retries`] times, after a nack on a fresh channel (a RabbitMQ channel
-//! can keep nacking a quorum queue whose leader's node died; see `judge`); an unroutable message, a refused exchange, an
-//! oversized body or a blocked broker is not, since trying again cannot help.
+//! can keep nacking a quorum queue whose leader's node died; see `judge`); an unroutable
+//! message, a refused exchange, an oversized body or a blocked broker is not, since trying
+//! again cannot help.
 //!
 //! From inside a handler, [`Delivery::publisher`](crate::Delivery::publisher) hands out
 //! the app's publisher (its own connection, shared by all consumers):
@@ -374,6 +375,23 @@ fn retry_delay(retry: u32, max: Duration) -> Duration {
         .min(max)
 }
 
+impl Inner {
+    /// A publisher's state before its first connection.
+    fn unconnected(config: &Config) -> Self {
+        Self {
+            config: config.clone(),
+            link: RwLock::new(None),
+            reconnecting: tokio::sync::Mutex::new(()),
+            connect_failures: AtomicU64::new(0),
+            last_connect_error: Mutex::new(String::new()),
+            generation: AtomicU64::new(0),
+            reusable: Mutex::new(None),
+            #[cfg(feature = "testing")]
+            memory: None,
+        }
+    }
+}
+
 impl Publisher {
     /// Connect to `url` with default settings.
     pub async fn connect(url: &str) -> Result<Self, Error> {
@@ -384,17 +402,7 @@ impl Publisher {
     /// name): the same [`Config`] an [`App`](crate::App) runs with.
     pub async fn from_config(config: &Config) -> Result<Self, Error> {
         let publisher = Self {
-            inner: Arc::new(Inner {
-                config: config.clone(),
-                link: RwLock::new(None),
-                reconnecting: tokio::sync::Mutex::new(()),
-                connect_failures: AtomicU64::new(0),
-                last_connect_error: Mutex::new(String::new()),
-                generation: AtomicU64::new(0),
-                reusable: Mutex::new(None),
-                #[cfg(feature = "testing")]
-                memory: None,
-            }),
+            inner: Arc::new(Inner::unconnected(config)),
         };
         let link = publisher.open_link().await?;
         *write(&publisher.inner.link) = Some(link);
@@ -411,14 +419,8 @@ impl Publisher {
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
-                config: config.clone(),
-                link: RwLock::new(None),
-                reconnecting: tokio::sync::Mutex::new(()),
-                connect_failures: AtomicU64::new(0),
-                last_connect_error: Mutex::new(String::new()),
-                generation: AtomicU64::new(0),
-                reusable: Mutex::new(None),
                 memory: Some((broker, origin)),
+                ..Inner::unconnected(config)
             }),
         }
     }
@@ -865,12 +867,21 @@ impl Publisher {
                 if let Some(old) = old {
                     close_in_background(old, "replaced after a failure");
                 }
+                lock(&self.inner.last_connect_error).clear();
                 Ok(link)
             }
             Err(e) => {
                 let reason = e.to_string();
-                warn!(error = %reason, "publisher cannot reconnect");
-                *lock(&self.inner.last_connect_error) = reason.clone();
+                // Readiness probes ask for a connection every few seconds while the broker
+                // is away: warn when the reason is new, not on every attempt.
+                let mut last = lock(&self.inner.last_connect_error);
+                if *last == reason {
+                    tracing::debug!(error = %reason, "publisher still cannot reconnect");
+                } else {
+                    warn!(error = %reason, "publisher cannot reconnect");
+                }
+                *last = reason.clone();
+                drop(last);
                 self.inner.connect_failures.fetch_add(1, Ordering::Release);
                 Err(reason)
             }
