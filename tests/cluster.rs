@@ -242,20 +242,7 @@ where
         report.confirmed >= min_confirmed,
         "at least {min_confirmed} publishes confirmed: {report:?}"
     );
-    assert!(
-        report.lost.is_empty(),
-        "lost confirmed messages: {:?}",
-        report.lost
-    );
-    assert!(
-        report.unexpected.is_empty(),
-        "unexpected: {:?}",
-        report.unexpected
-    );
-    assert!(
-        report.resume.is_some(),
-        "consumption resumed after the fault"
-    );
+    report.assert_nothing_lost_and_resumed();
     // Dedup absorbs redeliveries whose handler finished; what it cannot absorb is a
     // handler whose side effect was done when its connection died, before `done` was
     // written: at most the handlers in flight, per break of the consumer's connection.

@@ -125,20 +125,7 @@ where
         report.confirmed > MESSAGES / 2,
         "most publishes confirmed: {report:?}"
     );
-    assert!(
-        report.lost.is_empty(),
-        "lost confirmed messages: {:?}",
-        report.lost
-    );
-    assert!(
-        report.unexpected.is_empty(),
-        "unexpected: {:?}",
-        report.unexpected
-    );
-    assert!(
-        report.resume.is_some(),
-        "consumption resumed after the fault"
-    );
+    report.assert_nothing_lost_and_resumed();
     report
 }
 

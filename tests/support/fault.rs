@@ -301,6 +301,22 @@ impl Report {
         }
     }
 
+    /// The verdict every fault scenario shares: no confirmed message lost, nothing in the
+    /// handler log or DLQ that was never published, and consumption resumed after the fault.
+    pub fn assert_nothing_lost_and_resumed(&self) {
+        assert!(
+            self.lost.is_empty(),
+            "lost confirmed messages: {:?}",
+            self.lost
+        );
+        assert!(
+            self.unexpected.is_empty(),
+            "unexpected: {:?}",
+            self.unexpected
+        );
+        assert!(self.resume.is_some(), "consumption resumed after the fault");
+    }
+
     /// One Markdown table row.
     pub fn row(&self) -> String {
         format!(
