@@ -94,6 +94,24 @@ fn consumer_config(queue: &str, variant: Variant, done: Arc<Done>) -> ConsumerCo
     }
 }
 
+/// Start `app`, time it until `done` has counted every message of `queue`, stop it, and
+/// refuse a run where anything was dead-lettered, retried or taken for a duplicate (its
+/// time would not be the time of `n` plain handler calls).
+pub async fn timed_drain(app: App, queue: &str, done: &Done) -> Result<Duration, String> {
+    let start = Instant::now();
+    let running = app.start().await.map_err(|e| e.to_string())?;
+    done.wait().await;
+    let elapsed = start.elapsed();
+    let stats = running.stats(queue);
+    running.shutdown().await.map_err(|e| e.to_string())?;
+    if let Some(s) = stats
+        && (s.dead_lettered, s.retried, s.duplicates) != (0, 0, 0)
+    {
+        return Err(format!("unexpected outcomes: {s:?}"));
+    }
+    Ok(elapsed)
+}
+
 /// Counts handled messages; wakes the timer at the last one.
 pub struct Done {
     target: usize,
@@ -296,22 +314,7 @@ async fn drain(
                 .with_redis_url(Some(args.redis_url.clone()))
                 .with_dedup_prefix(prefix)
                 .with_connection_name("bench-consume");
-            let start = Instant::now();
-            let running = App::new(config)
-                .consumer(consumer)
-                .start()
-                .await
-                .map_err(|e| e.to_string())?;
-            done.wait().await;
-            let elapsed = start.elapsed();
-            let stats = running.stats(queue);
-            running.shutdown().await.map_err(|e| e.to_string())?;
-            if let Some(s) = stats
-                && (s.dead_lettered, s.retried, s.duplicates) != (0, 0, 0)
-            {
-                return Err(format!("unexpected outcomes: {s:?}"));
-            }
-            Ok(elapsed)
+            timed_drain(App::new(config).consumer(consumer), queue, &done).await
         }
     }
 }

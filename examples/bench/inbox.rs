@@ -18,7 +18,7 @@ use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 
 use crate::common::{Args, BenchMessage, Raw, median, print_table, rate, rows, unique};
-use crate::consume::{Done, PREFETCH, drain_raw};
+use crate::consume::{Done, PREFETCH, drain_raw, timed_drain};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Variant {
@@ -377,21 +377,8 @@ async fn drain(
         .with_redis_url(Some(args.redis_url.clone()))
         .with_dedup_prefix(prefix)
         .with_connection_name("bench-inbox");
-    let start = Instant::now();
-    let running = App::new(config)
+    let app = App::new(config)
         .consumer(consumer(queue, variant, Arc::clone(&done)))
-        .with_postgres(pool.clone())
-        .start()
-        .await
-        .map_err(|e| e.to_string())?;
-    done.wait().await;
-    let elapsed = start.elapsed();
-    let stats = running.stats(queue);
-    running.shutdown().await.map_err(|e| e.to_string())?;
-    if let Some(s) = stats
-        && (s.dead_lettered, s.retried, s.duplicates) != (0, 0, 0)
-    {
-        return Err(format!("unexpected outcomes: {s:?}"));
-    }
-    Ok(elapsed)
+        .with_postgres(pool.clone());
+    timed_drain(app, queue, &done).await
 }
