@@ -31,7 +31,7 @@ use tokio::time::Instant;
 use tracing::{Instrument, debug, error, info, warn};
 
 use crate::connection::{self, Backoff};
-use crate::consumer::claim::{ClaimDecision, claim};
+use crate::consumer::claim::{ClaimAhead, ClaimDecision, claim, claim_ahead};
 use crate::consumer::inspect;
 use crate::consumer::invoke::invoke;
 use crate::consumer::renew::Renewals;
@@ -236,8 +236,8 @@ struct Held<'a> {
 struct Task {
     delivery: Arc<Delivery>,
     acker: Acker,
-    /// The claim started when the delivery arrived (idempotent consumers).
-    claim: Option<tokio::task::JoinHandle<Option<ClaimDecision>>>,
+    /// The claim sent when the delivery arrived (idempotent consumers).
+    claim: Option<ClaimAhead>,
     /// Given back as soon as the handler returns.
     slot: tokio::sync::OwnedSemaphorePermit,
     hand_back_at: Instant,
@@ -250,7 +250,7 @@ struct Task {
 struct Waiting {
     delivery: Arc<Delivery>,
     acker: Acker,
-    claim: Option<tokio::task::JoinHandle<Option<ClaimDecision>>>,
+    claim: Option<ClaimAhead>,
     hand_back_at: Instant,
     span: tracing::Span,
     busy: InFlight,
@@ -446,15 +446,16 @@ impl ConsumerRuntime {
                 );
                 continue;
             }
-            // The claim starts now, while the delivery waits for a slot; its lease is
+            // The claim is sent now, while the delivery waits for a slot; its lease is
             // renewed from the moment it is taken.
             let claim = self.dedup.is_some().then(|| {
-                let (this, delivery, acker) =
-                    (Arc::clone(self), Arc::clone(&delivery), acker.clone());
-                tokio::spawn(Box::pin(
-                    async move { this.claim(&delivery, &acker, hand_back_at).await }
-                        .instrument(span.clone()),
-                ))
+                claim_ahead(
+                    self.dedup.as_ref(),
+                    &self.renewals,
+                    &self.key_scope,
+                    self.consumer.timeout(),
+                    &delivery,
+                )
             });
             waiting.push_back(Waiting {
                 delivery,
@@ -770,7 +771,12 @@ impl ConsumerRuntime {
         // inline, their state machines would make this task's future several kB, which
         // is copied whole when the task is spawned.
         let decision = match claim {
-            Some(task) => task.await.ok().flatten(),
+            Some(ahead) => match ahead.decision().await {
+                down @ ClaimDecision::StoreDown(_) => {
+                    Box::pin(self.claim_paused(down, &delivery, &acker, hand_back_at)).await
+                }
+                decision => Some(decision),
+            },
             None if self.dedup.is_none() => Some(ClaimDecision::Run(None)),
             None => Box::pin(self.claim(&delivery, &acker, hand_back_at)).await,
         };

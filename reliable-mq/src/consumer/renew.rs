@@ -6,7 +6,9 @@
 //! lease at most, and a hanging call holds up only its own claim (the sweep keeps the
 //! others going); after a failed call the next comes within [`RENEW_RETRY`], so a store
 //! back from an outage renews well before the lease runs out; a claim found lost is not
-//! renewed again. Settling a claim takes it out of the sweep; a renewal already on the
+//! renewed again. A claim joins the sweep when it is sent, and is renewed only once the
+//! store said it is ours (one found done or held elsewhere never is). Settling a claim
+//! takes it out of the sweep; a renewal already on the
 //! wire for it then finds the key no longer holding its token (done, or released) and
 //! changes nothing.
 //!
@@ -24,7 +26,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
-use crate::dedup::DedupStore;
+use crate::dedup::{DedupStore, StoreCall};
 
 /// How soon a failed lease renewal is tried again.
 pub(crate) const RENEW_RETRY: Duration = Duration::from_secs(1);
@@ -55,10 +57,8 @@ struct State {
 /// One claim under renewal.
 struct Entry {
     store: Arc<dyn DedupStore>,
-    /// The key, then the token, in one allocation.
-    key_token: String,
-    /// Where the key ends in `key_token`.
-    key_len: usize,
+    /// Its key and token, and whether the store said it is ours.
+    call: Arc<StoreCall>,
     lease: Duration,
     /// When to renew next.
     due: Instant,
@@ -81,13 +81,13 @@ impl Drop for Renewal {
 }
 
 impl Renewals {
-    /// Renew `key` (holding `token`) every third of `lease` from now until the returned
-    /// handle is dropped. `None` outside a Tokio runtime (nothing could renew it).
+    /// Renew the claim of `call` every third of `lease` from now until the returned
+    /// handle is dropped, once the store said it is ours. `None` outside a Tokio runtime
+    /// (nothing could renew it).
     pub(crate) fn start(
         &self,
         store: &Arc<dyn DedupStore>,
-        key: &str,
-        token: &str,
+        call: &Arc<StoreCall>,
         lease: Duration,
     ) -> Option<Renewal> {
         self.sweep
@@ -96,13 +96,9 @@ impl Renewals {
                 Some(runtime.spawn(sweep(Arc::clone(&self.inner))).abort_handle())
             })
             .as_ref()?;
-        let mut key_token = String::with_capacity(key.len() + token.len());
-        key_token.push_str(key);
-        key_token.push_str(token);
         let entry = Entry {
             store: Arc::clone(store),
-            key_token,
-            key_len: key.len(),
+            call: Arc::clone(call),
             lease,
             due: Instant::now() + lease / 3,
             renewing: false,
@@ -153,14 +149,26 @@ async fn sweep(inner: Arc<Inner>) {
                     continue;
                 }
                 if e.due <= now {
-                    e.renewing = true;
-                    on_the_wire.push(renew(
-                        *id,
-                        Arc::clone(&e.store),
-                        e.key_token.clone(),
-                        e.key_len,
-                        e.lease,
-                    ));
+                    match e.call.acquired() {
+                        Some(true) => {
+                            e.renewing = true;
+                            on_the_wire.push(renew(
+                                *id,
+                                Arc::clone(&e.store),
+                                Arc::clone(&e.call),
+                                e.lease,
+                            ));
+                            continue;
+                        }
+                        // Done or held elsewhere: not ours to renew.
+                        Some(false) => {
+                            e.lost = true;
+                            continue;
+                        }
+                        // Not answered yet: look again soon.
+                        None => e.due = now + RENEW_RETRY.min(e.lease / 3),
+                    }
+                    next = Some(next.map_or(e.due, |n| n.min(e.due)));
                 } else {
                     next = Some(next.map_or(e.due, |n| n.min(e.due)));
                 }
@@ -179,7 +187,7 @@ async fn sweep(inner: Arc<Inner>) {
                         Renewed::Yes => e.due = Instant::now() + every,
                         Renewed::Failed => e.due = Instant::now() + RENEW_RETRY.min(every),
                         Renewed::Lost => {
-                            warn!(key = %&e.key_token[..e.key_len], "claim lease lost while its delivery runs; a redelivery may run concurrently");
+                            warn!(key = %e.call.key(), "claim lease lost while its delivery runs; a redelivery may run concurrently");
                             e.lost = true;
                         }
                     }
@@ -201,11 +209,10 @@ async fn sleep_until(at: Option<Instant>) {
 async fn renew(
     id: u64,
     store: Arc<dyn DedupStore>,
-    key_token: String,
-    key_len: usize,
+    call: Arc<StoreCall>,
     lease: Duration,
 ) -> (u64, Renewed) {
-    let (key, token) = key_token.split_at(key_len);
+    let (key, token) = (call.key(), call.token());
     let every = lease / 3;
     let renewed = match tokio::time::timeout(every, store.renew(key, token, lease)).await {
         Ok(Ok(true)) => {
@@ -236,8 +243,16 @@ mod tests {
 
     const LEASE: Duration = Duration::from_secs(15);
 
-    /// A store whose renewals of `stuck` never answer (a stopped Redis, for one key).
-    struct OneStuck(MemoryStore);
+    /// A store whose renewals of `stuck` never answer (a stopped Redis, for one key), and
+    /// which counts the renewals asked of it.
+    #[derive(Default)]
+    struct OneStuck(MemoryStore, std::sync::atomic::AtomicUsize);
+
+    impl OneStuck {
+        fn renewals(&self) -> usize {
+            self.1.load(std::sync::atomic::Ordering::SeqCst)
+        }
+    }
 
     impl DedupStore for OneStuck {
         fn claim<'a>(
@@ -254,6 +269,7 @@ mod tests {
             token: &'a str,
             lease: Duration,
         ) -> DedupFuture<'a, bool> {
+            self.1.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             if key == "stuck" {
                 return Box::pin(std::future::pending());
             }
@@ -282,21 +298,28 @@ mod tests {
         );
     }
 
+    /// The call of a claim the store said is ours, held with token "t".
+    fn ours(key: &str) -> Arc<StoreCall> {
+        let call = StoreCall::for_key(key, "t");
+        call.answer(crate::dedup::Op::Claim, Ok(0));
+        Arc::new(call)
+    }
+
     async fn held(store: &Arc<dyn DedupStore>, key: &str) -> bool {
         store.claim(key, "other", LEASE).await.ok() == Some(Claim::Held)
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_hanging_renewal_holds_up_no_other_claim() {
-        let store: Arc<dyn DedupStore> = Arc::new(OneStuck(MemoryStore::new()));
+        let store: Arc<dyn DedupStore> = Arc::new(OneStuck::default());
         let renewals = Renewals::default();
         claimed(&store, "stuck").await;
         claimed(&store, "ok").await;
         let _stuck = renewals
-            .start(&store, "stuck", "t", LEASE)
+            .start(&store, &ours("stuck"), LEASE)
             .expect("in a runtime");
         let _ok = renewals
-            .start(&store, "ok", "t", LEASE)
+            .start(&store, &ours("ok"), LEASE)
             .expect("in a runtime");
         tokio::time::sleep(LEASE * 4).await;
         assert!(held(&store, "ok").await, "renewed all along");
@@ -312,7 +335,7 @@ mod tests {
         let renewals = Renewals::default();
         claimed(&store, "a").await;
         let a = renewals
-            .start(&store, "a", "t", LEASE)
+            .start(&store, &ours("a"), LEASE)
             .expect("in a runtime");
         tokio::time::sleep(LEASE * 2).await;
         assert!(held(&store, "a").await);
@@ -322,9 +345,40 @@ mod tests {
         // The sweep had nothing left to renew (idle): a new claim must wake it.
         claimed(&store, "b").await;
         let _b = renewals
-            .start(&store, "b", "t", LEASE)
+            .start(&store, &ours("b"), LEASE)
             .expect("in a runtime");
         tokio::time::sleep(LEASE * 3).await;
         assert!(held(&store, "b").await);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_claim_is_renewed_once_the_store_says_it_is_ours_and_never_if_not() {
+        let counting = Arc::new(OneStuck::default());
+        let store: Arc<dyn DedupStore> = counting.clone();
+        let renewals = Renewals::default();
+        // Sent, and not answered yet: in the sweep, not renewed.
+        claimed(&store, "late").await;
+        let late = Arc::new(StoreCall::for_key("late", "t"));
+        let _late = renewals.start(&store, &late, LEASE).expect("in a runtime");
+        tokio::time::sleep(LEASE / 2).await;
+        assert_eq!(counting.renewals(), 0, "unanswered: nothing to renew yet");
+        late.answer(crate::dedup::Op::Claim, Ok(0));
+        tokio::time::sleep(LEASE * 3).await;
+        assert!(held(&store, "late").await, "renewed since it was answered");
+        let renewed = counting.renewals();
+        assert!(renewed >= 6, "every third of a lease: {renewed}");
+        // Found done, or held by another delivery: never renewed.
+        for code in [1, 2] {
+            let other = Arc::new(StoreCall::for_key("theirs", "t"));
+            other.answer(crate::dedup::Op::Claim, Ok(code));
+            let _other = renewals.start(&store, &other, LEASE).expect("in a runtime");
+            let before = counting.renewals();
+            tokio::time::sleep(LEASE * 2).await;
+            let late_only = counting.renewals() - before;
+            assert!(
+                (5..=7).contains(&late_only),
+                "only `late` renewed meanwhile: {late_only}"
+            );
+        }
     }
 }

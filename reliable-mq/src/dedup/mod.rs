@@ -98,6 +98,7 @@
 //!
 //! [`Config::dedup_prefix`]: crate::Config::dedup_prefix
 
+mod ahead;
 #[cfg(feature = "redis-cluster")]
 mod cluster;
 mod memory;
@@ -108,7 +109,13 @@ mod sentinel;
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
+
+pub(crate) use ahead::{claim_code, claim_outcome};
+// Named in `DedupStore::send`, which only this crate's stores implement.
+#[doc(hidden)]
+pub use ahead::{Op, StoreCall};
 
 pub use memory::MemoryStore;
 pub use redis::RedisStore;
@@ -161,6 +168,17 @@ pub trait DedupStore: Send + Sync + 'static {
 
     /// Check the store answers.
     fn ping(&self) -> DedupFuture<'_, ()>;
+
+    /// Send `op` (for `duration`) for the key and token of `call` without waiting, the
+    /// answer written into `call` when it comes: how a store that batches takes a
+    /// delivery's claim the moment it arrives. `false` (the default) for a store that does
+    /// not: the caller then uses the methods above. Implemented by this crate's Redis
+    /// stores only.
+    #[doc(hidden)]
+    fn send(&self, call: &Arc<StoreCall>, op: Op, duration: Duration) -> bool {
+        let _ = (call, op, duration);
+        false
+    }
 }
 
 /// Where the dedup keys of an app live: the configured prefix, the optional namespace and

@@ -23,9 +23,9 @@ use deadpool_redis::redis::{
 };
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 
-use super::{Claim, DedupError, DedupFuture, DedupStore, millis};
+use super::{Claim, DedupError, DedupFuture, DedupStore, Op, StoreCall, claim_outcome, millis};
 
 /// `0` acquired, `1` done, `2` held by another token.
 const CLAIM: &str = r#"
@@ -136,16 +136,19 @@ impl Scripts {
     /// an invocation first copies every key and argument into a buffer of its own, three
     /// allocations per request, and then copies them into the command.
     fn many(&self, op: Op, batch: &[Request]) -> Cmd {
-        let bytes: usize = batch.iter().map(|r| r.key_token.len() + 20).sum();
+        let bytes: usize = batch
+            .iter()
+            .map(|r| r.call.key().len() + r.call.token().len() + 20)
+            .sum();
         let mut cmd = Cmd::with_capacity(3 + 3 * batch.len(), bytes + 64);
         cmd.arg("EVALSHA")
             .arg(self.many_script(op).get_hash())
             .arg(batch.len());
         for r in batch {
-            cmd.arg(r.key());
+            cmd.arg(r.call.key());
         }
         for r in batch {
-            cmd.arg(r.token()).arg(millis(r.duration));
+            cmd.arg(r.call.token()).arg(millis(r.duration));
         }
         cmd
     }
@@ -172,15 +175,6 @@ impl Scripts {
         let mut inv = self.release.key(key);
         inv.arg(token);
         inv
-    }
-}
-
-/// What the claim script's answer means.
-pub(super) fn claim_outcome(code: i64) -> Claim {
-    match code {
-        0 => Claim::Acquired,
-        1 => Claim::Done,
-        _ => Claim::Held,
     }
 }
 
@@ -355,31 +349,11 @@ const MAX_BATCH: usize = 128;
 /// and form the next batch: that waiting is what makes batches, with no timer.
 const BATCHES_IN_FLIGHT: usize = 2;
 
-#[derive(Debug, Clone, Copy)]
-enum Op {
-    Claim,
-    Complete,
-}
-
-/// One claim or done mark waiting for its batch.
+/// One claim or done mark waiting for its batch; the answer goes into `call`.
 struct Request {
-    /// The key, then the token, in one allocation.
-    key_token: String,
-    /// Where the key ends in `key_token`.
-    key_len: usize,
+    call: Arc<StoreCall>,
     /// The lease (claim) or the TTL (done mark).
     duration: Duration,
-    reply: oneshot::Sender<Result<i64, DedupError>>,
-}
-
-impl Request {
-    fn key(&self) -> &str {
-        &self.key_token[..self.key_len]
-    }
-
-    fn token(&self) -> &str {
-        &self.key_token[self.key_len..]
-    }
 }
 
 struct Batchers {
@@ -396,12 +370,12 @@ async fn answer_batch<S: ConnectionSource>(shared: Arc<Shared<S>>, op: Op, batch
     match shared.run_batch(op, &batch).await {
         Ok(codes) => {
             for (r, code) in batch.into_iter().zip(codes) {
-                let _ = r.reply.send(Ok(code));
+                r.call.answer(op, Ok(code));
             }
         }
         Err(e) => {
             for r in batch {
-                let _ = r.reply.send(Err(e.clone()));
+                r.call.answer(op, Err(e.clone()));
             }
         }
     }
@@ -437,7 +411,7 @@ impl Batcher {
                         // A caller that gave up (its deadline passed) is not claimed for:
                         // it is already releasing its claim, and a claim written after
                         // that release would hold the message off until its lease ran out.
-                        batch.retain(|r: &Request| !r.reply.is_closed());
+                        batch.retain(|r: &Request| !r.call.given_up());
                         if batch.is_empty() {
                             continue;
                         }
@@ -453,24 +427,35 @@ impl Batcher {
         Self(tx)
     }
 
+    /// Queue a request for `call`; `false` if the batcher stopped.
+    fn send(&self, call: &Arc<StoreCall>, duration: Duration) -> bool {
+        let request = Request {
+            call: Arc::clone(call),
+            duration,
+        };
+        self.0.send(request).is_ok()
+    }
+
     /// Queue a request and wait for its batch's answer.
     async fn call(&self, key: &str, token: &str, duration: Duration) -> Result<i64, DedupError> {
-        let (reply, answer) = oneshot::channel();
-        let mut key_token = String::with_capacity(key.len() + token.len());
-        key_token.push_str(key);
-        key_token.push_str(token);
-        let request = Request {
-            key_token,
-            key_len: key.len(),
-            duration,
-            reply,
-        };
-        if self.0.send(request).is_err() {
+        let call = Arc::new(StoreCall::for_key(key, token));
+        if !self.send(&call, duration) {
             return Err(DedupError("the dedup batcher stopped".into()));
         }
-        answer
-            .await
-            .unwrap_or_else(|_| Err(DedupError("the dedup batcher stopped".into())))
+        // A caller that stops waiting (its deadline passed) is left out of a batch not yet
+        // sent.
+        let _give_up_when_dropped = GiveUpWhenDropped(&call);
+        call.answered().await
+    }
+}
+
+/// Marks its call given up when dropped (answered or not: once answered, it changes
+/// nothing).
+struct GiveUpWhenDropped<'a>(&'a StoreCall);
+
+impl Drop for GiveUpWhenDropped<'_> {
+    fn drop(&mut self) {
+        self.0.give_up();
     }
 }
 
@@ -539,6 +524,16 @@ impl<S: ConnectionSource> DedupStore for ScriptStore<S> {
         })
     }
 
+    fn send(&self, call: &Arc<StoreCall>, op: Op, duration: Duration) -> bool {
+        let Some(batchers) = self.batchers() else {
+            return false;
+        };
+        match op {
+            Op::Claim => batchers.claims.send(call, duration),
+            Op::Complete => batchers.completes.send(call, duration),
+        }
+    }
+
     /// On a cluster the client sends `PING` to every node: all must answer.
     fn ping(&self) -> DedupFuture<'_, ()> {
         Box::pin(async move {
@@ -596,6 +591,15 @@ macro_rules! delegate_dedup_store {
 
             fn ping(&self) -> $crate::dedup::DedupFuture<'_, ()> {
                 self.0.ping()
+            }
+
+            fn send(
+                &self,
+                call: &std::sync::Arc<$crate::dedup::StoreCall>,
+                op: $crate::dedup::Op,
+                duration: std::time::Duration,
+            ) -> bool {
+                self.0.send(call, op, duration)
             }
         }
     };
