@@ -870,3 +870,32 @@ async fn two_vhosts_sharing_redis_and_prefix_never_take_each_others_messages_for
     }
     cleanup(&broker, &redis, &q, &dlx, &prefix).await;
 }
+
+#[tokio::test]
+async fn redis_batches_load_their_scripts_again_after_a_script_flush() {
+    // A restarted Redis (or `SCRIPT FLUSH`) no longer knows the batched scripts: the next
+    // batch, claims and done marks in one pipeline, loads them and goes through. A private
+    // node: flushing the machine's Redis would touch other users' scripts.
+    let redis = reliable_mq_tests::redis::RedisNodes::one("rmq-dedup-flush");
+    let s = Arc::new(RedisStore::new(&redis.url(), 2).expect("valid URL"));
+    for round in 0..3 {
+        assert_eq!(redis.cli(&["SCRIPT", "FLUSH"]).as_deref(), Some("OK"));
+        let mut calls = tokio::task::JoinSet::new();
+        for i in 0..20 {
+            let s = Arc::clone(&s);
+            calls.spawn(async move {
+                let (key, token) = (format!("k{round}-{i}"), format!("t{i}"));
+                assert_eq!(
+                    s.claim(&key, &token, LEASE).await.ok(),
+                    Some(Claim::Acquired)
+                );
+                // Sent while other claims are still queued: one pipeline holds both.
+                assert_eq!(s.complete(&key, &token, TTL).await.ok(), Some(true));
+                assert_eq!(s.claim(&key, "late", LEASE).await.ok(), Some(Claim::Done));
+            });
+        }
+        while let Some(r) = calls.join_next().await {
+            r.expect("every call answered as without the flush");
+        }
+    }
+}

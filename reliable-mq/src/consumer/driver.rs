@@ -329,7 +329,11 @@ impl ConsumerRuntime {
         };
         let slots = Arc::new(Semaphore::new(usize::from(self.consumer.concurrency())));
         let mut in_flight = JoinSet::new();
+        // One wait for shutdown for the whole session, not one per delivery: each is a
+        // waiter registered with the token and removed again.
         let mut signal = self.shutdown.signal();
+        let shutdown = signal.cancelled();
+        tokio::pin!(shutdown);
 
         // Deliveries received and waiting for a slot, in delivery order, each with its claim
         // already under way (claim ahead): the store's round trips for the whole window
@@ -341,7 +345,7 @@ impl ConsumerRuntime {
             let next = if waiting.is_empty() {
                 tokio::select! {
                     biased;
-                    _ = signal.cancelled() => break SessionEnd::Shutdown,
+                    _ = &mut shutdown => break SessionEnd::Shutdown,
                     next = session.next() => next,
                 }
             } else {
@@ -349,7 +353,7 @@ impl ConsumerRuntime {
                 let got = if full {
                     tokio::select! {
                         biased;
-                        _ = signal.cancelled() => break SessionEnd::Shutdown,
+                        _ = &mut shutdown => break SessionEnd::Shutdown,
                         // Slots go out in delivery order: always to the oldest waiting.
                         permit = Arc::clone(&slots).acquire_owned() => Either::Left(permit),
                         // With the window full the delivery stream is not polled, so watch
@@ -362,7 +366,7 @@ impl ConsumerRuntime {
                 } else {
                     tokio::select! {
                         biased;
-                        _ = signal.cancelled() => break SessionEnd::Shutdown,
+                        _ = &mut shutdown => break SessionEnd::Shutdown,
                         permit = Arc::clone(&slots).acquire_owned() => Either::Left(permit),
                         next = session.next() => Either::Right(next),
                     }

@@ -213,8 +213,8 @@ pub(super) trait ConnectionSource: Send + Sync + 'static {
 /// a round trip of its own); any error drops it, and the next operation takes a fresh one.
 pub(super) struct ScriptStore<S: ConnectionSource> {
     shared: Arc<Shared<S>>,
-    /// The batchers of claims and done marks, started on first use (`S::BATCHES` only).
-    batchers: OnceLock<Option<Batchers>>,
+    /// The batcher of claims and done marks, started on first use (`S::BATCHES` only).
+    batcher: OnceLock<Option<Batcher>>,
 }
 
 /// What the store's operations and its batchers share.
@@ -233,23 +233,20 @@ impl<S: ConnectionSource> ScriptStore<S> {
                 slot: Mutex::new(None),
                 scripts: Scripts::new(),
             }),
-            batchers: OnceLock::new(),
+            batcher: OnceLock::new(),
         }
     }
 
-    /// The batchers, started on first use from within a Tokio runtime; `None` on a cluster
+    /// The batcher, started on first use from within a Tokio runtime; `None` on a cluster
     /// or outside a runtime (every operation is then a call of its own).
-    fn batchers(&self) -> Option<&Batchers> {
-        self.batchers
+    fn batcher(&self) -> Option<&Batcher> {
+        self.batcher
             .get_or_init(|| {
                 if !S::BATCHES {
                     return None;
                 }
                 let runtime = tokio::runtime::Handle::try_current().ok()?;
-                Some(Batchers {
-                    claims: Batcher::start(&runtime, Arc::clone(&self.shared), Op::Claim),
-                    completes: Batcher::start(&runtime, Arc::clone(&self.shared), Op::Complete),
-                })
+                Some(Batcher::start(&runtime, Arc::clone(&self.shared)))
             })
             .as_ref()
     }
@@ -294,14 +291,54 @@ impl<S: ConnectionSource> Shared<S> {
         })
     }
 
-    /// Run `cmd`, an `EVALSHA` of `script`, loading the script first if the server does
-    /// not know it (what `ScriptInvocation::invoke_async` does).
-    async fn run_cmd<T: FromRedisValue>(&self, script: &Script, cmd: Cmd) -> Result<T, DedupError> {
+    /// Run one batch, its claims and its done marks in one round trip (a pipeline of up
+    /// to two script calls): a code per request, in order, or the error for all of them.
+    async fn run_batch(&self, batch: &Batch) -> Result<(Vec<i64>, Vec<i64>), DedupError> {
+        let answer = tokio::time::timeout(BATCH_CALL_TIMEOUT, self.run_pipeline(batch))
+            .await
+            .unwrap_or_else(|_| {
+                self.forget_connection();
+                Err(DedupError(format!(
+                    "no answer within {BATCH_CALL_TIMEOUT:?}"
+                )))
+            })?;
+        let mut answers = answer.into_iter();
+        let mut codes = |requests: &[Request]| -> Result<Vec<i64>, DedupError> {
+            if requests.is_empty() {
+                return Ok(Vec::new());
+            }
+            let codes = answers.next().unwrap_or_default();
+            if codes.len() == requests.len() {
+                Ok(codes)
+            } else {
+                Err(DedupError(format!(
+                    "the batched script answered {} codes for {} keys",
+                    codes.len(),
+                    requests.len()
+                )))
+            }
+        };
+        Ok((codes(&batch.claims)?, codes(&batch.completes)?))
+    }
+
+    /// The pipeline of `batch`, loading the scripts first if the server does not know them
+    /// (after a restart, or a `SCRIPT FLUSH`).
+    async fn run_pipeline(&self, batch: &Batch) -> Result<Vec<Vec<i64>>, DedupError> {
+        let mut pipe = deadpool_redis::redis::Pipeline::with_capacity(2);
+        for (op, requests) in [(Op::Claim, &batch.claims), (Op::Complete, &batch.completes)] {
+            if !requests.is_empty() {
+                pipe.add_command(self.scripts.many(op, requests));
+            }
+        }
         let mut conn = self.connection().await?;
-        let answer = match cmd.query_async(&mut conn).await {
+        let answer = match pipe.query_async(&mut conn).await {
             Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
-                match script.load_async(&mut conn).await {
-                    Ok(_) => cmd.query_async(&mut conn).await,
+                let loaded = async {
+                    self.scripts.claim_many.load_async(&mut conn).await?;
+                    self.scripts.complete_many.load_async(&mut conn).await
+                };
+                match loaded.await {
+                    Ok(_) => pipe.query_async(&mut conn).await,
                     Err(e) => Err(e),
                 }
             }
@@ -312,30 +349,6 @@ impl<S: ConnectionSource> Shared<S> {
             DedupError(e.to_string())
         })
     }
-
-    /// Run one batch: a code per request, in order, or the error for all of them.
-    async fn run_batch(&self, op: Op, batch: &[Request]) -> Result<Vec<i64>, DedupError> {
-        let answer = tokio::time::timeout(
-            BATCH_CALL_TIMEOUT,
-            self.run_cmd::<Vec<i64>>(self.scripts.many_script(op), self.scripts.many(op, batch)),
-        )
-        .await
-        .unwrap_or_else(|_| {
-            self.forget_connection();
-            Err(DedupError(format!(
-                "no answer within {BATCH_CALL_TIMEOUT:?}"
-            )))
-        })?;
-        if answer.len() == batch.len() {
-            Ok(answer)
-        } else {
-            Err(DedupError(format!(
-                "the batched script answered {} codes for {} keys",
-                answer.len(),
-                batch.len()
-            )))
-        }
-    }
 }
 
 /// A batch call's own deadline. A caller gives up on its answer sooner (its own
@@ -345,37 +358,48 @@ const BATCH_CALL_TIMEOUT: Duration = Duration::from_secs(5);
 /// The most keys in one batch: a long script blocks the Redis server for other clients.
 const MAX_BATCH: usize = 128;
 
-/// Batches on the wire at once per operation. While they are out, new requests queue up
-/// and form the next batch: that waiting is what makes batches, with no timer.
-const BATCHES_IN_FLIGHT: usize = 2;
+/// Batches on the wire at once. While one is out, new requests queue up and form the
+/// next: that waiting is what makes batches, with no timer. One at a time makes the
+/// fewest round trips (each costs both sides system calls and a wake-up); the claims of
+/// a window are sent well before their slots come, so their latency is hidden anyway.
+const BATCHES_IN_FLIGHT: usize = 1;
 
 /// One claim or done mark waiting for its batch; the answer goes into `call`.
 struct Request {
     call: Arc<StoreCall>,
+    op: Op,
     /// The lease (claim) or the TTL (done mark).
     duration: Duration,
 }
 
-struct Batchers {
-    claims: Batcher,
-    completes: Batcher,
+/// The claims and the done marks of one round trip.
+#[derive(Default)]
+struct Batch {
+    claims: Vec<Request>,
+    completes: Vec<Request>,
 }
 
-/// Where requests of one operation queue; the task that sends them in batches ends when
-/// the store is dropped.
+/// Where claims and done marks queue; the task that sends them in batches ends when the
+/// store is dropped.
 struct Batcher(mpsc::UnboundedSender<Request>);
 
 /// Run `batch` and send each caller its answer.
-async fn answer_batch<S: ConnectionSource>(shared: Arc<Shared<S>>, op: Op, batch: Vec<Request>) {
-    match shared.run_batch(op, &batch).await {
-        Ok(codes) => {
-            for (r, code) in batch.into_iter().zip(codes) {
-                r.call.answer(op, Ok(code));
+async fn answer_batch<S: ConnectionSource>(shared: Arc<Shared<S>>, batch: Batch) {
+    let answer = shared.run_batch(&batch).await;
+    for (op, requests, codes) in [
+        (Op::Claim, batch.claims, answer.as_ref().map(|a| &a.0)),
+        (Op::Complete, batch.completes, answer.as_ref().map(|a| &a.1)),
+    ] {
+        match codes {
+            Ok(codes) => {
+                for (r, code) in requests.into_iter().zip(codes) {
+                    r.call.answer(op, Ok(*code));
+                }
             }
-        }
-        Err(e) => {
-            for r in batch {
-                r.call.answer(op, Err(e.clone()));
+            Err(e) => {
+                for r in requests {
+                    r.call.answer(op, Err(e.clone()));
+                }
             }
         }
     }
@@ -385,7 +409,6 @@ impl Batcher {
     fn start<S: ConnectionSource>(
         runtime: &tokio::runtime::Handle,
         shared: Arc<Shared<S>>,
-        op: Op,
     ) -> Self {
         let (tx, mut rx) = mpsc::unbounded_channel::<Request>();
         runtime.spawn(async move {
@@ -415,11 +438,16 @@ impl Batcher {
                         if batch.is_empty() {
                             continue;
                         }
-                        // Exactly sized: the receive buffer (room for the largest batch)
-                        // stays, and is not allocated again per batch.
-                        let mut taken = Vec::with_capacity(batch.len());
-                        taken.append(&mut batch);
-                        on_the_wire.push(answer_batch(Arc::clone(&shared), op, taken));
+                        // The receive buffer (room for the largest batch) stays, and is
+                        // not allocated again per batch.
+                        let mut taken = Batch::default();
+                        for r in batch.drain(..) {
+                            match r.op {
+                                Op::Claim => taken.claims.push(r),
+                                Op::Complete => taken.completes.push(r),
+                            }
+                        }
+                        on_the_wire.push(answer_batch(Arc::clone(&shared), taken));
                     }
                 }
             }
@@ -427,19 +455,26 @@ impl Batcher {
         Self(tx)
     }
 
-    /// Queue a request for `call`; `false` if the batcher stopped.
-    fn send(&self, call: &Arc<StoreCall>, duration: Duration) -> bool {
+    /// Queue `op` for `call`; `false` if the batcher stopped.
+    fn send(&self, call: &Arc<StoreCall>, op: Op, duration: Duration) -> bool {
         let request = Request {
             call: Arc::clone(call),
+            op,
             duration,
         };
         self.0.send(request).is_ok()
     }
 
     /// Queue a request and wait for its batch's answer.
-    async fn call(&self, key: &str, token: &str, duration: Duration) -> Result<i64, DedupError> {
+    async fn call(
+        &self,
+        key: &str,
+        token: &str,
+        op: Op,
+        duration: Duration,
+    ) -> Result<i64, DedupError> {
         let call = Arc::new(StoreCall::for_key(key, token));
-        if !self.send(&call, duration) {
+        if !self.send(&call, op, duration) {
             return Err(DedupError("the dedup batcher stopped".into()));
         }
         // A caller that stops waiting (its deadline passed) is left out of a batch not yet
@@ -467,8 +502,8 @@ impl<S: ConnectionSource> DedupStore for ScriptStore<S> {
         lease: Duration,
     ) -> DedupFuture<'a, Claim> {
         Box::pin(async move {
-            let code = match self.batchers() {
-                Some(b) => b.claims.call(key, token, lease).await?,
+            let code = match self.batcher() {
+                Some(b) => b.call(key, token, Op::Claim, lease).await?,
                 // Boxed, as below: only a cluster takes this path, and inline the script
                 // call would size every claim's future.
                 None => {
@@ -500,8 +535,8 @@ impl<S: ConnectionSource> DedupStore for ScriptStore<S> {
         ttl: Duration,
     ) -> DedupFuture<'a, bool> {
         Box::pin(async move {
-            let code = match self.batchers() {
-                Some(b) => b.completes.call(key, token, ttl).await?,
+            let code = match self.batcher() {
+                Some(b) => b.call(key, token, Op::Complete, ttl).await?,
                 None => {
                     Box::pin(
                         self.shared
@@ -525,13 +560,8 @@ impl<S: ConnectionSource> DedupStore for ScriptStore<S> {
     }
 
     fn send(&self, call: &Arc<StoreCall>, op: Op, duration: Duration) -> bool {
-        let Some(batchers) = self.batchers() else {
-            return false;
-        };
-        match op {
-            Op::Claim => batchers.claims.send(call, duration),
-            Op::Complete => batchers.completes.send(call, duration),
-        }
+        self.batcher()
+            .is_some_and(|batcher| batcher.send(call, op, duration))
     }
 
     /// On a cluster the client sends `PING` to every node: all must answer.
