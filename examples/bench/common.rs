@@ -49,7 +49,7 @@ options:
   --depth-small N    rss: first backlog (default 100000)
   --depth-large N    rss: second backlog (default 1000000)
   --rss-seconds S    rss: seconds the consumer runs at each depth (default 5)
-  --tracer T         none (default), otel or otel-1pct: install a tracing subscriber
+  --tracer T         none (default), otel, otel-1pct, otel-lean or otel-lean-1pct: install a tracing subscriber
                      with an OpenTelemetry layer (tracer provider, batch processor, spans
                      at INFO; every root span sampled, or 1%) as a traced service does;
                      needs the examples' feature `observe` (on by default)

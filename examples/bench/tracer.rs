@@ -10,19 +10,26 @@
 
 /// Install the subscriber `tracer` names: `none` (nothing), `otel` (every root span
 /// sampled), `otel-1pct` (1% of root spans sampled, parent-based: a common production
-/// set-up).
+/// set-up); with `-lean`, the layer records no code location, thread or busy/idle
+/// timings (`docs/observability.md`, "Cost").
 pub fn install(tracer: &str) -> Result<(), String> {
     match tracer {
         "none" => Ok(()),
         #[cfg(feature = "observe")]
-        "otel" => otel::install(1.0),
+        "otel" => otel::install(1.0, false),
         #[cfg(feature = "observe")]
-        "otel-1pct" => otel::install(0.01),
+        "otel-1pct" => otel::install(0.01, false),
+        #[cfg(feature = "observe")]
+        "otel-lean" => otel::install(1.0, true),
+        #[cfg(feature = "observe")]
+        "otel-lean-1pct" => otel::install(0.01, true),
         #[cfg(not(feature = "observe"))]
-        "otel" | "otel-1pct" => {
+        "otel" | "otel-1pct" | "otel-lean" | "otel-lean-1pct" => {
             Err("--tracer otel needs the examples' feature `observe`".to_owned())
         }
-        other => Err(format!("--tracer {other:?}: use none, otel or otel-1pct")),
+        other => Err(format!(
+            "--tracer {other:?}: use none, otel, otel-1pct, otel-lean or otel-lean-1pct"
+        )),
     }
 }
 
@@ -44,8 +51,9 @@ mod otel {
         }
     }
 
-    /// `ratio`: the share of root spans sampled (children follow their parent).
-    pub fn install(ratio: f64) -> Result<(), String> {
+    /// `ratio`: the share of root spans sampled (children follow their parent). `lean`:
+    /// no code location, thread or busy/idle timings on each span.
+    pub fn install(ratio: f64, lean: bool) -> Result<(), String> {
         let sampler = if ratio >= 1.0 {
             Sampler::ParentBased(Box::new(Sampler::AlwaysOn))
         } else {
@@ -55,7 +63,11 @@ mod otel {
             .with_sampler(sampler)
             .with_batch_exporter(Discard)
             .build();
-        let layer = tracing_opentelemetry::layer().with_tracer(provider.tracer("bench"));
+        let layer = tracing_opentelemetry::layer()
+            .with_tracer(provider.tracer("bench"))
+            .with_location(!lean)
+            .with_threads(!lean)
+            .with_tracked_inactivity(!lean);
         let filter = tracing_subscriber::filter::Targets::new()
             .with_target("reliable_mq", tracing::Level::INFO);
         let subscriber = tracing_subscriber::registry().with(layer).with(filter);

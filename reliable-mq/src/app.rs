@@ -293,6 +293,7 @@ impl App {
             });
             runtimes.push(Arc::new(ConsumerRuntime {
                 config: Arc::clone(&config),
+                process_span_name: crate::observe::trace::process_span_name(consumer.queue()),
                 dedup: if consumer.is_idempotent() {
                     dedup.clone()
                 } else {

@@ -184,6 +184,8 @@ pub(crate) struct ConsumerRuntime {
     /// The connections consumers share, and which one this consumer's channels are on.
     pub(crate) connections: Arc<connection::ConnectionSet>,
     pub(crate) connection_slot: usize,
+    /// The name of this consumer's per-delivery spans (feature `otel`).
+    pub(crate) process_span_name: Box<str>,
 }
 
 /// Spaces the sessions of one consumer.
@@ -661,7 +663,7 @@ impl ConsumerRuntime {
             publisher: Some(self.publisher.clone()),
             states: Arc::clone(&self.states),
         });
-        let span = crate::observe::trace::delivery_span(&delivery);
+        let span = crate::observe::trace::delivery_span(&delivery, &self.process_span_name);
         (delivery, acker, span)
     }
 

@@ -134,9 +134,14 @@ mod off {
             )
         }
 
+        /// Nothing to name without trace propagation.
+        pub(crate) fn process_span_name(_queue: &str) -> Box<str> {
+            Box::default()
+        }
+
         /// The per-delivery span, as without trace propagation.
         #[inline(always)]
-        pub(crate) fn delivery_span(delivery: &Delivery) -> tracing::Span {
+        pub(crate) fn delivery_span(delivery: &Delivery, _name: &str) -> tracing::Span {
             tracing::info_span!(
                 "delivery",
                 queue = %delivery.queue(),

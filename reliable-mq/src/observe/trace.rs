@@ -86,13 +86,19 @@ pub(crate) fn inject(span: &tracing::Span, properties: BasicProperties) -> Basic
     properties.with_headers(headers)
 }
 
-/// The span of one delivery (a consumer span), a child of the span that published it
-/// when its headers carry a trace context.
-pub(crate) fn delivery_span(delivery: &Delivery) -> tracing::Span {
+/// The name of the `process` spans of a consumer of `queue` (made once per consumer: a
+/// name formatted per delivery went through the formatting machinery every time).
+pub(crate) fn process_span_name(queue: &str) -> Box<str> {
+    format!("process {queue}").into()
+}
+
+/// The span of one delivery (a consumer span) named `name` (see [`process_span_name`]), a
+/// child of the span that published it when its headers carry a trace context.
+pub(crate) fn delivery_span(delivery: &Delivery, name: &str) -> tracing::Span {
     let queue = delivery.queue();
     let span = tracing::info_span!(
         "delivery",
-        otel.name = %format_args!("process {queue}"),
+        otel.name = name,
         otel.kind = "consumer",
         messaging.system = "rabbitmq",
         messaging.operation.type = "process",
@@ -104,7 +110,9 @@ pub(crate) fn delivery_span(delivery: &Delivery) -> tracing::Span {
         // field is an attribute to record and export on every delivery, and the two
         // first would repeat the ones above (BENCHMARKS.md, "otel and metrics").
         redelivered = delivery.redelivered(),
-        attempt = delivery.attempt(),
+        // As i64: the OpenTelemetry layer records an unsigned integer through `Debug`
+        // (a formatted string, allocated on every delivery).
+        attempt = i64::from(delivery.attempt()),
         error.type = tracing::field::Empty,
     );
     if let Some(headers) = delivery.headers() {
