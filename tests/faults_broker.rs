@@ -21,7 +21,9 @@ use reliable_mq_tests::fault::{
     ensure_rabbit_up, ensure_redis_up, log_lines, log_path, produce, rabbit_accepts, read_log,
     time_to_resume, wait_settled,
 };
-use reliable_mq_tests::{Broker, Cleanup, eventually, init_tracing, sh, test_config, unique};
+use reliable_mq_tests::{
+    Broker, Cleanup, eventually, faults_enabled, http_get, init_tracing, sh, test_config, unique,
+};
 
 /// Messages per scenario.
 const MESSAGES: usize = 3000;
@@ -245,4 +247,51 @@ async fn graceful_sigterm_with_handlers_in_flight() {
     // In-flight handlers finished and were acked before exit: no redelivery, no repeat,
     // even without dedup.
     assert_eq!(report.duplicates, 0, "{report:?}");
+}
+
+/// Readiness with the real broker stopped: 503 while it is down, 200 again once it is back
+/// (a publisher that publishes nothing reconnects when the probe asks). Here, not beside
+/// the other readiness tests: stopping the machine's RabbitMQ fails whatever else of one
+/// test binary runs at that moment, and this binary runs its scenarios one at a time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_is_503_while_the_broker_is_stopped() {
+    if !faults_enabled("readiness_is_503_while_the_broker_is_stopped") {
+        return;
+    }
+    let _serial = SCENARIO_LOCK.lock().await;
+    let _services = ServiceGuard;
+    let q = unique("ready-stopped");
+    let _cleanup = Cleanup::consumer(&q, &[], &[]);
+    let handler = reliable_mq::handler_fn(|_job: serde_json::Value| async {
+        Ok::<_, reliable_mq::HandlerError>(())
+    });
+    let app = reliable_mq::App::new(test_config(&q))
+        .consumer(reliable_mq::ConsumerConfig::new(
+            &q,
+            format!("{q}.dlx"),
+            handler,
+        ))
+        .start()
+        .await
+        .expect("start");
+    let addr = app.serve_http("127.0.0.1:0").await.expect("listen");
+    assert_eq!(http_get(addr, "/health/ready").await.0, 200);
+    assert!(sh("timeout 60 rabbitmqctl -q stop_app >/dev/null 2>&1"));
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            http_get(addr, "/health/ready").await.0 == 503
+        })
+        .await
+    );
+    ensure_rabbit_up();
+    let back = eventually(Duration::from_secs(60), || async {
+        http_get(addr, "/health/ready").await.0 == 200
+    })
+    .await;
+    assert!(
+        back,
+        "ready again once the broker is back; last answer: {:?}",
+        http_get(addr, "/health/ready").await
+    );
+    app.shutdown().await.expect("clean shutdown");
 }

@@ -17,9 +17,7 @@ use reliable_mq::{
     App, Config, ConsumerConfig, Delivery, HandlerError, RedisStore, RunningApp,
     delivery_handler_fn,
 };
-use reliable_mq_tests::{
-    Broker, Cleanup, eventually, faults_enabled, http_get, test_config, unique,
-};
+use reliable_mq_tests::{Broker, Cleanup, eventually, http_get, test_config, unique};
 use serde::Deserialize;
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
@@ -379,42 +377,6 @@ async fn readiness_is_200_while_the_broker_is_there_and_503_when_it_is_gone() {
     // Live all the same: the process is fine, its broker is not.
     assert_eq!(http_get(addr, "/health/live").await.0, 200);
     let _ = tokio::time::timeout(WAIT, app.shutdown()).await;
-}
-
-/// The same with the real broker stopped (opt-in with RELIABLE_MQ_FAULTS=1: it stops this
-/// machine's RabbitMQ).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn readiness_is_503_while_the_broker_is_stopped() {
-    if !faults_enabled("readiness_is_503_while_the_broker_is_stopped") {
-        return;
-    }
-    spans();
-    let _services = reliable_mq_tests::fault::ServiceGuard;
-    let q = unique("ready-stopped");
-    let _cleanup = Cleanup::consumer(&q, &[], &[]);
-    let app = start_noop(&q, test_config(&q), None).await;
-    let addr = app.serve_http("127.0.0.1:0").await.expect("listen");
-    assert_eq!(http_get(addr, "/health/ready").await.0, 200);
-    assert!(reliable_mq_tests::sh(
-        "timeout 60 rabbitmqctl -q stop_app >/dev/null 2>&1"
-    ));
-    assert!(
-        eventually(Duration::from_secs(30), || async {
-            http_get(addr, "/health/ready").await.0 == 503
-        })
-        .await
-    );
-    reliable_mq_tests::fault::ensure_rabbit_up();
-    let back = eventually(Duration::from_secs(60), || async {
-        http_get(addr, "/health/ready").await.0 == 200
-    })
-    .await;
-    assert!(
-        back,
-        "ready again once the broker is back; last answer: {:?}",
-        http_get(addr, "/health/ready").await
-    );
-    app.shutdown().await.expect("clean shutdown");
 }
 
 /// The in-memory transport (`TestApp`) runs the publisher's own metrics code: every
