@@ -479,68 +479,19 @@ mod tests {
         ));
     }
 
-    /// A store whose renewals hang while `stalled` is set (a stopped Redis).
-    struct Stalling {
-        inner: MemoryStore,
-        stalled: std::sync::atomic::AtomicBool,
-    }
-
-    impl DedupStore for Stalling {
-        fn claim<'a>(
-            &'a self,
-            key: &'a str,
-            token: &'a str,
-            lease: Duration,
-        ) -> dedup::DedupFuture<'a, Claim> {
-            self.inner.claim(key, token, lease)
-        }
-        fn renew<'a>(
-            &'a self,
-            key: &'a str,
-            token: &'a str,
-            lease: Duration,
-        ) -> dedup::DedupFuture<'a, bool> {
-            if self.stalled.load(std::sync::atomic::Ordering::SeqCst) {
-                return Box::pin(std::future::pending());
-            }
-            self.inner.renew(key, token, lease)
-        }
-        fn complete<'a>(
-            &'a self,
-            key: &'a str,
-            token: &'a str,
-            ttl: Duration,
-        ) -> dedup::DedupFuture<'a, bool> {
-            self.inner.complete(key, token, ttl)
-        }
-        fn release<'a>(&'a self, key: &'a str, token: &'a str) -> dedup::DedupFuture<'a, bool> {
-            self.inner.release(key, token)
-        }
-        fn ping(&self) -> dedup::DedupFuture<'_, ()> {
-            self.inner.ping()
-        }
-    }
-
     #[tokio::test(start_paused = true)]
     async fn a_hanging_renewal_is_given_up_and_the_next_one_keeps_the_claim() {
         let renewals = Renewals::default();
-        let stalling = Arc::new(Stalling {
-            inner: MemoryStore::new(),
-            stalled: std::sync::atomic::AtomicBool::new(false),
-        });
+        let stalling = Arc::new(crate::dedup::memory::HangingRenewals::default());
         let store: Arc<dyn DedupStore> = stalling.clone();
         let lease = dedup::lease_for(TIMEOUT);
         let ClaimDecision::Run(Some(guard)) = decide(&renewals, &store, "m").await else {
             panic!("first copy runs");
         };
         // The first renewal (a third into the lease) hangs; the store answers again after.
-        stalling
-            .stalled
-            .store(true, std::sync::atomic::Ordering::SeqCst);
+        stalling.stall(true);
         tokio::time::sleep(lease / 2).await;
-        stalling
-            .stalled
-            .store(false, std::sync::atomic::Ordering::SeqCst);
+        stalling.stall(false);
         tokio::time::sleep(lease * 2).await;
         assert_eq!(
             store.claim("p:/:orders:m", "other", lease).await.ok(),

@@ -239,57 +239,10 @@ fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dedup::{Claim, DedupFuture, MemoryStore};
+    use crate::dedup::memory::HangingRenewals;
+    use crate::dedup::{Claim, MemoryStore};
 
     const LEASE: Duration = Duration::from_secs(15);
-
-    /// A store whose renewals of `stuck` never answer (a stopped Redis, for one key), and
-    /// which counts the renewals asked of it.
-    #[derive(Default)]
-    struct OneStuck(MemoryStore, std::sync::atomic::AtomicUsize);
-
-    impl OneStuck {
-        fn renewals(&self) -> usize {
-            self.1.load(std::sync::atomic::Ordering::SeqCst)
-        }
-    }
-
-    impl DedupStore for OneStuck {
-        fn claim<'a>(
-            &'a self,
-            key: &'a str,
-            token: &'a str,
-            lease: Duration,
-        ) -> DedupFuture<'a, Claim> {
-            self.0.claim(key, token, lease)
-        }
-        fn renew<'a>(
-            &'a self,
-            key: &'a str,
-            token: &'a str,
-            lease: Duration,
-        ) -> DedupFuture<'a, bool> {
-            self.1.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            if key == "stuck" {
-                return Box::pin(std::future::pending());
-            }
-            self.0.renew(key, token, lease)
-        }
-        fn complete<'a>(
-            &'a self,
-            key: &'a str,
-            token: &'a str,
-            ttl: Duration,
-        ) -> DedupFuture<'a, bool> {
-            self.0.complete(key, token, ttl)
-        }
-        fn release<'a>(&'a self, key: &'a str, token: &'a str) -> DedupFuture<'a, bool> {
-            self.0.release(key, token)
-        }
-        fn ping(&self) -> DedupFuture<'_, ()> {
-            self.0.ping()
-        }
-    }
 
     async fn claimed(store: &Arc<dyn DedupStore>, key: &str) {
         assert_eq!(
@@ -311,7 +264,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_hanging_renewal_holds_up_no_other_claim() {
-        let store: Arc<dyn DedupStore> = Arc::new(OneStuck::default());
+        let store: Arc<dyn DedupStore> = Arc::new(HangingRenewals::default());
         let renewals = Renewals::default();
         claimed(&store, "stuck").await;
         claimed(&store, "ok").await;
@@ -353,7 +306,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_claim_is_renewed_once_the_store_says_it_is_ours_and_never_if_not() {
-        let counting = Arc::new(OneStuck::default());
+        let counting = Arc::new(HangingRenewals::default());
         let store: Arc<dyn DedupStore> = counting.clone();
         let renewals = Renewals::default();
         // Sent, and not answered yet: in the sweep, not renewed.

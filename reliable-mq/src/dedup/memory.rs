@@ -194,6 +194,69 @@ impl DedupStore for MemoryStore {
     }
 }
 
+/// For tests: a [`MemoryStore`] whose renewals hang, as on a stopped Redis, for the key
+/// `stuck` always and for every key while `stalled` is set. It counts the renewals asked
+/// of it.
+#[cfg(test)]
+#[derive(Default)]
+pub(crate) struct HangingRenewals {
+    inner: MemoryStore,
+    stalled: std::sync::atomic::AtomicBool,
+    renewals: std::sync::atomic::AtomicUsize,
+}
+
+#[cfg(test)]
+impl HangingRenewals {
+    /// The renewals asked so far, hung ones included.
+    pub(crate) fn renewals(&self) -> usize {
+        self.renewals.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Hang every renewal from now (`true`) or answer them again (`false`).
+    pub(crate) fn stall(&self, stalled: bool) {
+        self.stalled
+            .store(stalled, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+#[cfg(test)]
+impl DedupStore for HangingRenewals {
+    fn claim<'a>(
+        &'a self,
+        key: &'a str,
+        token: &'a str,
+        lease: Duration,
+    ) -> DedupFuture<'a, Claim> {
+        self.inner.claim(key, token, lease)
+    }
+
+    fn renew<'a>(&'a self, key: &'a str, token: &'a str, lease: Duration) -> DedupFuture<'a, bool> {
+        self.renewals
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        if key == "stuck" || self.stalled.load(std::sync::atomic::Ordering::SeqCst) {
+            return Box::pin(std::future::pending());
+        }
+        self.inner.renew(key, token, lease)
+    }
+
+    fn complete<'a>(
+        &'a self,
+        key: &'a str,
+        token: &'a str,
+        ttl: Duration,
+    ) -> DedupFuture<'a, bool> {
+        self.inner.complete(key, token, ttl)
+    }
+
+    fn release<'a>(&'a self, key: &'a str, token: &'a str) -> DedupFuture<'a, bool> {
+        self.inner.release(key, token)
+    }
+
+    fn ping(&self) -> DedupFuture<'_, ()> {
+        self.inner.ping()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

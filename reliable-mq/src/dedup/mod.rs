@@ -101,7 +101,7 @@
 mod ahead;
 #[cfg(feature = "redis-cluster")]
 mod cluster;
-mod memory;
+pub(crate) mod memory;
 mod redis;
 mod scripts;
 #[cfg(feature = "redis-sentinel")]
