@@ -171,12 +171,28 @@ pub async fn produce(
     rate: u32,
     ledger: &Arc<Mutex<Ledger>>,
 ) {
+    produce_while(publisher, queue, prefix, rate, ledger, |i| i < n).await;
+}
+
+/// Publish messages `{prefix}-{i}` as [`produce`] does, for as long as `go_on(i)` says
+/// message `i` is still part of the stream.
+pub async fn produce_while(
+    publisher: &Publisher,
+    queue: &str,
+    prefix: &str,
+    rate: u32,
+    ledger: &Arc<Mutex<Ledger>>,
+    go_on: impl Fn(usize) -> bool,
+) {
     let slots = Arc::new(Semaphore::new(64));
     let pause = Duration::from_secs(1) / rate.max(1);
     let mut tasks = tokio::task::JoinSet::new();
     let start = tokio::time::Instant::now();
-    for i in 0..n {
+    for i in 0.. {
         tokio::time::sleep_until(start + pause * u32::try_from(i).unwrap_or(u32::MAX)).await;
+        if !go_on(i) {
+            break;
+        }
         let permit = Arc::clone(&slots).acquire_owned().await.expect("semaphore");
         let id = format!("{prefix}-{i}");
         if let Ok(mut l) = ledger.lock() {
