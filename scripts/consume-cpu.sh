@@ -16,7 +16,10 @@ q=bench-cpu-$V-$$
 tick=$(getconf CLK_TCK)
 cpu() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 beam=$(pgrep -f beam.smp | head -1)
-redis=$(pgrep -x redis-server | head -1)
+# The Redis on REDIS_URL's port (default 6379): pass REDIS_URL to measure a private node.
+redis_port=$(echo "${REDIS_URL:-redis://127.0.0.1:6379}" | sed -E 's#.*:([0-9]+)/?[0-9]*$#\1#')
+redis=$(redis-cli -p "$redis_port" info server 2>/dev/null | tr -d '\r' | sed -n 's/^process_id://p')
+[ -n "$redis" ] || redis=$(pgrep -f "redis-server.*:$redis_port" | head -1)
 b0=$(cpu "$beam")
 r0=$(cpu "$redis")
 t0=$(date +%s.%N)

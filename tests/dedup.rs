@@ -871,6 +871,68 @@ async fn two_vhosts_sharing_redis_and_prefix_never_take_each_others_messages_for
     cleanup(&broker, &redis, &q, &dlx, &prefix).await;
 }
 
+/// Calls of `command` (lower case) the node has run, from `INFO commandstats` (through
+/// `info`, the name `INFO` has on that node).
+fn command_calls(redis: &reliable_mq_tests::redis::RedisNodes, info: &str, command: &str) -> u64 {
+    let stats = redis
+        .cli(&[info, "commandstats"])
+        .expect("INFO commandstats");
+    stats
+        .lines()
+        .find_map(|line| line.strip_prefix(&format!("cmdstat_{command}:calls=")))
+        .and_then(|rest| rest.split(',').next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn redis_7_takes_claims_as_native_commands_and_a_server_without_info_the_script() {
+    // Per key: two claims at once (one acquires, one finds it held), the winner's done
+    // mark, then a late claim that finds it done. Native claims are one `SET NX GET`
+    // each, and only the done-mark script reads with `GET`; scripted claims `GET` first
+    // and `SET` only when they acquire. Which form ran shows in the server's command
+    // counts; the answers must be the same. Private nodes: the counts are theirs alone.
+    const KEYS: u64 = 10;
+    let native = reliable_mq_tests::redis::RedisNodes::one("rmq-dedup-native");
+    // Some hosted Redis refuse `INFO`: the store cannot tell the version and scripts.
+    let scripted = reliable_mq_tests::redis::RedisNodes::one_with(
+        "rmq-dedup-scripted",
+        &["--rename-command", "INFO", "info-for-tests"],
+    );
+    for (node, info, gets, sets) in [
+        (&native, "INFO", KEYS, 4 * KEYS),
+        (&scripted, "info-for-tests", 4 * KEYS, 2 * KEYS),
+    ] {
+        let s = Arc::new(RedisStore::new(&node.url(), 2).expect("valid URL"));
+        let mut calls = tokio::task::JoinSet::new();
+        for i in 0..KEYS {
+            let s = Arc::clone(&s);
+            calls.spawn(async move {
+                let key = format!("k{i}");
+                let (a, b) = tokio::join!(s.claim(&key, "a", LEASE), s.claim(&key, "b", LEASE));
+                let (a, b) = (a.expect("claim a"), b.expect("claim b"));
+                let winner = match (a, b) {
+                    (Claim::Acquired, Claim::Held) => "a",
+                    (Claim::Held, Claim::Acquired) => "b",
+                    other => panic!("exactly one claim acquires: {other:?}"),
+                };
+                assert_eq!(s.complete(&key, winner, TTL).await.ok(), Some(true));
+                assert_eq!(s.claim(&key, "late", LEASE).await.ok(), Some(Claim::Done));
+            });
+        }
+        while let Some(r) = calls.join_next().await {
+            r.expect("the protocol's answers");
+        }
+        assert_eq!(
+            (
+                command_calls(node, info, "get"),
+                command_calls(node, info, "set")
+            ),
+            (gets, sets),
+            "GET and SET calls on the node reached with {info}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn redis_batches_load_their_scripts_again_after_a_script_flush() {
     // A restarted Redis (or `SCRIPT FLUSH`) no longer knows the batched scripts: the next

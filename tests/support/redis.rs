@@ -31,9 +31,14 @@ impl RedisNodes {
 
     /// One plain node on a free port, started and answering.
     pub fn one(name: &str) -> Self {
+        Self::one_with(name, &[])
+    }
+
+    /// One node as [`RedisNodes::one`], started with the `extra` arguments.
+    pub fn one_with(name: &str, extra: &[&str]) -> Self {
         let [port] = free_ports(false);
         let nodes = Self::new(name, &[port]);
-        nodes.start(port, &[]);
+        nodes.start(port, extra);
         nodes.wait_ours(port);
         nodes
     }

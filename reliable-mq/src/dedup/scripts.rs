@@ -12,14 +12,23 @@
 //! reply to parse per batch instead of per message. No delay is added to wait for a
 //! batch: a lone claim goes at once. A cluster routes a script by its one slot, and the
 //! keys of a batch hash to many: there every operation stays a call of its own.
+//!
+//! A batch's claims need no script on Redis 7 or later: `SET key token NX PX lease GET`
+//! does what [`CLAIM`] does in one native command (set only if absent, and answer what
+//! was there: nothing, `done`, or another token), in about half the script's time on
+//! the server. The store asks the server's version (`INFO server`) once per connection and
+//! falls back to the script on an older server, or one that refuses `INFO`. The done
+//! mark keeps its script: it sets `done` only over its own token or nothing, and Redis
+//! has no native compare-and-set before 8.
 
 use std::future::Future;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use deadpool_redis::redis::aio::ConnectionLike;
 use deadpool_redis::redis::{
-    Cmd, ErrorKind, FromRedisValue, Script, ScriptInvocation, ServerErrorKind,
+    Cmd, ErrorKind, FromRedisValue, RedisError, Script, ScriptInvocation, ServerErrorKind, Value,
 };
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
@@ -96,6 +105,47 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
 end
 return 0
 "#;
+
+/// How a batch sends its claims: unknown until the connection's server was asked, then
+/// native `SET ... NX GET` commands or the [`CLAIM_MANY`] script.
+const CLAIM_FORM_UNKNOWN: u8 = 0;
+const CLAIM_FORM_NATIVE: u8 = 1;
+const CLAIM_FORM_SCRIPT: u8 = 2;
+
+/// Whether a server whose `INFO server` reads `info` takes `SET` with both `NX` and
+/// `GET` (Redis 7.0 and later; Valkey reports a compatible `redis_version`).
+fn takes_set_nx_get(info: &str) -> bool {
+    info.lines()
+        .find_map(|line| line.strip_prefix("redis_version:"))
+        .and_then(|version| version.trim().split('.').next()?.parse::<u32>().ok())
+        .is_some_and(|major| major >= 7)
+}
+
+/// The claim of `r` as one native command: set the token for the lease unless the key
+/// exists, and answer the value that was there.
+fn native_claim(r: &Request) -> Cmd {
+    let mut cmd = Cmd::with_capacity(8, r.call.key().len() + r.call.token().len() + 32);
+    cmd.arg("SET")
+        .arg(r.call.key())
+        .arg(r.call.token())
+        .arg("NX")
+        .arg("PX")
+        .arg(millis(r.duration))
+        .arg("GET");
+    cmd
+}
+
+/// The code [`CLAIM`] answers, from what a native claim found under its key.
+fn native_claim_code(found: &Value) -> Result<i64, DedupError> {
+    match found {
+        Value::Nil => Ok(0),
+        Value::BulkString(v) if v.as_slice() == b"done" => Ok(1),
+        Value::BulkString(_) => Ok(2),
+        other => Err(DedupError(format!(
+            "unexpected answer to a claim: {other:?}"
+        ))),
+    }
+}
 
 /// The prepared scripts; each method builds the invocation of one operation, which the
 /// store runs on its connection (it answers an integer, decoded by the `*_outcome`
@@ -223,6 +273,9 @@ struct Shared<S: ConnectionSource> {
     /// The connection every operation clones; `None` until first use and after an error.
     slot: Mutex<Option<S::Pooled>>,
     scripts: Scripts,
+    /// How the connection in `slot` sends claims (`CLAIM_FORM_*`); asked again of each
+    /// new connection, which may reach another server (after a failover).
+    claim_form: AtomicU8,
 }
 
 impl<S: ConnectionSource> ScriptStore<S> {
@@ -232,6 +285,7 @@ impl<S: ConnectionSource> ScriptStore<S> {
                 source,
                 slot: Mutex::new(None),
                 scripts: Scripts::new(),
+                claim_form: AtomicU8::new(CLAIM_FORM_UNKNOWN),
             }),
             batcher: OnceLock::new(),
         }
@@ -278,6 +332,36 @@ impl<S: ConnectionSource> Shared<S> {
         if let Ok(mut slot) = self.slot.lock() {
             *slot = None;
         }
+        self.claim_form.store(CLAIM_FORM_UNKNOWN, Ordering::Relaxed);
+    }
+
+    /// How claims go to the server behind `conn`: natively if it is Redis 7 or later.
+    /// Asked once per connection; a server that refuses `INFO` gets the script.
+    async fn claim_form(&self, conn: &mut S::Conn) -> Result<u8, RedisError> {
+        let known = self.claim_form.load(Ordering::Relaxed);
+        if known != CLAIM_FORM_UNKNOWN {
+            return Ok(known);
+        }
+        let form = match deadpool_redis::redis::cmd("INFO")
+            .arg("server")
+            .query_async::<String>(conn)
+            .await
+        {
+            Ok(info) if takes_set_nx_get(&info) => CLAIM_FORM_NATIVE,
+            Ok(_) => CLAIM_FORM_SCRIPT,
+            // `INFO` renamed or forbidden by an ACL: the script works everywhere.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    ErrorKind::Server(ServerErrorKind::ResponseError | ServerErrorKind::NoPerm)
+                ) =>
+            {
+                CLAIM_FORM_SCRIPT
+            }
+            Err(e) => return Err(e),
+        };
+        self.claim_form.store(form, Ordering::Relaxed);
+        Ok(form)
     }
 
     async fn run<T: FromRedisValue>(
@@ -291,8 +375,9 @@ impl<S: ConnectionSource> Shared<S> {
         })
     }
 
-    /// Run one batch, its claims and its done marks in one round trip (a pipeline of up
-    /// to two script calls): a code per request, in order, or the error for all of them.
+    /// Run one batch, its claims and its done marks in one round trip (a pipeline of a
+    /// native command per claim or one claim script, then one done-mark script): a code
+    /// per request, in order, or the error for all of them.
     async fn run_batch(&self, batch: &Batch) -> Result<(Vec<i64>, Vec<i64>), DedupError> {
         let answer = tokio::time::timeout(BATCH_CALL_TIMEOUT, self.run_pipeline(batch))
             .await
@@ -302,35 +387,51 @@ impl<S: ConnectionSource> Shared<S> {
                     "no answer within {BATCH_CALL_TIMEOUT:?}"
                 )))
             })?;
-        let mut answers = answer.into_iter();
-        let mut codes = |requests: &[Request]| -> Result<Vec<i64>, DedupError> {
-            if requests.is_empty() {
-                return Ok(Vec::new());
+        let (form, replies) = answer;
+        let mut replies = replies.into_iter();
+        let claims = if form == CLAIM_FORM_NATIVE {
+            let found: Vec<Value> = replies.by_ref().take(batch.claims.len()).collect();
+            if found.len() != batch.claims.len() {
+                return Err(DedupError(format!(
+                    "{} answers for {} claims",
+                    found.len(),
+                    batch.claims.len()
+                )));
             }
-            let codes = answers.next().unwrap_or_default();
-            if codes.len() == requests.len() {
-                Ok(codes)
-            } else {
-                Err(DedupError(format!(
-                    "the batched script answered {} codes for {} keys",
-                    codes.len(),
-                    requests.len()
-                )))
-            }
+            found
+                .iter()
+                .map(native_claim_code)
+                .collect::<Result<_, _>>()?
+        } else {
+            script_codes(&mut replies, &batch.claims)?
         };
-        Ok((codes(&batch.claims)?, codes(&batch.completes)?))
+        Ok((claims, script_codes(&mut replies, &batch.completes)?))
     }
 
-    /// The pipeline of `batch`, loading the scripts first if the server does not know them
-    /// (after a restart, or a `SCRIPT FLUSH`).
-    async fn run_pipeline(&self, batch: &Batch) -> Result<Vec<Vec<i64>>, DedupError> {
-        let mut pipe = deadpool_redis::redis::Pipeline::with_capacity(2);
-        for (op, requests) in [(Op::Claim, &batch.claims), (Op::Complete, &batch.completes)] {
-            if !requests.is_empty() {
-                pipe.add_command(self.scripts.many(op, requests));
-            }
-        }
+    /// The pipeline of `batch` and how its claims went, loading the scripts first if the
+    /// server does not know them (after a restart, or a `SCRIPT FLUSH`).
+    async fn run_pipeline(&self, batch: &Batch) -> Result<(u8, Vec<Value>), DedupError> {
+        let failed = |e: RedisError| {
+            self.forget_connection();
+            DedupError(e.to_string())
+        };
         let mut conn = self.connection().await?;
+        let form = if batch.claims.is_empty() {
+            CLAIM_FORM_SCRIPT
+        } else {
+            self.claim_form(&mut conn).await.map_err(failed)?
+        };
+        let mut pipe = deadpool_redis::redis::Pipeline::with_capacity(batch.claims.len() + 1);
+        if form == CLAIM_FORM_NATIVE {
+            for r in &batch.claims {
+                pipe.add_command(native_claim(r));
+            }
+        } else if !batch.claims.is_empty() {
+            pipe.add_command(self.scripts.many(Op::Claim, &batch.claims));
+        }
+        if !batch.completes.is_empty() {
+            pipe.add_command(self.scripts.many(Op::Complete, &batch.completes));
+        }
         let answer = match pipe.query_async(&mut conn).await {
             Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
                 let loaded = async {
@@ -344,10 +445,33 @@ impl<S: ConnectionSource> Shared<S> {
             }
             answer => answer,
         };
-        answer.map_err(|e| {
-            self.forget_connection();
-            DedupError(e.to_string())
-        })
+        answer.map(|replies| (form, replies)).map_err(failed)
+    }
+}
+
+/// The codes of a batched script's reply, the next of `replies`, one per request (none
+/// was sent for no requests).
+fn script_codes(
+    replies: &mut impl Iterator<Item = Value>,
+    requests: &[Request],
+) -> Result<Vec<i64>, DedupError> {
+    if requests.is_empty() {
+        return Ok(Vec::new());
+    }
+    let codes = match replies.next() {
+        Some(reply) => {
+            Vec::<i64>::from_redis_value(reply).map_err(|e| DedupError(e.to_string()))?
+        }
+        None => Vec::new(),
+    };
+    if codes.len() == requests.len() {
+        Ok(codes)
+    } else {
+        Err(DedupError(format!(
+            "the batched script answered {} codes for {} keys",
+            codes.len(),
+            requests.len()
+        )))
     }
 }
 
@@ -423,7 +547,12 @@ impl Batcher {
                 tokio::select! {
                     // Answers first, so a batch's callers hear back before the next goes.
                     biased;
-                    Some(()) = on_the_wire.next(), if !on_the_wire.is_empty() => {}
+                    Some(()) = on_the_wire.next(), if !on_the_wire.is_empty() => {
+                        // The callers just answered run first: a handler that finishes
+                        // now sends its done mark, a delivery that arrives its claim,
+                        // into the next batch rather than a round trip of its own.
+                        tokio::task::yield_now().await;
+                    }
                     n = rx.recv_many(&mut batch, MAX_BATCH),
                         if open && on_the_wire.len() < BATCHES_IN_FLIGHT =>
                     {
@@ -635,3 +764,36 @@ macro_rules! delegate_dedup_store {
     };
 }
 pub(super) use delegate_dedup_store;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn set_with_nx_and_get_is_taken_from_redis_7_on() {
+        let info = |version: &str| {
+            format!("# Server\r\nredis_version:{version}\r\nredis_mode:standalone\r\n")
+        };
+        assert!(takes_set_nx_get(&info("7.0.15")));
+        assert!(takes_set_nx_get(&info("7.2.4")));
+        assert!(takes_set_nx_get(&info("8.0.0")));
+        assert!(!takes_set_nx_get(&info("6.2.14")));
+        assert!(!takes_set_nx_get(&info("5.0.7")));
+        assert!(!takes_set_nx_get("# Server\r\nredis_mode:standalone\r\n"));
+        assert!(!takes_set_nx_get(&info("unknown")));
+    }
+
+    #[test]
+    fn a_native_claim_answers_as_the_claim_script() {
+        assert_eq!(native_claim_code(&Value::Nil).ok(), Some(0));
+        assert_eq!(
+            native_claim_code(&Value::BulkString(b"done".to_vec())).ok(),
+            Some(1)
+        );
+        assert_eq!(
+            native_claim_code(&Value::BulkString(b"4f1c-token".to_vec())).ok(),
+            Some(2)
+        );
+        assert!(native_claim_code(&Value::Int(1)).is_err());
+    }
+}
