@@ -3,8 +3,9 @@
 #
 #   scripts/observe-cost.sh build          # two release builds of examples/bench
 #   scripts/observe-cost.sh wall [RUNS]    # interleaved wall-clock runs of `bench consume`
-#                                          # (TRACER=none: "on" without a tracer)
-#   scripts/observe-cost.sh instructions ["off on on-recorder-only"]
+#                                          # (TRACER=none: "on" without a tracer;
+#                                          # TRACER=otel-1pct: 1% of deliveries sampled)
+#   scripts/observe-cost.sh instructions ["off on on-1pct on-recorder-only"]
 #                                          # instructions per message under callgrind
 #
 # "off" is built with `--no-default-features` (no otel, no metrics, no http), "on" with

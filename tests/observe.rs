@@ -39,6 +39,9 @@ fn spans() -> &'static InMemorySpanExporter {
             let provider = SdkTracerProvider::builder()
                 .with_simple_exporter(exporter.clone())
                 .build();
+            // The process spans come from the global provider, the others through the
+            // layer: a traced service sets both.
+            opentelemetry::global::set_tracer_provider(provider.clone());
             let layer = tracing_opentelemetry::layer().with_tracer(provider.tracer("observe"));
             let filter = tracing_subscriber::filter::Targets::new()
                 .with_target("reliable_mq", tracing::Level::INFO)
@@ -175,6 +178,19 @@ async fn a_delivery_is_a_child_of_its_publish_and_the_trace_survives_retry_and_d
             assert_eq!(
                 attr(&process, "messaging.destination.subscription.name").as_deref(),
                 Some(q.as_str())
+            );
+        }
+    }
+    // The handler's own `tracing` spans are children of the process span.
+    for id in [&ok_id, &failing_id] {
+        for process in processed(id) {
+            assert!(
+                all.iter().any(|s| s.name == "handler work"
+                    && attr(s, "handled_id").as_deref() == Some(id.as_str())
+                    && s.parent_span_id == process.span_context.span_id()
+                    && s.span_context.trace_id() == trace_id),
+                "a handler span under process span {:?}",
+                process.span_context.span_id()
             );
         }
     }
@@ -467,7 +483,14 @@ async fn start_failing_on(
     delay: Duration,
 ) -> RunningApp {
     let (name, error) = failing;
-    let handler = delivery_handler_fn(move |job: Job, _d: Arc<Delivery>| async move {
+    let handler = delivery_handler_fn(move |job: Job, d: Arc<Delivery>| async move {
+        // The handler's own span: a child of the delivery's process span.
+        let work = tracing::info_span!(
+            target: "observe",
+            "handler work",
+            handled_id = d.message_id().unwrap_or("")
+        );
+        async {}.instrument(work).await;
         if job.name == name {
             return Err(error());
         }

@@ -63,6 +63,9 @@ mod otel {
             .with_sampler(sampler)
             .with_batch_exporter(Discard)
             .build();
+        // The process spans come from the global provider, the others through the
+        // layer: a traced service sets both.
+        opentelemetry::global::set_tracer_provider(provider.clone());
         let layer = tracing_opentelemetry::layer()
             .with_tracer(provider.tracer("bench"))
             .with_location(!lean)

@@ -250,6 +250,9 @@ impl App {
             check_inbox_pool(c, &self.states)?;
         }
         topology::check_conflicts(&self.consumers)?;
+        if let Some(warning) = crate::observe::trace::missing_tracer_provider() {
+            startup_warning(warning);
+        }
         let states = Arc::new(self.states);
         let config = Arc::new(self.config);
         let dedup = match self.dedup {
@@ -293,7 +296,7 @@ impl App {
             });
             runtimes.push(Arc::new(ConsumerRuntime {
                 config: Arc::clone(&config),
-                process_span_name: crate::observe::trace::process_span_name(consumer.queue()),
+                spans: crate::observe::trace::ProcessSpans::new(consumer.queue()),
                 dedup: if consumer.is_idempotent() {
                     dedup.clone()
                 } else {

@@ -28,7 +28,7 @@ use lapin::types::FieldTable;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
-use tracing::{Instrument, debug, error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::connection::{self, Backoff};
 use crate::consumer::claim::{ClaimAhead, ClaimDecision, claim, claim_ahead};
@@ -184,8 +184,8 @@ pub(crate) struct ConsumerRuntime {
     /// The connections consumers share, and which one this consumer's channels are on.
     pub(crate) connections: Arc<connection::ConnectionSet>,
     pub(crate) connection_slot: usize,
-    /// The name of this consumer's per-delivery spans (feature `otel`).
-    pub(crate) process_span_name: Box<str>,
+    /// Makes the spans of this consumer's deliveries.
+    pub(crate) spans: crate::observe::trace::ProcessSpans,
 }
 
 /// Spaces the sessions of one consumer.
@@ -254,7 +254,7 @@ struct Waiting {
     acker: Acker,
     claim: Option<ClaimAhead>,
     hand_back_at: Instant,
-    span: tracing::Span,
+    span: crate::observe::trace::DeliverySpan,
     busy: InFlight,
 }
 
@@ -405,7 +405,7 @@ impl ConsumerRuntime {
                             link,
                             busy,
                         };
-                        in_flight.spawn(Box::pin(this.process(task).instrument(span)));
+                        in_flight.spawn(Box::pin(span.instrument(this.process(task))));
                         continue;
                     }
                 }
@@ -439,17 +439,14 @@ impl ConsumerRuntime {
             if let Some(refusal) = inspect::refuse(&delivery, limits) {
                 // Hostile input: to the DLQ without a slot, a claim or a handler call.
                 let (this, link) = (Arc::clone(self), Arc::clone(&link));
-                in_flight.spawn(
-                    async move {
-                        let _busy = busy;
-                        let held = Held {
-                            hand_back_at,
-                            connection: &link,
-                        };
-                        this.refuse(delivery, &acker, refusal, held).await
-                    }
-                    .instrument(span),
-                );
+                in_flight.spawn(span.instrument(async move {
+                    let _busy = busy;
+                    let held = Held {
+                        hand_back_at,
+                        connection: &link,
+                    };
+                    this.refuse(delivery, &acker, refusal, held).await
+                }));
                 continue;
             }
             // The claim is sent now, while the delivery waits for a slot; its lease is
@@ -640,7 +637,10 @@ impl ConsumerRuntime {
     }
 
     /// Take a delivery apart into what the handler sees, its acker and its span.
-    fn receive(&self, raw: RawDelivery) -> (Arc<Delivery>, Acker, tracing::Span) {
+    fn receive(
+        &self,
+        raw: RawDelivery,
+    ) -> (Arc<Delivery>, Acker, crate::observe::trace::DeliverySpan) {
         ConsumerStats::bump(&self.stats.received);
         self.stats.metrics.received();
         let RawDelivery {
@@ -663,7 +663,7 @@ impl ConsumerRuntime {
             publisher: Some(self.publisher.clone()),
             states: Arc::clone(&self.states),
         });
-        let span = crate::observe::trace::delivery_span(&delivery, &self.process_span_name);
+        let span = self.spans.delivery_span(&delivery);
         (delivery, acker, span)
     }
 

@@ -5,6 +5,22 @@
 //! empty inline functions on zero-sized types, so a build without the features carries
 //! none of this.
 
+/// The `delivery` span that carries a delivery's fields on log lines, at `$level`.
+macro_rules! delivery_log_span {
+    ($level:expr, $delivery:expr) => {
+        tracing::span!(
+            $level,
+            "delivery",
+            queue = %$delivery.queue(),
+            message_id = $delivery.message_id().unwrap_or(""),
+            delivery_tag = $delivery.delivery_tag,
+            redelivered = $delivery.redelivered(),
+            attempt = $delivery.attempt(),
+        )
+    };
+}
+use delivery_log_span;
+
 #[cfg(feature = "http")]
 pub mod http;
 #[cfg(feature = "metrics")]
@@ -134,22 +150,37 @@ mod off {
             )
         }
 
-        /// Nothing to name without trace propagation.
-        pub(crate) fn process_span_name(_queue: &str) -> Box<str> {
-            Box::default()
+        /// What a consumer keeps for the spans of its deliveries: nothing to keep without
+        /// trace propagation.
+        pub(crate) struct ProcessSpans;
+
+        impl ProcessSpans {
+            pub(crate) fn new(_queue: &str) -> Self {
+                Self
+            }
+
+            /// The per-delivery span, as without trace propagation.
+            #[inline(always)]
+            pub(crate) fn delivery_span(&self, delivery: &Delivery) -> DeliverySpan {
+                DeliverySpan(super::super::delivery_log_span!(
+                    tracing::Level::INFO,
+                    delivery
+                ))
+            }
         }
 
-        /// The per-delivery span, as without trace propagation.
-        #[inline(always)]
-        pub(crate) fn delivery_span(delivery: &Delivery, _name: &str) -> tracing::Span {
-            tracing::info_span!(
-                "delivery",
-                queue = %delivery.queue(),
-                message_id = delivery.message_id().unwrap_or(""),
-                delivery_tag = delivery.delivery_tag,
-                redelivered = delivery.redelivered(),
-                attempt = delivery.attempt(),
-            )
+        /// The span one delivery's task runs in.
+        pub(crate) struct DeliverySpan(tracing::Span);
+
+        impl DeliverySpan {
+            /// Run `work` (the delivery's task) in this span.
+            #[inline(always)]
+            pub(crate) fn instrument<F: std::future::Future>(
+                self,
+                work: F,
+            ) -> tracing::instrument::Instrumented<F> {
+                tracing::Instrument::instrument(work, self.0)
+            }
         }
 
         #[inline(always)]
@@ -158,7 +189,12 @@ mod off {
         }
 
         #[inline(always)]
-        pub(crate) fn record_error(_kind: &str) {}
+        pub(crate) fn record_error(_kind: &'static str) {}
+
+        /// Nothing to warn about without trace propagation.
+        pub(crate) fn missing_tracer_provider() -> Option<&'static str> {
+            None
+        }
 
         #[inline(always)]
         pub(crate) fn settling<F>(settle: F, _queue: &str, _outcome: &str) -> F {
