@@ -45,8 +45,10 @@
 //! (a Redis Cluster dedup store), `testing` (`testing::TestApp`: your consumers on an
 //! in-memory broker running the same pipeline; `Delivery::for_test`, for unit tests of
 //! handlers), `cli` (the `reliable-mq` binary, `dlq list|show|replay|purge`, and its
-//! library module `dlq`), `otel` (W3C trace context through message headers), `metrics`
-//! (counters, gauges and histograms through the `metrics` facade), `http`
+//! library module `dlq`), `otel` (W3C trace context through message headers, and a
+//! `process {queue}` span per delivery from OpenTelemetry's global tracer provider: set
+//! yours there before the app starts), `metrics` (counters, gauges and histograms through
+//! the `metrics` facade), `http`
 //! (`/health/live`, `/health/ready` and `/metrics`; see `observe`), `schemars` (payload
 //! types' JSON Schemas in the AsyncAPI export, below).
 //!
