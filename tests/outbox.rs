@@ -5,8 +5,9 @@
 //! health, without making the app unready), two relays never publish a row twice, and
 //! relays ordered per aggregate publish each aggregate's rows in order.
 //!
-//! The tests take one lock each: the outbox metrics are process-wide (one outbox table per
-//! service), so a test reads exact counts only while no other test's relay runs.
+//! The tests take one lock each: `reliable_mq_outbox_relays_running` counts the relays of
+//! the whole process, so a test reads it exactly only while no other test's relay runs
+//! (the other series are labelled with each test's own schema).
 
 #[path = "pg_support.rs"]
 mod pg_support;
@@ -253,6 +254,22 @@ fn value(series: &BTreeMap<String, f64>, name: &str) -> f64 {
     series.get(name).copied().unwrap_or(0.0)
 }
 
+/// The `database` label of the series of a relay on `db`'s schema: `host:port/database/
+/// schema`.
+fn database_label(db: &TestSchema) -> String {
+    let options: sqlx::postgres::PgConnectOptions =
+        pg_support::database_url().parse().expect("DATABASE_URL");
+    let database = options
+        .get_database()
+        .unwrap_or_else(|| options.get_username());
+    format!(
+        "database=\"{}:{}/{database}/{}\"",
+        options.get_host(),
+        options.get_port(),
+        db.name
+    )
+}
+
 async fn write(pool: &sqlx::PgPool, queue: &str, value: serde_json::Value, key: Option<&str>) {
     let mut tx = pool.begin().await.expect("begin");
     Outbox::publish_with(
@@ -329,18 +346,32 @@ async fn failed_rows_are_counted_and_reported_by_health_without_making_the_app_u
     let (_, scrape) = http_get(addr, "/metrics").await;
     let after = outbox_series(&scrape);
     let delta = |name: &str| value(&after, name) - value(&before, name);
+    let label = database_label(&db);
     assert_eq!(
-        delta("reliable_mq_outbox_failed_total{kind=\"unroutable\"}"),
+        delta(&format!(
+            "reliable_mq_outbox_failed_total{{{label},kind=\"unroutable\"}}"
+        )),
         2.0,
         "{scrape}"
     );
-    assert_eq!(delta("reliable_mq_outbox_published_total"), 1.0, "{scrape}");
     assert_eq!(
-        value(&after, "reliable_mq_outbox_failed_rows"),
+        delta(&format!("reliable_mq_outbox_published_total{{{label}}}")),
+        1.0,
+        "{scrape}"
+    );
+    assert_eq!(
+        value(
+            &after,
+            &format!("reliable_mq_outbox_failed_rows{{{label}}}")
+        ),
         2.0,
         "{scrape}"
     );
-    assert_eq!(value(&after, "reliable_mq_outbox_pending"), 0.0, "{scrape}");
+    assert_eq!(
+        value(&after, &format!("reliable_mq_outbox_pending{{{label}}}")),
+        0.0,
+        "{scrape}"
+    );
     assert_eq!(
         value(&after, "reliable_mq_outbox_relays_running"),
         1.0,
@@ -380,6 +411,71 @@ async fn failed_rows_are_counted_and_reported_by_health_without_making_the_app_u
         0.0,
         "{scrape}"
     );
+}
+
+/// Two relays of two outbox tables (two schemas) in one process keep their gauges and
+/// counters apart, by their `database` label: one table's failed rows do not overwrite
+/// the other's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relays_of_two_outbox_tables_keep_their_series_apart() {
+    init_tracing();
+    let _serial = serial().await;
+    reliable_mq::observe::metrics::install_prometheus();
+    let nowhere = unique("rmq-test-outbox-two-nowhere");
+    let (one, two) = (
+        TestSchema::new("outbox_two_a").await,
+        TestSchema::new("outbox_two_b").await,
+    );
+    let publisher = Publisher::connect(&amqp_url()).await.expect("publisher");
+    let shutdown = ShutdownHandle::default();
+    // Unroutable rows: two in the first table, one in the second.
+    for (db, rows) in [(&one, 2), (&two, 1)] {
+        for n in 0..rows {
+            write(&db.pool, &nowhere, serde_json::json!(n), None).await;
+        }
+    }
+    let relays: Vec<_> = [&one, &two]
+        .iter()
+        .map(|db| {
+            OutboxRelay::new(db.pool.clone(), publisher.clone())
+                .poll_every(Duration::from_millis(50))
+                .count_every(Duration::from_millis(50))
+                .spawn(shutdown.clone())
+        })
+        .collect();
+    let series = || outbox_series(&reliable_mq::observe::metrics::render().unwrap_or_default());
+    let failed_rows = |db: &TestSchema| {
+        value(
+            &series(),
+            &format!("reliable_mq_outbox_failed_rows{{{}}}", database_label(db)),
+        )
+    };
+    let counted = eventually(Duration::from_secs(10), || async {
+        failed_rows(&one) == 2.0 && failed_rows(&two) == 1.0
+    })
+    .await;
+    let scrape = reliable_mq::observe::metrics::render().unwrap_or_default();
+    assert!(counted, "each table its own gauge:\n{scrape}");
+    for (db, rows) in [(&one, 2.0), (&two, 1.0)] {
+        assert_eq!(
+            value(
+                &series(),
+                &format!(
+                    "reliable_mq_outbox_failed_total{{{},kind=\"unroutable\"}}",
+                    database_label(db)
+                )
+            ),
+            rows,
+            "{scrape}"
+        );
+    }
+    assert_ne!(database_label(&one), database_label(&two));
+
+    shutdown.trigger();
+    for relay in relays {
+        relay.await.expect("relay task");
+    }
+    publisher.close().await;
 }
 
 /// Rows of aggregates `a` and `b`, in order, and one without a key.

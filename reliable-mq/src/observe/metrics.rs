@@ -350,19 +350,35 @@ pub(crate) mod outbox {
     pub(crate) fn batch_started() -> Timer {
         Timer(Instant::now())
     }
+    // Each series is labelled with the relay's `database` (`host:port/database`): relays
+    // of two databases in one process would otherwise overwrite each other's gauges. A
+    // label per batch costs an allocation per batch, not per message.
+
     /// A batch committed: its rows are marked as counted here.
-    pub(crate) fn batch_done(t: Timer, sent: usize, deferred: usize) {
-        metrics::histogram!(names::OUTBOX_BATCH_DURATION).record(t.0.elapsed());
-        metrics::counter!(names::OUTBOX_PUBLISHED).increment(sent as u64);
-        metrics::counter!(names::OUTBOX_DEFERRED).increment(deferred as u64);
+    pub(crate) fn batch_done(database: &str, t: Timer, sent: usize, deferred: usize) {
+        let database = database.to_owned();
+        metrics::histogram!(names::OUTBOX_BATCH_DURATION, "database" => database.clone())
+            .record(t.0.elapsed());
+        metrics::counter!(names::OUTBOX_PUBLISHED, "database" => database.clone())
+            .increment(sent as u64);
+        metrics::counter!(names::OUTBOX_DEFERRED, "database" => database)
+            .increment(deferred as u64);
     }
-    pub(crate) fn failed(kind: &'static str) {
-        metrics::counter!(names::OUTBOX_FAILED, "kind" => kind).increment(1);
+    pub(crate) fn failed(database: &str, kind: &'static str) {
+        metrics::counter!(
+            names::OUTBOX_FAILED,
+            "database" => database.to_owned(),
+            "kind" => kind
+        )
+        .increment(1);
     }
-    pub(crate) fn rows(pending: i64, failed: i64, oldest_pending_seconds: f64) {
-        metrics::gauge!(names::OUTBOX_PENDING).set(pending as f64);
-        metrics::gauge!(names::OUTBOX_FAILED_ROWS).set(failed as f64);
-        metrics::gauge!(names::OUTBOX_OLDEST_PENDING).set(oldest_pending_seconds);
+    pub(crate) fn rows(database: &str, pending: i64, failed: i64, oldest_pending_seconds: f64) {
+        let database = database.to_owned();
+        metrics::gauge!(names::OUTBOX_PENDING, "database" => database.clone()).set(pending as f64);
+        metrics::gauge!(names::OUTBOX_FAILED_ROWS, "database" => database.clone())
+            .set(failed as f64);
+        metrics::gauge!(names::OUTBOX_OLDEST_PENDING, "database" => database)
+            .set(oldest_pending_seconds);
     }
     /// Set from a process-wide count rather than incremented: a relay started before the
     /// recorder was installed must not leave the gauge at -1 when it stops.

@@ -118,11 +118,17 @@ mod off {
             Nothing
         }
         #[inline(always)]
-        pub(crate) fn batch_done(_t: Nothing, _sent: usize, _deferred: usize) {}
+        pub(crate) fn batch_done(_database: &str, _t: Nothing, _sent: usize, _deferred: usize) {}
         #[inline(always)]
-        pub(crate) fn failed(_kind: &'static str) {}
+        pub(crate) fn failed(_database: &str, _kind: &'static str) {}
         #[inline(always)]
-        pub(crate) fn rows(_pending: i64, _failed: i64, _oldest_pending_seconds: f64) {}
+        pub(crate) fn rows(
+            _database: &str,
+            _pending: i64,
+            _failed: i64,
+            _oldest_pending_seconds: f64,
+        ) {
+        }
         #[inline(always)]
         pub(crate) fn relay_running(_running: bool) {}
     }

@@ -337,6 +337,9 @@ pub struct OutboxRelay {
     count_every: Duration,
     ordered_per_aggregate: bool,
     state: Arc<RelayState>,
+    /// The `database` label of this relay's metrics, asked of the database once (see
+    /// [`OutboxRelay::database_label`]); shared by the relay's clones.
+    database: Arc<tokio::sync::OnceCell<Arc<str>>>,
 }
 
 /// What one batch did.
@@ -357,6 +360,7 @@ impl OutboxRelay {
     /// every second besides the notifications, sent rows kept for a day.
     pub fn new(pool: PgPool, publisher: Publisher) -> Self {
         Self {
+            database: Arc::default(),
             pool,
             publisher,
             batch_size: 256,
@@ -501,6 +505,7 @@ impl OutboxRelay {
         match Outbox::backlog(&self.pool).await {
             Ok(backlog) => {
                 outbox_metrics::rows(
+                    &self.database_label().await,
                     backlog.pending,
                     backlog.failed,
                     backlog.oldest_pending.map_or(0.0, |d| d.as_secs_f64()),
@@ -511,6 +516,45 @@ impl OutboxRelay {
                 debug!(error = %e, "cannot count the outbox backlog now");
                 self.state
                     .set_error(Some(format!("cannot count the outbox backlog: {e}")));
+            }
+        }
+    }
+
+    /// Where this relay's outbox table is, as `host:port/database/schema`: the `database`
+    /// label of its metrics, so that relays of two outbox tables in one process (two
+    /// databases, or two schemas) keep their series apart. Asked of the database the
+    /// first time (its schema is the pool's `search_path`); while it cannot answer, the
+    /// label is `host:port/database` from the pool's options, not remembered. No user
+    /// name or password.
+    async fn database_label(&self) -> Arc<str> {
+        let server = || {
+            let options = self.pool.connect_options();
+            let database = options
+                .get_database()
+                .unwrap_or_else(|| options.get_username())
+                .to_owned();
+            (
+                format!("{}:{}", options.get_host(), options.get_port()),
+                database,
+            )
+        };
+        let asked = self
+            .database
+            .get_or_try_init(|| async {
+                let (database, schema): (String, Option<String>) =
+                    sqlx::query_as("SELECT current_database(), current_schema()")
+                        .fetch_one(&self.pool)
+                        .await?;
+                let (server, _) = server();
+                let schema = schema.unwrap_or_default();
+                Ok::<_, sqlx::Error>(Arc::<str>::from(format!("{server}/{database}/{schema}")))
+            })
+            .await;
+        match asked {
+            Ok(label) => Arc::clone(label),
+            Err(_) => {
+                let (server, database) = server();
+                format!("{server}/{database}").into()
             }
         }
     }
@@ -623,9 +667,10 @@ impl OutboxRelay {
         // message_id), which consumers deduplicate.
         tx.commit().await?;
         // Counted once committed: a batch rolled back is published again, and counted then.
-        outbox_metrics::batch_done(timer, batch.sent, batch.deferred);
+        let database = self.database_label().await;
+        outbox_metrics::batch_done(&database, timer, batch.sent, batch.deferred);
         for kind in failed_kinds {
-            outbox_metrics::failed(kind);
+            outbox_metrics::failed(&database, kind);
         }
         Ok(batch)
     }
