@@ -350,8 +350,9 @@ pub(crate) mod outbox {
     pub(crate) fn batch_started() -> Timer {
         Timer(Instant::now())
     }
-    // Each series is labelled with the relay's `database` (`host:port/database`): relays
-    // of two databases in one process would otherwise overwrite each other's gauges. A
+    // Each series is labelled with the relay's `database` (`host:port/database/schema`):
+    // relays of two outbox tables in one process would otherwise overwrite each other's
+    // gauges. A
     // label per batch costs an allocation per batch, not per message.
 
     /// A batch committed: its rows are marked as counted here.

@@ -173,17 +173,13 @@ impl ProcessSpans {
             // No span to make: the producer's context, if any, is the handler's.
             None => parent.span().span_context().is_valid().then_some(parent),
         };
-        let log = match &cx {
-            Some(cx) if self.log_level == tracing::Level::DEBUG => {
-                // Made inside the process span's context, so that, when it is on, the
-                // layer makes it a child of the process span.
-                let _inside = cx.clone().attach();
-                super::delivery_log_span!(tracing::Level::DEBUG, delivery)
-            }
-            _ if self.log_level == tracing::Level::DEBUG => {
-                super::delivery_log_span!(tracing::Level::DEBUG, delivery)
-            }
-            _ => super::delivery_log_span!(tracing::Level::INFO, delivery),
+        let log = if self.log_level == tracing::Level::DEBUG {
+            // Made inside the process span's context, so that, when it is on, the layer
+            // makes it a child of the process span.
+            let _inside = cx.as_ref().map(|cx| cx.clone().attach());
+            super::delivery_log_span!(tracing::Level::DEBUG, delivery)
+        } else {
+            super::delivery_log_span!(tracing::Level::INFO, delivery)
         };
         DeliverySpan { cx, log }
     }

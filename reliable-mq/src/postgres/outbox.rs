@@ -527,17 +527,6 @@ impl OutboxRelay {
     /// label is `host:port/database` from the pool's options, not remembered. No user
     /// name or password.
     async fn database_label(&self) -> Arc<str> {
-        let server = || {
-            let options = self.pool.connect_options();
-            let database = options
-                .get_database()
-                .unwrap_or_else(|| options.get_username())
-                .to_owned();
-            (
-                format!("{}:{}", options.get_host(), options.get_port()),
-                database,
-            )
-        };
         let asked = self
             .database
             .get_or_try_init(|| async {
@@ -545,18 +534,32 @@ impl OutboxRelay {
                     sqlx::query_as("SELECT current_database(), current_schema()")
                         .fetch_one(&self.pool)
                         .await?;
-                let (server, _) = server();
-                let schema = schema.unwrap_or_default();
-                Ok::<_, sqlx::Error>(Arc::<str>::from(format!("{server}/{database}/{schema}")))
+                Ok::<_, sqlx::Error>(self.place(&database, schema.as_deref()))
             })
             .await;
         match asked {
             Ok(label) => Arc::clone(label),
             Err(_) => {
-                let (server, database) = server();
-                format!("{server}/{database}").into()
+                let options = self.pool.connect_options();
+                self.place(
+                    options
+                        .get_database()
+                        .unwrap_or_else(|| options.get_username()),
+                    None,
+                )
             }
         }
+    }
+
+    /// `host:port/database[/schema]` of this relay's server.
+    fn place(&self, database: &str, schema: Option<&str>) -> Arc<str> {
+        let options = self.pool.connect_options();
+        let (host, port) = (options.get_host(), options.get_port());
+        match schema {
+            Some(schema) => format!("{host}:{port}/{database}/{schema}"),
+            None => format!("{host}:{port}/{database}"),
+        }
+        .into()
     }
 
     async fn listen(&self) -> Option<PgListener> {
