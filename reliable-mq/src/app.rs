@@ -250,7 +250,8 @@ impl App {
             check_inbox_pool(c, &self.states)?;
         }
         topology::check_conflicts(&self.consumers)?;
-        if let Some(warning) = crate::observe::trace::missing_tracer_provider() {
+        let tracing_setup = crate::observe::trace::TracingSetup::probe();
+        if let Some(warning) = tracing_setup.missing_tracer_provider() {
             startup_warning(warning);
         }
         let states = Arc::new(self.states);
@@ -296,7 +297,7 @@ impl App {
             });
             runtimes.push(Arc::new(ConsumerRuntime {
                 config: Arc::clone(&config),
-                spans: crate::observe::trace::ProcessSpans::new(consumer.queue()),
+                spans: crate::observe::trace::ProcessSpans::new(consumer.queue(), &tracing_setup),
                 dedup: if consumer.is_idempotent() {
                     dedup.clone()
                 } else {

@@ -161,7 +161,7 @@ mod off {
         pub(crate) struct ProcessSpans;
 
         impl ProcessSpans {
-            pub(crate) fn new(_queue: &str) -> Self {
+            pub(crate) fn new(_queue: &str, _setup: &TracingSetup) -> Self {
                 Self
             }
 
@@ -197,9 +197,18 @@ mod off {
         #[inline(always)]
         pub(crate) fn record_error(_kind: &'static str) {}
 
-        /// Nothing to warn about without trace propagation.
-        pub(crate) fn missing_tracer_provider() -> Option<&'static str> {
-            None
+        /// Nothing to ask of the tracing set-up without trace propagation.
+        pub(crate) struct TracingSetup;
+
+        impl TracingSetup {
+            pub(crate) fn probe() -> Self {
+                Self
+            }
+
+            /// Nothing to warn about without trace propagation.
+            pub(crate) fn missing_tracer_provider(&self) -> Option<&'static str> {
+                None
+            }
         }
 
         #[inline(always)]

@@ -132,15 +132,53 @@ pub(crate) struct ProcessSpans {
     log_level: tracing::Level,
 }
 
+/// How the application set tracing up, asked once when the app starts (each answer is a
+/// probe span) and shared by its consumers.
+pub(crate) struct TracingSetup {
+    /// `tracing-opentelemetry`'s layer is installed.
+    otel_layer: bool,
+    /// The global tracer provider is the no-op one.
+    noop_provider: bool,
+    /// The level of the deliveries' `delivery` log spans (see [`ProcessSpans`]).
+    log_level: tracing::Level,
+}
+
+impl TracingSetup {
+    pub(crate) fn probe() -> Self {
+        Self {
+            otel_layer: otel_layer_installed(),
+            noop_provider: global_tracer_is_noop(),
+            log_level: if otel_layer_sees_delivery_spans() {
+                tracing::Level::DEBUG
+            } else {
+                tracing::Level::INFO
+            },
+        }
+    }
+
+    /// A start-up warning when `tracing-opentelemetry`'s layer is installed but the
+    /// global tracer provider is not: the layer records the application's spans and the
+    /// publish spans, but the process spans come from the global provider, so they would
+    /// be missing (handlers' spans still join the producer's trace: the delivery's context
+    /// then carries the producer's span).
+    pub(crate) fn missing_tracer_provider(&self) -> Option<&'static str> {
+        (self.otel_layer && self.noop_provider).then_some(
+            "feature `otel`: tracing-opentelemetry's layer is installed but no global tracer \
+             provider is set, so the `process` spans of deliveries are not recorded: call \
+             opentelemetry::global::set_tracer_provider with your provider before starting the app",
+        )
+    }
+}
+
 impl ProcessSpans {
-    pub(crate) fn new(queue: &str) -> Self {
+    pub(crate) fn new(queue: &str, setup: &TracingSetup) -> Self {
         let scope = InstrumentationScope::builder("reliable-mq")
             .with_version(env!("CARGO_PKG_VERSION"))
             .build();
         // A `&'static str`: its attribute values are cloned without touching a counter.
         let queue = interned(queue.to_owned());
         Self {
-            tracer: (!global_tracer_is_noop())
+            tracer: (!setup.noop_provider)
                 .then(|| opentelemetry::global::tracer_provider().tracer_with_scope(scope)),
             name: interned(format!("process {queue}")),
             queue,
@@ -149,11 +187,7 @@ impl ProcessSpans {
                 KeyValue::new("messaging.operation.type", "process"),
                 KeyValue::new("messaging.destination.subscription.name", queue),
             ],
-            log_level: if otel_layer_sees_delivery_spans() {
-                tracing::Level::DEBUG
-            } else {
-                tracing::Level::INFO
-            },
+            log_level: setup.log_level,
         }
     }
 
@@ -287,19 +321,6 @@ pub(crate) fn record_error(kind: &'static str) {
             span.set_status(Status::error(kind));
         }
     });
-}
-
-/// A start-up warning when `tracing-opentelemetry`'s layer is installed but the global
-/// tracer provider is not: the layer records the application's spans and the publish
-/// spans, but the process spans come from the global provider, so they would be missing
-/// (handlers' spans still join the producer's trace: the delivery's context then carries
-/// the producer's span).
-pub(crate) fn missing_tracer_provider() -> Option<&'static str> {
-    (otel_layer_installed() && global_tracer_is_noop()).then_some(
-        "feature `otel`: tracing-opentelemetry's layer is installed but no global tracer \
-         provider is set, so the `process` spans of deliveries are not recorded: call \
-         opentelemetry::global::set_tracer_provider with your provider before starting the app",
-    )
 }
 
 /// Whether the application's `tracing` subscriber has `tracing-opentelemetry`'s layer.
@@ -437,16 +458,22 @@ mod tests {
         tracing::subscriber::with_default(without, || {
             assert!(!otel_layer_installed());
             assert!(!otel_layer_sees_delivery_spans());
-            assert_eq!(missing_tracer_provider(), None, "no layer: nothing to say");
+            assert_eq!(
+                TracingSetup::probe().missing_tracer_provider(),
+                None,
+                "no layer: nothing to say"
+            );
         });
         tracing::subscriber::with_default(with_layer, || {
             assert!(otel_layer_installed());
             assert!(otel_layer_sees_delivery_spans());
-            let warning = missing_tracer_provider().expect("layer without a provider");
+            let warning = TracingSetup::probe()
+                .missing_tracer_provider()
+                .expect("layer without a provider");
             assert!(warning.contains("set_tracer_provider"), "{warning}");
             opentelemetry::global::set_tracer_provider(provider.clone());
             assert!(!global_tracer_is_noop());
-            assert_eq!(missing_tracer_provider(), None);
+            assert_eq!(TracingSetup::probe().missing_tracer_provider(), None);
         });
         provider.force_flush().expect("flush");
         assert_eq!(
